@@ -1,0 +1,81 @@
+"""Small I/O helpers shared by every stage: atomic writes, stable fingerprints, thread caps."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def stable_hash(obj, n: int = 16) -> str:
+    """Hash of a JSON-serialisable object, independent of dict order."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tmp_name(path: Path) -> Path:
+    # pid in the name: two processes never share a temporary file
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv(path: str | Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def cap_threads(n: int = 1) -> None:
+    """Cap BLAS/torch threads in a worker so that parallel workers do not thrash the cores."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        pass
+    import sys
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete temporary files left by an interrupted run; returns how many."""
+    n = 0
+    if folder.exists():
+        for p in folder.glob(".*.tmp"):
+            p.unlink()
+            n += 1
+    return n

@@ -1,0 +1,99 @@
+"""The ``radacx`` command: a thin layer that parses arguments and calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("radacx_cache")
+STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "report")
+
+
+def _stage(name: str, cfg, args) -> dict | None:
+    if name == "demo-data":
+        from .phantom import generate
+        p = cfg.phantom
+        return generate(p.out, n_patients=p.n_patients, long_side=p.long_side, seed=cfg.seed,
+                        faults=p.faults or args.faults)
+    if name == "cohort":
+        from .cohort import build_cohort
+        return build_cohort(cfg)
+    if name == "shards":
+        from .shards import build_shards
+        return build_shards(cfg)
+    if name == "embed":
+        from .embed import embed_all
+        return embed_all(cfg)
+    if name == "probe":
+        from .probe import run_probes
+        return run_probes(cfg)
+    if name == "zeroshot":
+        from .zeroshot import run_zeroshot
+        return run_zeroshot(cfg)
+    if name == "finetune":
+        from .finetune import run_finetune
+        return run_finetune(cfg, variants=args.variant or ("original", "masked"), resume=args.resume)
+    if name == "report":
+        from .report import build_report
+        return build_report(cfg)
+    raise AssertionError(name)
+
+
+def _summary(name: str, result) -> str:
+    if name == "cohort":
+        lines = [f"cohort: {result['rows']} images kept, {result['rejects']} rejected"]
+        for split, c in result["counts"].items():
+            per_class = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("images", "patients"))
+            lines.append(f"  {split:5s} {c['images']:6d} images {c['patients']:5d} patients | {per_class}")
+        lines += [f"  reject: {n:6d}  {r}" for r, n in result["reject_reasons"].items()]
+        return "\n".join(lines)
+    if name == "shards":
+        return (f"shards: {result['rows']} images in {len(result['shards'])} shards, "
+                f"{result['rejects']} rejected (see shards/rejects.csv)")
+    if name == "report" and isinstance(result, dict) and "table" in result:
+        return result["table"]
+    return json.dumps(result, indent=2, default=str)[:4000] if result is not None else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="radacx", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name in STAGES:
+        p = sub.add_parser(name)
+        p.add_argument("--config", "-c", default=None, help="pipeline YAML (default: built-in defaults)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set shards.n_jobs=4")
+        if name == "demo-data":
+            p.add_argument("--faults", action="store_true", help="plant bad inputs (see docs)")
+        if name == "finetune":
+            p.add_argument("--variant", action="append", choices=("original", "masked"))
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p = sub.add_parser("inspect", help="summary of a shard or feature file, optional PNG montage")
+    p.add_argument("path")
+    p.add_argument("--png", default=None)
+    p.add_argument("--n", type=int, default=8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.stage == "inspect":
+            from .inspect import inspect_path
+            print(inspect_path(args.path, png=args.png, n=args.n))
+            return 0
+        cfg = load_config(args.config, args.set)
+        result = _stage(args.stage, cfg, args)
+        text = _summary(args.stage, result)
+        if text:
+            print(text)
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

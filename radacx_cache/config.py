@@ -1,0 +1,265 @@
+"""Run configuration: versioned data, loaded from YAML, overridable with ``--set key=value``.
+
+Every stage reads its own section. Unknown keys and wrong types are errors that name the key,
+because a typo in a config silently falling back to a default is the worst kind of bug here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_VERSION = 1
+FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class ArchiveConfig:
+    mimic_root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
+    chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
+    labeler: str = "chexpert"  # chexpert | negbio
+
+
+@dataclass
+class PhantomConfig:
+    out: str = "data/phantom"
+    n_patients: int = 300
+    long_side: int = 448  # scaled down for speed; real MIMIC images are ~3000 px
+    faults: bool = True
+
+
+@dataclass
+class CohortConfig:
+    views: list = field(default_factory=lambda: ["PA", "AP"])
+    classes: list = field(default_factory=lambda: list(FINDINGS))
+    uncertain: str = "ignore"  # ignore | zeros | ones
+    multi_positive: str = "any"  # any | single | first
+    priority: list = field(default_factory=lambda: list(FINDINGS))
+    min_mask_quality: float = 0.7
+    split: str = "paper"  # official | paper
+    val_fraction: float = 1 / 6  # paper: train:val ~ 5:1
+
+
+@dataclass
+class RenderConfig:
+    size: int = 224
+    overlay: str = "boundary"  # boundary | fill | crop
+    line_width: int = 2
+    colors: dict = field(default_factory=lambda: {
+        "right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]})
+    fill_alpha: float = 0.35
+    draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
+    mask_supersample: int = 2
+
+
+@dataclass
+class ShardsConfig:
+    rows_per_shard: int = 1024
+    n_jobs: int = 2
+    backend: str = "loky"  # loky | dask | ray | sequential
+    dask_scheduler: str = ""  # address of a running Dask scheduler; empty: start a local cluster
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "tiny"
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    num_workers: int = 0
+    channels_last: bool = True
+    compile: bool = False
+    block_rows: int = 4096
+
+
+@dataclass
+class ProbeConfig:
+    feature: str = "features"  # features (projected) | pre_projection
+    preprocess: str = "standardize"  # standardize | l2 | none
+    c_min_log10: float = -6.0
+    c_max_log10: float = 6.0
+    refine_steps: int = 4
+    max_iter: int = 200
+
+
+@dataclass
+class ZeroShotConfig:
+    template: str = "this is a photo of "
+    prompts: dict = field(default_factory=dict)  # class -> list of prompts (ensembled)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr_encoder: float = 1e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    accumulate: int = 1
+    shuffle_buffer: int = 512
+    block_rows: int = 64
+    num_workers: int = 0
+    augment: bool = True
+    patience: int = 3
+    grad_checkpointing: bool = False
+    max_steps: int = 0  # 0: no cap (tests cap it)
+
+
+@dataclass
+class ReportConfig:
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    config_version: int = CONFIG_VERSION
+    seed: int = 0
+    workdir: str = "runs/demo"
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def work(self) -> Path:
+        return Path(self.workdir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "archive.labeler": ("chexpert", "negbio"),
+    "cohort.uncertain": ("ignore", "zeros", "ones"),
+    "cohort.multi_positive": ("any", "single", "first"),
+    "cohort.split": ("official", "paper"),
+    "render.overlay": ("boundary", "fill", "crop"),
+    "shards.backend": ("loky", "dask", "ray", "sequential", "threading"),
+    "embed.precision": ("auto", "fp32", "bf16", "fp16"),
+    "probe.feature": ("features", "pre_projection"),
+    "probe.preprocess": ("standardize", "l2", "none"),
+}
+
+
+def _coerce(value, typ, key):
+    origin = typing.get_origin(typ) or typ
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(typ, value, key + ".")
+    if typ is bool or typ == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if typ in (int, "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+    if typ in (float, "float"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if typ in (str, "str"):
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, "list"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return value
+    if origin in (dict, "dict"):
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        kwargs[name] = _coerce(value, hints[name], key)
+        if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
+            raise ConfigError(
+                f"config key '{key}': {kwargs[name]!r} is not one of {', '.join(_CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``key=value`` overrides.
+
+    >>> load_config(None, ["seed=3"]).seed
+    3
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    version = data.get("config_version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            f"config_version {version} is not supported (this radacx-cache reads version {CONFIG_VERSION})")
+    cfg = _build(Config, data)
+    unknown_classes = sorted(set(cfg.cohort.classes) - set(FINDINGS_ALL))
+    if unknown_classes:
+        raise ConfigError(f"config key 'cohort.classes': unknown label {unknown_classes[0]!r}; "
+                          f"valid: {', '.join(FINDINGS_ALL)}")
+    return cfg
+
+
+# The 14 CheXpert labels, in the file's column order (formats.md A 2.3).
+FINDINGS_ALL = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+    "Pneumonia", "Pneumothorax", "Support Devices")

@@ -1,0 +1,242 @@
+"""One model factory, ``load_model(spec)``, over open_clip (formats.md part B1).
+
+Specs, parsed by ``parse_model_spec``:
+
+- ``biomedclip``: ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` (hub or HF cache).
+- a local directory holding a downloaded copy of that hub repo (``open_clip_config.json``, weights,
+  tokenizer files): fully offline. The text tower's BERT config is read from ``<dir>/config.json``
+  when present, else from the BiomedBERT config shipped with this package, never from the hub.
+- ``biomedclip-random``: the BiomedCLIP architecture with seeded random weights (benchmarks).
+- ``tiny``: a small timm ViT + open_clip's built-in text tower and tokenizer, seeded random
+  weights, offline (the demo and the tests).
+- ``openclip:NAME[/PRETRAINED]``: any other open_clip architecture and pretrained tag.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._io import file_sha256, stable_hash
+
+log = logging.getLogger(__name__)
+DATA = Path(__file__).parent / "data"
+BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+
+
+class ModelError(RuntimeError):
+    """A model spec cannot be resolved or its files do not fit together."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    mean: tuple
+    std: tuple
+    image_size: int
+    spec: str
+    tag: str  # filesystem-safe name for cache folders
+    fingerprint: str  # weights hash + model config
+
+    def encode_image_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(projected embedding, pre-projection CLS feature or None) for normalised images."""
+        visual = self.model.visual
+        if hasattr(visual, "trunk") and hasattr(visual, "head"):  # open_clip TimmModel
+            pre = visual.trunk(x)
+            return visual.head(pre), pre
+        return self.model.encode_image(x), None
+
+
+def _register_pico_vit() -> None:
+    """A 2-block, 64-wide timm ViT for offline tests and the CPU demo (same TimmModel path)."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+    if "radacx_vit_pico_patch16_224" in timm.list_models("radacx_*"):
+        return
+
+    @register_model
+    def radacx_vit_pico_patch16_224(pretrained=False, **kwargs):
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("cache_dir", None)
+        model = VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                                  mlp_ratio=2.0, **kwargs)
+        model.pretrained_cfg = model.default_cfg = {"input_size": (3, 224, 224), "num_classes": 0}
+        return model
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """Return (kind, identifier); kind is one of hub, dir, tiny, biomedclip-random, openclip."""
+    if not spec:
+        raise ModelError("empty model spec; expected tiny, biomedclip, biomedclip-random, a local "
+                         "directory or openclip:NAME[/PRETRAINED]")
+    if spec == "tiny":
+        return "tiny", spec
+    if spec == "biomedclip":
+        return "hub", BIOMEDCLIP_HUB
+    if spec == "biomedclip-random":
+        return "biomedclip-random", spec
+    if spec.startswith("hf-hub:"):
+        return "hub", spec
+    if spec.startswith("openclip:"):
+        return "openclip", spec[len("openclip:"):]
+    if spec.startswith("local-dir:"):
+        spec = spec[len("local-dir:"):]
+    if Path(spec).is_dir():
+        return "dir", str(Path(spec).resolve())
+    raise ModelError(f"model spec {spec!r}: not tiny, biomedclip, biomedclip-random, hf-hub:..., "
+                     f"openclip:NAME[/PRETRAINED], nor an existing directory")
+
+
+def _tag(spec: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec.strip("/"))
+    return safe[-60:]
+
+
+def _register_config(name: str, model_cfg: dict) -> str:
+    """Register a model config with open_clip through its public add_model_config (a file)."""
+    import open_clip
+    folder = Path(tempfile.gettempdir()) / f"radacx-open_clip-configs-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(path)
+    return name
+
+
+def _text_config_dir(directory: Path | None, hf_model_name: str) -> str:
+    """A local folder with the text tower's BERT config.json, so nothing is fetched from the hub."""
+    if directory is not None and (directory / "config.json").exists():
+        return str(directory)
+    if "BiomedBERT" in hf_model_name or "PubMedBERT" in hf_model_name:
+        folder = Path(tempfile.gettempdir()) / f"radacx-biomedbert-config-{os.getuid()}"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text((DATA / "biomedbert-config.json").read_text())
+        return str(folder)
+    if Path(hf_model_name).is_dir():
+        return hf_model_name
+    raise ModelError(f"text tower {hf_model_name!r} has no local config.json; put the model's BERT "
+                     f"config.json in the model directory to run offline")
+
+
+def _seeded(seed: int):
+    return torch.random.fork_rng(devices=[])
+
+
+def _build(name: str, model_cfg: dict, checkpoint: str | None, seed: int):
+    import open_clip
+    _register_pico_vit()
+    _register_config(name, model_cfg)
+    with _seeded(seed):
+        torch.manual_seed(seed)
+        try:
+            model = open_clip.create_model(name, pretrained=checkpoint, pretrained_image=False,
+                                           pretrained_text=False)
+        except RuntimeError as exc:
+            if checkpoint and ("size mismatch" in str(exc) or "Missing key" in str(exc)
+                               or "Unexpected key" in str(exc)):
+                raise ModelError(f"checkpoint {checkpoint} does not fit its open_clip_config.json: "
+                                 f"{str(exc)[:600]}") from None
+            raise
+    return model.eval()
+
+
+def load_model(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
+    """Resolve ``spec`` to a model, its normalisation and its tokenizer (see module docstring)."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+    kind, ident = parse_model_spec(spec)
+    if kind == "tiny":
+        cfg = json.loads((DATA / "radacx-tiny.json").read_text())
+        model = _build("radacx-tiny", cfg, None, seed)
+        tokenizer = open_clip.get_tokenizer("radacx-tiny")
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        fp = stable_hash({"kind": kind, "cfg": cfg, "seed": seed})
+    elif kind in ("dir", "biomedclip-random"):
+        directory = Path(ident) if kind == "dir" else None
+        cfg_path = (directory / "open_clip_config.json") if directory else DATA / "biomedclip-open_clip_config.json"
+        if not cfg_path.exists():
+            raise ModelError(f"model directory {directory}: open_clip_config.json is missing "
+                             f"(download it with the weights; see docs/models.md)")
+        full = json.loads(cfg_path.read_text())
+        if "model_cfg" not in full:
+            raise ModelError(f"{cfg_path}: no 'model_cfg' key (expected the hub's open_clip_config.json)")
+        model_cfg = json.loads(json.dumps(full["model_cfg"]))
+        pre = full.get("preprocess_cfg", {})
+        checkpoint = None
+        if directory is not None:
+            found = [directory / w for w in WEIGHT_FILES if (directory / w).exists()]
+            if not found:
+                raise ModelError(f"model directory {directory}: no weights file (expected one of "
+                                 f"{', '.join(WEIGHT_FILES)})")
+            checkpoint = str(found[0])
+        text = model_cfg.get("text_cfg", {})
+        if "hf_model_name" in text:
+            text["hf_model_name"] = _text_config_dir(directory, text["hf_model_name"])
+            if directory is not None:
+                if not any((directory / t).exists() for t in TOKENIZER_FILES):
+                    raise ModelError(f"model directory {directory}: no tokenizer files "
+                                     f"({' or '.join(TOKENIZER_FILES)})")
+                text["hf_tokenizer_name"] = str(directory)
+        name = f"radacx-local-{stable_hash(model_cfg, 10)}"
+        model = _build(name, model_cfg, checkpoint, seed)
+        ctx = text.get("context_length", 77)
+        if "hf_tokenizer_name" in text and directory is not None:
+            tokenizer = HFTokenizer(str(directory), context_length=ctx)
+        elif "hf_tokenizer_name" in text:
+            tokenizer = None  # biomedclip-random: image benchmarks need no tokenizer
+        else:
+            tokenizer = open_clip.get_tokenizer(name)
+        mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
+        weights = file_sha256(checkpoint) if checkpoint else f"random-seed-{seed}"
+        fp = stable_hash({"cfg": full["model_cfg"], "weights": weights})
+    elif kind == "hub":
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(ident)
+            tokenizer = open_clip.get_tokenizer(ident)
+        except Exception as exc:
+            raise ModelError(f"cannot load {ident} from the Hugging Face hub or its cache ({exc}). "
+                             f"Offline, download the repo once and pass its directory instead "
+                             f"(docs/models.md).") from None
+        model.eval()
+        pcfg = getattr(model.visual, "preprocess_cfg", {})
+        mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+        fp = stable_hash({"hub": ident, "params": _param_digest(model)})
+    else:  # openclip:NAME[/PRETRAINED]
+        name, _, pretrained = ident.partition("/")
+        try:
+            with _seeded(seed):
+                torch.manual_seed(seed)
+                model = open_clip.create_model(name, pretrained=pretrained or None).eval()
+        except RuntimeError as exc:
+            raise ModelError(f"open_clip model {ident!r}: {exc}. Known architectures: "
+                             f"{', '.join(open_clip.list_models()[:20])}, ...") from None
+        tokenizer = open_clip.get_tokenizer(name)
+        pcfg = getattr(model.visual, "preprocess_cfg", {})
+        mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+        fp = stable_hash({"openclip": ident, "seed": seed if not pretrained else None,
+                          "params": _param_digest(model) if pretrained else None})
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return LoadedModel(model.to(device), tokenizer, tuple(mean), tuple(std), size, spec,
+                       _tag(spec if kind != "dir" else Path(ident).name), fp)
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    """Cheap weights fingerprint: shapes plus a few sums per tensor."""
+    items = [(k, list(v.shape), float(v.float().sum()), float(v.float().abs().sum()))
+             for k, v in model.state_dict().items()]
+    return stable_hash(items)

@@ -1,0 +1,200 @@
+"""Pure per-image functions: decode, pad to a centred square, resize, anatomical overlay.
+
+Geometry convention (recorded per image in the shards, ``GEOMETRY_FIELDS``): the original
+``height x width`` image is zero-padded to a square of side ``side = max(height, width)`` with
+``pad_top = (side - height) // 2`` and ``pad_left = (side - width) // 2`` (floor, as CheXmask's own
+preprocessing), then resized by ``scale = size / side``. An output pixel centre ``(i + .5, j + .5)``
+maps back to original pixel coordinates ``((i + .5) / scale - pad_top, (j + .5) / scale - pad_left)``.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
+
+GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce")
+
+
+class RenderError(ValueError):
+    """An image cannot be rendered (bad JPEG, mask/image mismatch, ...)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    height: int
+    width: int
+    side: int
+    pad_top: int
+    pad_left: int
+    scale: float
+    decode_reduce: int = 1
+
+    def as_array(self) -> np.ndarray:
+        return np.array([getattr(self, f) for f in GEOMETRY_FIELDS], np.float32)
+
+    def to_original(self, rows, cols):
+        """Map output-pixel coordinates (centres) back to original pixel coordinates."""
+        rows = (np.asarray(rows, float) + 0.5) / self.scale - self.pad_top - 0.5
+        cols = (np.asarray(cols, float) + 0.5) / self.scale - self.pad_left - 0.5
+        return rows, cols
+
+
+def square_geometry(height: int, width: int, size: int, decode_reduce: int = 1) -> Geometry:
+    side = max(height, width)
+    return Geometry(height, width, side, (side - height) // 2, (side - width) // 2,
+                    size / side, decode_reduce)
+
+
+def decode_grey(data: bytes, min_side: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """Decode an image to 8-bit grey, with libjpeg's DCT scaling when ``min_side`` allows it.
+
+    With ``min_side`` the JPEG is decoded at the smallest 1/1, 1/2, 1/4 or 1/8 scale whose result
+    still has at least ``min_side`` pixels on its long side, which is equivalent for a later
+    antialiased resize to ``min_side`` and skips most of the inverse DCT work.
+    Returns the pixels, the reduction factor and the original (height, width).
+    """
+    if len(data) == 0:
+        raise RenderError("file is empty (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+        height, width = im.height, im.width
+        if min_side and im.format == "JPEG":
+            long_side = max(height, width)
+            reduce = 1
+            while reduce < 8 and math.ceil(long_side / (reduce * 2)) >= min_side:
+                reduce *= 2
+            if reduce > 1:
+                im.draft("L", (math.ceil(width / reduce), math.ceil(height / reduce)))
+        if im.mode not in ("L", "I;16", "I"):
+            im = im.convert("L")
+        im.load()
+    except RenderError:
+        raise
+    except Exception as exc:
+        raise RenderError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    if im.mode != "L":  # 16-bit PNGs: scale to 8 bit
+        arr = np.asarray(im, dtype=np.float32)
+        arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1.0)).astype(np.uint8)
+    else:
+        arr = np.asarray(im)
+    reduce = max(1, round(width / arr.shape[1]))
+    return arr, reduce, (height, width)
+
+
+def pad_resize(pixels: np.ndarray, geom: Geometry, size: int) -> np.ndarray:
+    """Pad ``pixels`` (decoded at 1/``geom.decode_reduce``) to the centred square and resize."""
+    d = geom.decode_reduce
+    margin = math.ceil(max(geom.pad_top, geom.pad_left) / d) + 1
+    canvas_side = math.ceil(geom.side / d) + 2 * margin
+    canvas = Image.new("L", (canvas_side, canvas_side), 0)
+    canvas.paste(Image.fromarray(pixels), (margin, margin))
+    x0 = margin - geom.pad_left / d
+    y0 = margin - geom.pad_top / d
+    box = (x0, y0, x0 + geom.side / d, y0 + geom.side / d)
+    out = canvas.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.asarray(out)
+
+
+def sample_grid(geom: Geometry, size: int, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Original pixel indices (or -1 outside the image) of the output grid's sample points."""
+    k = max(1, int(supersample))
+    offsets = (np.arange(size * k) + 0.5) / k  # sub-pixel centres in output-pixel units
+    rows = np.floor(offsets / geom.scale - geom.pad_top).astype(np.int64)
+    cols = np.floor(offsets / geom.scale - geom.pad_left).astype(np.int64)
+    rows[(rows < 0) | (rows >= geom.height)] = -1
+    cols[(cols < 0) | (cols >= geom.width)] = -1
+    return rows, cols
+
+
+def masks_at(rles: dict[str, str], mask_shape: tuple[int, int], geom: Geometry, size: int,
+             supersample: int = 2) -> np.ndarray:
+    """(3, size, size) bool masks (right lung, left lung, heart) under the image's geometry.
+
+    Samples the RLE directly at ``supersample**2`` points per output pixel (majority vote), so
+    the full-resolution mask is never materialised.
+    """
+    if tuple(mask_shape) != (geom.height, geom.width):
+        raise RenderError(f"mask Height x Width {mask_shape[0]}x{mask_shape[1]} does not match the "
+                          f"image's {geom.height}x{geom.width}")
+    rows, cols = sample_grid(geom, size, supersample)
+    k = max(1, int(supersample))
+    out = np.zeros((len(MASK_NAMES), size, size), bool)
+    for i, name in enumerate(MASK_NAMES):
+        try:
+            starts, ends = parse_rle(rles[name], mask_shape)
+        except ValueError as exc:
+            raise RenderError(f"{name} mask: {exc}") from None
+        hits = sample_rle(starts, ends, geom.width, rows, cols)
+        if k > 1:
+            hits = hits.reshape(size, k, size, k).mean(axis=(1, 3)) >= 0.5
+        out[i] = hits
+    return out
+
+
+def _shift_and(mask: np.ndarray, op) -> np.ndarray:
+    p = np.pad(mask, 1, mode="constant", constant_values=op is np.logical_and)
+    h, w = mask.shape
+    out = mask.copy()
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out = op(out, p[dy:dy + h, dx:dx + w])
+    return out
+
+
+def erode(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    for _ in range(steps):
+        mask = _shift_and(mask, np.logical_and)
+    return mask
+
+
+def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    for _ in range(steps):
+        mask = _shift_and(mask, np.logical_or)
+    return mask
+
+
+def boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """A band of ``width`` pixels centred on the mask's border."""
+    outer = width // 2
+    inner = width - outer
+    return dilate(mask, outer) & ~erode(mask, inner)
+
+
+def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
+            colors: dict | None = None, line_width: int = 2, alpha: float = 0.35) -> np.ndarray:
+    """Draw the anatomy on a grey image; returns (H, W, 3) uint8.
+
+    ``boundary`` draws coloured borders (the paper's figure 1), ``fill`` alpha-blends the regions,
+    ``crop`` keeps only pixels inside the lungs and heart.
+    """
+    colors = colors or {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if mode == "crop":
+        return rgb * masks.any(axis=0)[..., None].astype(np.uint8)
+    out = rgb.astype(np.float32) if mode == "fill" else rgb.copy()
+    for name, mask in zip(MASK_NAMES, masks):
+        color = np.asarray(colors[name], np.float32)
+        if mode == "boundary":
+            out[boundary(mask, line_width)] = color.astype(np.uint8)
+        elif mode == "fill":
+            out[mask] = (1 - alpha) * out[mask] + alpha * color
+        else:
+            raise ValueError(f"overlay mode {mode!r}: expected boundary, fill or crop")
+    return np.clip(out, 0, 255).astype(np.uint8) if mode == "fill" else out
+
+
+def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int], *, size: int = 224,
+                 mode: str = "boundary", colors: dict | None = None, line_width: int = 2,
+                 alpha: float = 0.35, draft: bool = True, supersample: int = 2) -> dict:
+    """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason."""
+    pixels, reduce, (height, width) = decode_grey(data, size if draft else None)
+    geom = square_geometry(height, width, size, reduce)
+    masks = masks_at(rles, mask_shape, geom, size, supersample)
+    original = pad_resize(pixels, geom, size)
+    masked = overlay(original, masks, mode, colors=colors, line_width=line_width, alpha=alpha)
+    return {"original": original, "masked": masked, "masks": masks, "geometry": geom}

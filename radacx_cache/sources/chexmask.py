@@ -1,0 +1,156 @@
+"""Reader of the CheXmask tables (formats.md, part A section 1).
+
+RLE convention (CheXmask ``DataPostprocessing/utils.py``): whitespace-separated ``start length``
+pairs, starts 1-based and strictly increasing, over the row-major flattening of a
+``Height x Width`` mask; runs may wrap across rows. Foreground is 255 in the reference decoder; we
+return booleans.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MASK_COLUMNS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
+MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack in this project
+LANDMARK_SPLIT = {"right_lung": (0, 44), "left_lung": (44, 94), "heart": (94, 120)}
+QUALITY_MEAN, QUALITY_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
+_INT = re.compile(r"-?\d+")
+
+
+class RLEError(ValueError):
+    """An RLE string breaks the CheXmask convention."""
+
+
+def parse_rle(text: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an RLE string and return 0-based (starts, ends) with ``ends`` exclusive."""
+    height, width = shape
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        raise RLEError("RLE is empty (blank cell)")
+    fields = str(text).split()
+    if not fields:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    try:
+        values = np.array(fields, dtype=np.int64)
+    except ValueError:
+        bad = next(f for f in fields if not f.lstrip("-").isdigit())
+        raise RLEError(f"RLE has a non-integer field {bad!r}") from None
+    if values.size % 2:
+        raise RLEError(f"RLE has an odd number of fields ({values.size}); expected start/length pairs")
+    starts = values[0::2] - 1
+    lengths = values[1::2]
+    if starts[0] < 0:
+        raise RLEError(f"RLE start {starts[0] + 1} < 1 (starts are 1-based)")
+    if np.any(lengths <= 0):
+        i = int(np.argmax(lengths <= 0))
+        raise RLEError(f"RLE run {i} has non-positive length {lengths[i]}")
+    if np.any(np.diff(starts) <= 0):
+        i = int(np.argmax(np.diff(starts) <= 0)) + 1
+        raise RLEError(f"RLE starts not strictly increasing at run {i} "
+                       f"({starts[i - 1] + 1} then {starts[i] + 1})")
+    ends = starts + lengths
+    if ends[-1] > height * width:
+        raise RLEError(f"RLE runs past the end of a {height}x{width} mask "
+                       f"(last pixel {ends[-1]} > {height * width})")
+    if np.any(ends[:-1] > starts[1:]):
+        i = int(np.argmax(ends[:-1] > starts[1:]))
+        raise RLEError(f"RLE runs {i} and {i + 1} overlap")
+    return starts, ends
+
+
+def decode_rle(text: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode a CheXmask RLE string to a boolean (H, W) mask at full resolution."""
+    starts, ends = parse_rle(text, shape)
+    height, width = shape
+    delta = np.zeros(height * width + 1, np.int8)
+    np.add.at(delta, starts, 1)
+    np.add.at(delta, ends, -1)
+    return np.cumsum(delta[:-1], dtype=np.int8).astype(bool).reshape(height, width)
+
+
+def encode_rle(mask: np.ndarray) -> str:
+    """Encode a boolean/0-255 mask exactly as CheXmask's ``get_RLE_from_mask`` does."""
+    flat = np.concatenate([[0], (np.asarray(mask).reshape(-1) > 0).astype(np.int8), [0]])
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    change[1::2] -= change[0::2]
+    return " ".join(map(str, change))
+
+
+def sample_rle(starts: np.ndarray, ends: np.ndarray, width: int,
+               rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Mask values at the grid ``rows x cols`` (pixel indices, -1 = outside) without a full decode.
+
+    Costs O(len(rows) * len(cols) * log(runs)) instead of O(H * W): the hot path of the shard
+    renderer, where a 3000x2500 mask is only ever needed at 224 (or 448) sample points.
+    """
+    r = rows[:, None].astype(np.int64)
+    c = cols[None, :].astype(np.int64)
+    flat = r * width + c
+    inside = (r >= 0) & (c >= 0)
+    if starts.size == 0:
+        return np.zeros(flat.shape, bool)
+    run = np.searchsorted(starts, flat, side="right") - 1
+    hit = (run >= 0) & (flat < ends[np.maximum(run, 0)])
+    return hit & inside
+
+
+def parse_landmarks(text) -> dict[str, np.ndarray]:
+    """Parse the ``Landmarks`` cell in any of its known forms (flat list, NumPy repr, JSON).
+
+    Returns (x, y) = (column, row) points per organ: right lung 44, left lung 50, heart 26.
+    """
+    values = [int(v) for v in _INT.findall(str(text))] if isinstance(text, str) else []
+    if len(values) != 240:
+        raise ValueError(f"Landmarks: expected 240 integers (120 points), found {len(values)}")
+    points = np.array(values, dtype=np.int64).reshape(120, 2)
+    return {name: points[a:b] for name, (a, b) in LANDMARK_SPLIT.items()}
+
+
+def polygon_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise a closed landmark contour as a filled polygon (how CheXmask masks were made)."""
+    from PIL import Image, ImageDraw
+    height, width = shape
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(map(int, p)) for p in points], fill=255, outline=255)
+    return np.asarray(canvas) > 0
+
+
+def _float_or_nan(series: pd.Series) -> pd.Series:
+    return pd.to_numeric(series, errors="coerce")
+
+
+def read_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bool = True,
+                  ids=None, chunksize: int = 5000) -> pd.DataFrame:
+    """Read a CheXmask table (``.csv`` or ``.csv.gz``) by column name.
+
+    Columns are returned under canonical names: ``dicom_id``, ``quality_mean``, ``quality_max``,
+    ``height``, ``width``, ``landmarks`` and, with ``with_rle``, ``right_lung``, ``left_lung``,
+    ``heart``. ``ids`` keeps only those image ids, reading the (multi-GB) file in chunks so that
+    memory holds only the rows asked for.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CheXmask table {path} does not exist")
+    wanted = [id_column, QUALITY_MEAN, QUALITY_MAX, "Height", "Width"]
+    if with_rle:
+        wanted += ["Landmarks", *MASK_COLUMNS.values()]
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise ValueError(f"CheXmask table {path}: missing column(s) {missing}; found {list(header)}")
+    keep = None if ids is None else set(map(str, ids))
+    parts = []
+    for chunk in pd.read_csv(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize):
+        if keep is not None:
+            chunk = chunk[chunk[id_column].isin(keep)]
+        parts.append(chunk)
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=wanted)
+    rename = {id_column: "dicom_id", QUALITY_MEAN: "quality_mean", QUALITY_MAX: "quality_max",
+              "Height": "height", "Width": "width", "Landmarks": "landmarks"}
+    rename.update({v: k for k, v in MASK_COLUMNS.items()})
+    df = df.rename(columns=rename)
+    for col in ("quality_mean", "quality_max", "height", "width"):
+        df[col] = _float_or_nan(df[col])
+    return df
