@@ -3,7 +3,8 @@ CONFIG ?= pipelines/demo.yaml
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RADACX := $(VENV)/bin/radacx --config $(CONFIG)
+# $(call radacx,STAGE): the CLI contract `radacx <stage> --config FILE [--set k=v ...]` (SET="k=v ...")
+radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 
 .PHONY: help install demo demo-data cohort shards embed probes zeroshot finetune report test test-quick bench clean
@@ -20,31 +21,31 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP) ## create .venv and install the package (torch, open_clip, h5py, ...)
 
 demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-shot -> fine-tune -> table
-	$(RADACX) demo-data
-	$(RADACX) cohort
-	$(RADACX) shards
-	$(RADACX) embed
-	$(RADACX) zeroshot
-	$(RADACX) probe
-	$(RADACX) finetune
-	$(RADACX) report
+	$(call radacx,demo-data)
+	$(call radacx,cohort)
+	$(call radacx,shards)
+	$(call radacx,embed)
+	$(call radacx,zeroshot)
+	$(call radacx,probe)
+	$(call radacx,finetune)
+	$(call radacx,report)
 
 demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout)
-	$(RADACX) demo-data
+	$(call radacx,demo-data)
 cohort: install ## filter, label policy and patient-level split
-	$(RADACX) cohort
+	$(call radacx,cohort)
 shards: install cohort ## render HDF5 shards (joblib workers; CONFIG=pipelines/mimic.yaml for real data)
-	$(RADACX) shards
+	$(call radacx,shards)
 embed: install ## frozen-encoder feature cache for the original and masked variants
-	$(RADACX) embed
+	$(call radacx,embed)
 probes: install ## linear probes V1/V2 on cached features
-	$(RADACX) probe
+	$(call radacx,probe)
 zeroshot: install ## zero-shot baseline from cached features
-	$(RADACX) zeroshot
+	$(call radacx,zeroshot)
 finetune: install ## fine-tune encoder + head (V3 original, V4 masked), streaming from shards
-	$(RADACX) finetune
+	$(call radacx,finetune)
 report: install ## results table, confidence intervals and figures
-	$(RADACX) report
+	$(call radacx,report)
 
 test: install ## the test suite (CPU, generated data, ~minutes)
 	$(PY) -m pytest -q -x tests

@@ -113,6 +113,7 @@ class FinetuneConfig:
     patience: int = 3
     grad_checkpointing: bool = False
     max_steps: int = 0  # 0: no cap (tests cap it)
+    checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
 
 
 @dataclass

@@ -57,19 +57,19 @@ class LoadedModel:
 
 
 def _register_pico_vit() -> None:
-    """A 2-block, 64-wide timm ViT for offline tests and the CPU demo (same TimmModel path)."""
+    """A 2-block, 64-wide, patch-32 timm ViT for offline tests and the CPU demo (same TimmModel path)."""
     import timm
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
-    if "radacx_vit_pico_patch16_224" in timm.list_models("radacx_*"):
+    if "radacx_vit_pico_patch32_224" in timm.list_models("radacx_*"):
         return
 
     @register_model
-    def radacx_vit_pico_patch16_224(pretrained=False, **kwargs):
+    def radacx_vit_pico_patch32_224(pretrained=False, **kwargs):
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         kwargs.pop("cache_dir", None)
-        model = VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+        model = VisionTransformer(img_size=224, patch_size=32, embed_dim=64, depth=2, num_heads=2,
                                   mlp_ratio=2.0, **kwargs)
         model.pretrained_cfg = model.default_cfg = {"input_size": (3, 224, 224), "num_classes": 0}
         return model

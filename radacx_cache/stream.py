@@ -1,0 +1,205 @@
+"""Streaming access to shards for training: an IterableDataset with exact, resumable partitioning.
+
+The order of an epoch is a pure function of (seed, epoch, consumers, buffer): the split's rows are
+cut into contiguous, chunk-aligned blocks; the block order is shuffled per epoch; consumer ``c`` of
+``n = world * workers`` (rank-major) takes blocks ``c, c + n, ...`` so that every row is seen exactly
+once per epoch overall; inside a consumer a bounded shuffle buffer mixes rows of recent blocks.
+Because the order is computed on indices, a resumed run skips the batches already consumed and
+continues with exactly the batches it would have seen (``state_dict``/``load_state_dict``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from .shards import ShardSet
+
+log = logging.getLogger(__name__)
+
+
+def make_blocks(shards: ShardSet, block_rows: int) -> list[tuple[str, int, int, np.ndarray]]:
+    """(shard, start, stop, index positions) runs of at most ``block_rows`` rows."""
+    return list(shards.blocks(block_rows))
+
+
+def consumer_order(block_sizes: list[int], *, seed: int, epoch: int, consumer: int,
+                   n_consumers: int, buffer: int, shuffle: bool = True) -> list[tuple[int, int]]:
+    """Emission order of (block, offset) pairs for one consumer: a pure, testable function."""
+    order = np.arange(len(block_sizes))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(block_sizes))
+    mine = order[consumer::n_consumers]
+    if not shuffle:
+        return [(int(b), r) for b in mine for r in range(block_sizes[b])]
+    rng = np.random.default_rng([seed, epoch, consumer, n_consumers])
+    pool: list[tuple[int, int]] = []
+    out = []
+    for b in mine:
+        pool.extend((int(b), r) for r in range(block_sizes[b]))
+        while len(pool) > buffer:
+            j = int(rng.integers(len(pool)))
+            pool[j], pool[-1] = pool[-1], pool[j]
+            out.append(pool.pop())
+    rng.shuffle(pool)
+    out.extend(pool)
+    return out
+
+
+def batches_per_consumer(block_sizes, *, seed, epoch, n_consumers, batch_size, shuffle=True) -> list[int]:
+    order = np.arange(len(block_sizes))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(block_sizes))
+    sizes = np.asarray(block_sizes)
+    return [math.ceil(int(sizes[order[c::n_consumers]].sum()) / batch_size) for c in range(n_consumers)]
+
+
+def skip_per_worker(worker_batches: list[int], consumed: int) -> list[int]:
+    """Batches each DataLoader worker already delivered after ``consumed`` batches in total.
+
+    DataLoader returns iterable-dataset batches round-robin over the workers that still have data.
+    """
+    skips = [0] * len(worker_batches)
+    w = 0
+    for _ in range(consumed):
+        for _ in range(len(worker_batches)):
+            if skips[w] < worker_batches[w]:
+                break
+            w = (w + 1) % len(worker_batches)
+        else:
+            break
+        skips[w] += 1
+        w = (w + 1) % len(worker_batches)
+    return skips
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of uint8 images and targets from one split and variant of a shard set.
+
+    Yields dicts ``pixels`` (B, H, W) or (B, H, W, 3) uint8, ``targets`` (B, K) float32, ``index``
+    (B,) positions in the split's index, ``skipped`` (rows this worker lost to unreadable shards).
+    """
+
+    def __init__(self, shards: ShardSet, variant: str, batch_size: int, *, seed: int = 0,
+                 block_rows: int = 64, shuffle_buffer: int = 512, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
+        if variant not in ("original", "masked"):
+            raise ValueError(f"variant {variant!r}: expected original or masked")
+        self.shards, self.variant, self.batch_size = shards, variant, batch_size
+        self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
+        self.rank, self.world = rank, world
+        self.blocks = make_blocks(shards, block_rows)
+        self.sizes = [len(b[3]) for b in self.blocks]
+        self.targets = torch.from_numpy(shards.targets())
+        self.epoch = 0
+        self.resume_batches = 0
+        self.num_workers = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self, batches_consumed: int) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": int(batches_consumed), "seed": self.seed,
+                "world": self.world, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "rows": len(self.shards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict(0)
+        for key in ("seed", "world", "num_workers", "batch_size", "rows"):
+            if state[key] != mine[key]:
+                raise ValueError(f"stream state: {key} was {state[key]}, now {mine[key]}; a resumed run must "
+                                 f"keep it to see the same batches")
+        self.epoch = state["epoch"]
+        self.resume_batches = state["batches_consumed"]
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch (all its workers together)."""
+        n = self.world * self.num_workers
+        per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch, n_consumers=n,
+                                   batch_size=self.batch_size, shuffle=self.shuffle)
+        return sum(per[self.rank * self.num_workers:(self.rank + 1) * self.num_workers])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if n_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream.num_workers={self.num_workers} but the DataLoader runs "
+                               f"{n_workers} workers; set it to the loader's num_workers")
+        n_consumers = self.world * n_workers
+        consumer = self.rank * n_workers + worker
+        order = consumer_order(self.sizes, seed=self.seed, epoch=self.epoch, consumer=consumer,
+                               n_consumers=n_consumers, buffer=self.buffer, shuffle=self.shuffle)
+        per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch,
+                                   n_consumers=n_consumers, batch_size=self.batch_size, shuffle=self.shuffle)
+        mine = per[self.rank * n_workers:(self.rank + 1) * n_workers]
+        skip = skip_per_worker(mine, self.resume_batches)[worker] * self.batch_size
+        remaining = {}
+        for b, _ in order[skip:]:
+            remaining[b] = remaining.get(b, 0) + 1
+        loaded: dict[int, np.ndarray | None] = {}
+        skipped = 0
+        batch_pix, batch_pos = [], []
+        for b, r in order[skip:]:
+            if b not in loaded:
+                shard, start, stop, _ = self.blocks[b]
+                try:
+                    loaded[b] = self.shards.read(shard, self.variant, start, stop)
+                except (OSError, KeyError) as exc:
+                    log.warning("stream: skipping rows %d-%d of %s: unreadable (%s)", start, stop, shard, exc)
+                    loaded[b] = None
+                    skipped += remaining[b]
+            block = loaded[b]
+            remaining[b] -= 1
+            if block is not None:
+                batch_pix.append(block[r])
+                batch_pos.append(self.blocks[b][3][r])
+            if remaining[b] == 0:
+                del loaded[b]  # memory stays bounded by the shuffle buffer
+            if len(batch_pix) == self.batch_size:
+                yield self._batch(batch_pix, batch_pos, skipped)
+                batch_pix, batch_pos = [], []
+        if batch_pix:
+            yield self._batch(batch_pix, batch_pos, skipped)
+
+    def _batch(self, pix, pos, skipped):
+        pos = torch.as_tensor(np.asarray(pos), dtype=torch.long)
+        return {"pixels": torch.from_numpy(np.stack(pix)), "targets": self.targets[pos], "index": pos,
+                "skipped": skipped}
+
+
+class ShardMapDataset(torch.utils.data.Dataset):
+    """Map-style view (one image per item) for inspection and small jobs; see ShardStream for training."""
+
+    def __init__(self, shards: ShardSet, variant: str = "original"):
+        self.shards, self.variant = shards, variant
+        self.targets = torch.from_numpy(shards.targets())
+
+    def __len__(self):
+        return len(self.shards)
+
+    def __getitem__(self, i):
+        row = self.shards.index.iloc[int(i)]
+        pixels = self.shards.read(row["shard"], self.variant, int(row["row"]), int(row["row"]) + 1)[0]
+        return torch.from_numpy(pixels), self.targets[int(i)]
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, max_rotate_deg: float = 5.0,
+            min_scale: float = 0.9, jitter: float = 0.1) -> torch.Tensor:
+    """Radiograph-safe augmentation on the device: small crop-zoom, rotation, brightness/contrast."""
+    b = x.shape[0]
+    dev = x.device
+    u = torch.rand(b, 4, generator=generator).to(dev)
+    angle = (u[:, 0] * 2 - 1) * math.radians(max_rotate_deg)
+    scale = min_scale + (1 - min_scale) * u[:, 1]
+    shift = (u[:, 2:4] * 2 - 1) * (1 - scale).unsqueeze(1)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    v = torch.rand(b, 2, generator=generator).to(dev)
+    contrast = 1 + (v[:, 0] * 2 - 1) * jitter
+    bright = (v[:, 1] * 2 - 1) * jitter
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * contrast.view(-1, 1, 1, 1) + mean + bright.view(-1, 1, 1, 1)
