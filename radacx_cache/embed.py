@@ -104,7 +104,7 @@ class _Blocks(torch.utils.data.Dataset):
     def __getitem__(self, i):
         shard, start, stop, positions = self.runs[i]
         pixels = self.shards.read(shard, self.variant, start, stop)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(np.asarray(positions))
+        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(np.array(positions))
 
 
 def _worker_init(_):

@@ -328,7 +328,9 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     labels_df = pd.DataFrame(label_rows)[["subject_id", "study_id", *FINDINGS_ALL]]
     split_df = pd.DataFrame(split_rows)
     masks_df = pd.DataFrame(mask_rows)
-    planted = _plant_faults(mimic_root, meta, labels_df, masks_df, rng) if faults else []
+    planted = []
+    if faults:
+        planted, meta, labels_df, masks_df = _plant_faults(mimic_root, meta, labels_df, masks_df, rng)
     mimic_root.mkdir(parents=True, exist_ok=True)
     chexmask_dir.mkdir(parents=True, exist_ok=True)
     for name, df in (("metadata", meta), ("chexpert", labels_df), ("negbio", _negbio(labels_df, rng)),
@@ -354,9 +356,12 @@ def _negbio(labels: pd.DataFrame, rng) -> pd.DataFrame:
     return out
 
 
-def _plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame,
-                  rng) -> list[dict]:
-    """Plant one of each bad input on otherwise-eligible images; returns what was planted where."""
+def _plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng):
+    """Plant one of each bad input on otherwise-eligible images.
+
+    Returns what was planted where, and the (modified copies of the) three tables.
+    """
+    meta, labels, masks = meta.copy(), labels.copy(), masks.copy()
     eligible = set(masks["dicom_id"][masks["Dice RCA (Mean)"] >= 0.7])
     positive_studies = set(labels["study_id"][(labels[list(FINDINGS)] == 1).any(axis=1)])
     # one image per study, so that each fault owns its study
@@ -390,14 +395,12 @@ def _plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, ma
                 small = im.resize((im.width - 7, im.height - 5))
             path.write_bytes(_jpeg(np.asarray(small)))
         elif fault == "missing_mask_row":
-            masks.drop(index=m, inplace=True)
+            masks = masks.drop(index=m)
         elif fault == "missing_label_row":
-            labels.drop(index=labels.index[labels["study_id"] == row["study_id"]], inplace=True)
+            labels = labels[labels["study_id"] != row["study_id"]]
         elif fault == "duplicate_label_row":
-            dup = labels[labels["study_id"] == row["study_id"]]
-            labels.loc[len(labels) + 10 ** 6] = dup.iloc[0]
+            labels = pd.concat([labels, labels[labels["study_id"] == row["study_id"]]], ignore_index=True)
         elif fault == "blank_view":
             meta.loc[meta["dicom_id"] == row["dicom_id"], "ViewPosition"] = None
         planted.append({"fault": fault, "dicom_id": row["dicom_id"], "study_id": int(row["study_id"])})
-    masks.reset_index(drop=True, inplace=True)
-    return planted
+    return planted, meta, labels, masks.reset_index(drop=True)

@@ -185,7 +185,7 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
             out[mask] = (1 - alpha) * out[mask] + alpha * color
         else:
             raise ValueError(f"overlay mode {mode!r}: expected boundary, fill or crop")
-    return np.clip(out, 0, 255).astype(np.uint8) if mode == "fill" else out
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if mode == "fill" else out
 
 
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int], *, size: int = 224,

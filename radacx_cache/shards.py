@@ -91,7 +91,8 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
 
 
 def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path: str,
-                 render_cfg: dict, classes: list, out_dir: str, attrs: dict) -> dict:
+                 render_cfg: dict, classes: list, out_dir: str, attrs: dict,
+                 kill_at: str | None = None) -> dict:
     """Render one planned shard (runs in a worker): returns its sidecar record."""
     cap_threads(1)
     from .cohort import read_rle_rows
@@ -118,7 +119,7 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
     tmp = tmp_name(out)
     try:
         _write_shard(tmp, items, kept, {**attrs, "split": task.split}, classes)
-        if os.environ.get(_FAULT_ENV) == task.name:
+        if kill_at == task.name:
             os._exit(17)  # simulate a worker killed mid-write: the temp file stays behind
         os.replace(tmp, out)
     finally:
@@ -230,7 +231,7 @@ def build_shards(cfg: Config, progress: bool = True) -> dict:
                 jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.mimic_root,
                                               str(cfg.work / "cohort" / "masks-rle.h5"),
                                               cfg.to_dict()["render"], list(cfg.cohort.classes), str(out),
-                                              attrs) for t in pending)
+                                              attrs, os.environ.get(_FAULT_ENV)) for t in pending)
                 bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
                            disable=not progress)
                 for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):

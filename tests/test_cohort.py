@@ -1,0 +1,108 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from radacx_cache.cohort import apply_label_policy, patient_split
+
+FAULT_EXPECTATIONS = {
+    "missing_jpeg": ("shards", "JPEG not found"),
+    "empty_jpeg": ("shards", "empty"),
+    "truncated_jpeg": ("shards", "cannot decode"),
+    "corrupt_jpeg": ("shards", "cannot decode"),
+    "rle_odd_count": ("shards", "odd number"),
+    "rle_decreasing_starts": ("shards", "not strictly increasing"),
+    "rle_out_of_bounds": ("shards", "past the end"),
+    "jpeg_size_mismatch": ("shards", "does not match the image"),
+    "mask_size_mismatch": ("cohort", "!= metadata Rows x Columns"),
+    "missing_mask_row": ("cohort", "no CheXmask row"),
+    "missing_label_row": ("cohort", "no row in chexpert labels"),
+    "duplicate_label_row": ("cohort", "several rows in chexpert"),
+    "blank_view": ("cohort", "view <blank>"),
+}
+CLASSES = ["A", "B", "C"]
+
+
+def labels(rows):
+    return pd.DataFrame(rows, columns=CLASSES)
+
+
+def test_uncertain_policies():
+    df = labels([[-1, np.nan, 0], [1, -1, np.nan]])
+    t, status = apply_label_policy(df, CLASSES, "ignore", "any", CLASSES)
+    assert status.tolist() == [1, 0] and t[1].tolist() == [1, 0, 0]
+    t, status = apply_label_policy(df, CLASSES, "ones", "any", CLASSES)
+    assert status.tolist() == [0, 0] and t[1].tolist() == [1, 1, 0]
+    t, status = apply_label_policy(df, CLASSES, "zeros", "any", CLASSES)
+    assert status.tolist() == [1, 0]
+
+
+def test_multi_positive_policies():
+    df = labels([[1, 1, 0], [0, 1, np.nan]])
+    _, status = apply_label_policy(df, CLASSES, "ignore", "single", CLASSES)
+    assert status.tolist() == [2, 0]
+    t, _ = apply_label_policy(df, CLASSES, "ignore", "first", ["B", "A", "C"])
+    assert t.tolist() == [[0, 1, 0], [0, 1, 0]]
+    t, _ = apply_label_policy(df, CLASSES, "ignore", "any", CLASSES)
+    assert t.tolist() == [[1, 1, 0], [0, 1, 0]]
+
+
+def test_splits_are_patient_disjoint_seeded_and_sized():
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 300, 2000)
+    official = np.where(subjects < 20, "test", np.where(subjects < 30, "validate", "train"))
+    paper = patient_split(subjects, official, "paper", 1 / 6, seed=1)
+    for split in ("train", "val", "test"):
+        others = set(subjects[paper != split])
+        assert not set(subjects[paper == split]) & others
+    assert set(subjects[paper == "test"]) == set(subjects[official == "test"])
+    pool = paper != "test"
+    assert abs((paper[pool] == "val").mean() - 1 / 6) < 0.03
+    assert (paper == patient_split(subjects, official, "paper", 1 / 6, seed=1)).all()
+    assert (paper != patient_split(subjects, official, "paper", 1 / 6, seed=2)).any()
+    off = patient_split(subjects, official, "official", 1 / 6, seed=1)
+    assert set(off) == {"train", "val", "test"}
+    leaky = official.copy()
+    leaky[np.flatnonzero(subjects == subjects[0])[-1]] = "test" if official[0] != "test" else "train"
+    with pytest.raises(ValueError, match="several splits"):
+        patient_split(subjects, leaky, "paper", 1 / 6, seed=1)
+
+
+def test_every_planted_fault_is_rejected_with_its_reason(pipeline, phantom):
+    work = pipeline["cfg"].work
+    rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"),
+                         pd.read_csv(work / "shards" / "rejects.csv")])
+    assert {f["fault"] for f in phantom["faults"]} == set(FAULT_EXPECTATIONS)
+    for fault in phantom["faults"]:
+        stage, reason = FAULT_EXPECTATIONS[fault["fault"]]
+        if fault["fault"] in ("missing_label_row", "duplicate_label_row"):
+            cohort = pd.read_csv(work / "cohort" / "cohort.csv")
+            assert not (cohort["study_id"] == fault["study_id"]).any()
+            hits = rejects[rejects["reason"].str.contains(reason, regex=False)]
+            assert len(hits), fault
+            continue
+        row = rejects[rejects["id"] == fault["dicom_id"]]
+        assert len(row) == 1, fault
+        assert row["stage"].iloc[0] == stage, fault
+        assert reason in row["reason"].iloc[0], (fault, row["reason"].iloc[0])
+
+
+def test_cohort_is_patient_disjoint_positive_and_good_masks(pipeline):
+    cfg = pipeline["cfg"]
+    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv")
+    per_patient = cohort.groupby("subject_id")["split"].nunique()
+    assert (per_patient == 1).all()
+    assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) >= 1).all()
+    assert (cohort["quality_mean"] >= 0.7).all()
+    assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
+    assert pipeline["cohort"]["rows"] == len(cohort) > 300
+    rejects = pd.read_csv(cfg.work / "cohort" / "rejects.csv")
+    assert rejects["reason"].str.contains("mask quality").any()  # low-quality masks were planted
+    assert rejects["reason"].str.contains("LATERAL").any()
+
+
+def test_cohort_rerun_is_a_no_op(pipeline):
+    from radacx_cache.cohort import build_cohort
+    path = pipeline["cfg"].work / "cohort" / "cohort.csv"
+    before = path.stat().st_mtime_ns
+    build_cohort(pipeline["cfg"])
+    assert path.stat().st_mtime_ns == before

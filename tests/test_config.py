@@ -1,0 +1,29 @@
+import pytest
+
+from radacx_cache.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["seed=3", "shards.n_jobs=4", "render.draft=false", "cohort.views=PA,AP"])
+    assert (cfg.seed, cfg.shards.n_jobs, cfg.render.draft, cfg.cohort.views) == (3, 4, False, ["PA", "AP"])
+    path = tmp_path / "c.yaml"
+    path.write_text("config_version: 1\nrender:\n  overlay: fill\n")
+    assert load_config(path).render.overlay == "fill"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("render.colour=1", "unknown config key 'render.colour'"),
+    ("render.overlay=glow", "'render.overlay'"),
+    ("shards.n_jobs=two", "'shards.n_jobs': expected an integer"),
+    ("cohort.classes=Edema,Flu", "'cohort.classes'"),
+    ("config_version=2", "config_version 2"),
+    ("seed", "expected key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,105 @@
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radacx_cache import open_shards
+from radacx_cache.config import load_config
+from radacx_cache.embed import (FeatureCache, FeatureCacheError, cache_fingerprints, embed_variant,
+                                merge_rank_partials)
+from radacx_cache.models import load_model
+
+
+def private_cfg(pipeline, tmp_path, *extra):
+    cfg = pipeline["cfg"]
+    (tmp_path / "shards").symlink_to(cfg.work / "shards")
+    return load_config(None, [f"workdir={tmp_path}", "embed.batch_size=32", "embed.block_rows=96", *extra])
+
+
+def test_cached_features_equal_open_clip_preprocess_and_encode_image(pipeline, features):
+    import open_clip
+    cfg = pipeline["cfg"]
+    model = load_model("tiny", seed=cfg.seed)
+    shards = open_shards(cfg.work / "shards")
+    preprocess = open_clip.image_transform(224, is_train=False, mean=model.mean, std=model.std)
+    for variant in ("original", "masked"):
+        cache = FeatureCache(features["features"][variant], cache_fingerprints(model, shards, variant))
+        assert list(cache.dicom_id) == list(shards.index["dicom_id"])
+        rows = [0, 17, len(shards) - 1]
+        images = []
+        for i in rows:
+            pixels = shards[i][variant]
+            images.append(preprocess(Image.fromarray(pixels).convert("RGB")))
+        with torch.no_grad():
+            want = model.model.encode_image(torch.stack(images)).numpy()
+        np.testing.assert_allclose(cache.features[rows], want, rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_is_a_no_op_and_another_model_is_refused(pipeline, features):
+    cfg = pipeline["cfg"]
+    shards = open_shards(cfg.work / "shards")
+    path = features["features"]["original"]
+    stamp = __import__("os").stat(path).st_mtime_ns
+    model = load_model("tiny", seed=cfg.seed)
+    assert str(embed_variant(cfg, model, shards, "original", progress=False)) == path
+    assert __import__("os").stat(path).st_mtime_ns == stamp
+    other = load_model("tiny", seed=cfg.seed + 1)
+    other.tag = model.tag  # same folder, different weights: must not be reused silently
+    with pytest.raises(FeatureCacheError, match="model"):
+        embed_variant(cfg, other, shards, "original", progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path, monkeypatch):
+    from radacx_cache import embed
+    cfg = private_cfg(pipeline, tmp_path)
+    shards = open_shards(cfg.work / "shards")
+    model = load_model("tiny", seed=pipeline["cfg"].seed)
+    real = embed._encode
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args)
+
+    monkeypatch.setattr(embed, "_encode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_variant(cfg, model, shards, "masked", progress=False)
+    partial = tmp_path / "features" / model.tag / ".masked.h5.partial"
+    with h5py.File(partial, "r") as f:
+        done = f["done"][:]
+    assert 0 < done.sum() < len(done)
+    monkeypatch.setattr(embed, "_encode", real)
+    final = embed_variant(cfg, model, shards, "masked", progress=False)
+    assert not partial.exists()
+    a = FeatureCache(final).features
+    b = FeatureCache(features["features"]["masked"]).features
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_take_disjoint_blocks_and_merge(pipeline, features, tmp_path):
+    cfg = private_cfg(pipeline, tmp_path)
+    shards = open_shards(cfg.work / "shards")
+    model = load_model("tiny", seed=pipeline["cfg"].seed)
+    parts = [embed_variant(cfg, model, shards, "original", rank=r, world=2, progress=False) for r in (0, 1)]
+    done = []
+    for p in parts:
+        with h5py.File(p, "r") as f:
+            done.append(f["row_done"][:])
+    assert not (done[0] & done[1]).any() and (done[0] | done[1]).all()
+    final = merge_rank_partials(tmp_path / "features" / model.tag, "original", 2)
+    np.testing.assert_allclose(FeatureCache(final).features,
+                               FeatureCache(features["features"]["original"]).features, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_features_are_refused(features, tmp_path):
+    bad = tmp_path / "bad.h5"
+    shutil.copy(features["features"]["original"], bad)
+    with h5py.File(bad, "r+") as f:
+        f["features"][3, 0] = np.nan
+    with pytest.raises(FeatureCacheError, match="NaN"):
+        FeatureCache(bad)

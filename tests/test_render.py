@@ -1,0 +1,149 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from radacx_cache.render import (RenderError, boundary, decode_grey, masks_at, overlay, pad_resize,
+                                 render_image, sample_grid, square_geometry)
+from radacx_cache.sources.chexmask import decode_rle, encode_rle
+from conftest import shared_path
+
+COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
+
+
+def jpeg_bytes(arr, quality=95):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def wikimedia():
+    base = shared_path("realcxr")
+    data = (base / "images" / "wikimedia_normal_pa_chexmask_example.jpg").read_bytes()
+    masks = {}
+    for organ, stem in (("right_lung", "lung_right"), ("left_lung", "lung_left"), ("heart", "heart")):
+        masks[organ] = np.asarray(Image.open(base / "masks" / f"wikimedia_normal_pa_chexmask_example__{stem}.png")) > 127
+    return data, masks
+
+
+def test_geometry_pads_to_a_centred_square_like_chexmask():
+    g = square_geometry(899, 786, 224)
+    assert (g.side, g.pad_top, g.pad_left) == (899, 0, 56)
+    assert g.scale == pytest.approx(224 / 899)
+    rows, cols = g.to_original([0, 223], [0, 223])
+    assert rows[0] < 2 and rows[1] > 896  # output corners map back near the image corners
+    assert cols[0] < -50  # left padding
+
+
+def test_pad_resize_maps_a_point_where_the_geometry_says():
+    img = np.zeros((300, 200), np.uint8)
+    img[150:160, 40:50] = 255  # a bright square centred at (155, 45)
+    g = square_geometry(300, 200, 100)
+    out = pad_resize(img, g, 100)
+    r, c = np.unravel_index(out.argmax(), out.shape)
+    assert abs(r - (155 + g.pad_top) * g.scale) <= 1.5
+    assert abs(c - (45 + g.pad_left) * g.scale) <= 1.5
+    assert out[:, :5].max() < 5  # the padding is black
+
+
+def test_reduced_size_decoding_is_equivalent_at_224():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:2400, 0:2000]
+    img = (127 + 80 * np.sin(xx / 90) * np.cos(yy / 120) + rng.normal(0, 6, xx.shape)).clip(0, 255).astype(np.uint8)
+    data = jpeg_bytes(img)
+    rle = {k: encode_rle(np.zeros((2400, 2000), bool) | (k == "heart")) for k in COLORS}
+    fast = render_image(data, rle, (2400, 2000), draft=True)
+    full = render_image(data, rle, (2400, 2000), draft=False)
+    assert fast["geometry"].decode_reduce == 8 and full["geometry"].decode_reduce == 1
+    diff = np.abs(fast["original"].astype(int) - full["original"].astype(int))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 8
+
+
+def test_sampled_masks_agree_with_full_decode_then_resize():
+    data, masks = wikimedia()
+    shape = masks["heart"].shape
+    rles = {k: encode_rle(v) for k, v in masks.items()}
+    g = square_geometry(*shape, 224)
+    got = masks_at(rles, shape, g, 224, supersample=2)
+    for i, organ in enumerate(("right_lung", "left_lung", "heart")):
+        full = decode_rle(rles[organ], shape)
+        canvas = np.zeros((g.side, g.side), np.uint8)
+        canvas[g.pad_top:g.pad_top + shape[0], g.pad_left:g.pad_left + shape[1]] = full * 255
+        ref = np.asarray(Image.fromarray(canvas).resize((224, 224), Image.Resampling.BOX)) >= 128
+        iou = (ref & got[i]).sum() / (ref | got[i]).sum()
+        assert iou > 0.97, organ
+
+
+def test_overlay_lies_on_the_mask_borders_of_a_real_radiograph():
+    data, masks = wikimedia()
+    rles = {k: encode_rle(v) for k, v in masks.items()}
+    out = render_image(data, rles, masks["heart"].shape, mode="boundary", colors=COLORS, line_width=2)
+    masked, m = out["masked"], out["masks"]
+    for i, organ in enumerate(("right_lung", "left_lung", "heart")):
+        painted = np.all(masked == COLORS[organ], axis=2)
+        border = boundary(m[i], 2)
+        assert painted.sum() > 100
+        # every painted pixel of this colour is on this organ's border band (the heart, drawn last,
+        # may cover lung border pixels, never the other way round)
+        assert (painted & ~border).sum() == 0, organ
+        if organ == "heart":
+            assert painted.sum() == border.sum()
+    cx = {organ: np.nonzero(np.all(masked == COLORS[organ], axis=2))[1].mean() for organ in COLORS}
+    assert cx["right_lung"] < 112 < cx["left_lung"]  # patient's right on the image's left
+    # outside the borders the masked image is the original, grey
+    untouched = ~np.any([boundary(mk, 2) for mk in m], axis=0)
+    np.testing.assert_array_equal(masked[untouched][:, 0], out["original"][untouched])
+
+
+def test_lung_masks_of_mhh_radiographs_split_into_sides():
+    from scipy import ndimage
+    base = shared_path("realcxr")
+    for stem in ("mhh_82a78c13", "mhh_5782ae15"):
+        data = (base / "images" / f"{stem}.png").read_bytes()
+        lungs = np.asarray(Image.open(base / "masks" / f"{stem}__lungs.png")) > 127
+        labels, n = ndimage.label(lungs)
+        sizes = ndimage.sum(lungs, labels, range(1, n + 1))
+        a, b = np.argsort(sizes)[-2:] + 1
+        comps = sorted([labels == a, labels == b], key=lambda c: np.nonzero(c)[1].mean())
+        rles = {"right_lung": encode_rle(comps[0]), "left_lung": encode_rle(comps[1]),
+                "heart": encode_rle(np.zeros_like(lungs))}
+        out = render_image(data, rles, lungs.shape, colors=COLORS)
+        red = np.nonzero(np.all(out["masked"] == COLORS["right_lung"], axis=2))[1]
+        green = np.nonzero(np.all(out["masked"] == COLORS["left_lung"], axis=2))[1]
+        assert red.mean() < 112 < green.mean()
+
+
+def test_fill_and_crop_modes():
+    grey = np.full((8, 8), 100, np.uint8)
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, 1:4, 1:4] = True
+    crop = overlay(grey, masks, "crop")
+    assert crop[2, 2].tolist() == [100, 100, 100] and crop[6, 6].tolist() == [0, 0, 0]
+    fill = overlay(grey, masks, "fill", colors=COLORS, alpha=0.5)
+    assert fill[2, 2].tolist() == [178, 50, 50] and fill[6, 6].tolist() == [100, 100, 100]
+    with pytest.raises(ValueError, match="overlay mode"):
+        overlay(grey, masks, "glow")
+
+
+@pytest.mark.parametrize("data,message", [(b"", "empty"), (b"\xff\xd8\xff\xe0garbage", "cannot decode"),
+                                           (b"not an image at all", "cannot decode")])
+def test_bad_image_bytes_raise_a_clear_error(data, message):
+    with pytest.raises(RenderError, match=message):
+        decode_grey(data, 224)
+
+
+def test_truncated_jpeg_and_size_mismatch_are_errors():
+    img = (np.random.default_rng(1).random((400, 300)) * 255).astype(np.uint8)
+    data = jpeg_bytes(img)
+    with pytest.raises(RenderError, match="cannot decode"):
+        decode_grey(data[: len(data) // 3], 224)
+    rles = {k: "1 10" for k in COLORS}
+    with pytest.raises(RenderError, match="does not match"):
+        render_image(data, rles, (300, 400))
+
+
+def test_sample_grid_marks_padding_as_outside():
+    g = square_geometry(100, 50, 20)
+    rows, cols = sample_grid(g, 20)
+    assert (rows >= 0).all() and (cols[:4] == -1).all() and (cols[-4:] == -1).all()

@@ -1,0 +1,104 @@
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from radacx_cache.sources.chexmask import (MASK_NAMES, RLEError, decode_rle, encode_rle,
+                                           parse_landmarks, parse_rle, polygon_mask, read_chexmask,
+                                           sample_rle)
+from conftest import shared_path
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_toy_vector_from_formats_doc():
+    mask = np.zeros((3, 4), bool)
+    mask[0, 1] = mask[0, 2] = mask[1, 3] = mask[2, 0] = True
+    assert encode_rle(mask) == "2 2 8 2"
+    np.testing.assert_array_equal(decode_rle("2 2 8 2", (3, 4)), mask)  # run wraps row 1 -> row 2
+
+
+@pytest.mark.parametrize("name,id_column", [("VinDr-CXR.csv", "image_id"), ("Padchest.csv", "ImageID")])
+def test_real_chexmask_rows_decode_to_their_landmark_polygons(name, id_column):
+    df = read_chexmask(shared_path("chexmask-samples", name), id_column=id_column)
+    assert len(df) == 50
+    checked = 0
+    for row in df.itertuples():
+        # PadChest writes Height/Width as floats and leaves some blank; its masks are 1024^2
+        shape = (1024, 1024) if np.isnan(row.height) else (int(row.height), int(row.width))
+        landmarks = parse_landmarks(row.landmarks)
+        for organ in MASK_NAMES:
+            text = getattr(row, organ)
+            mask = decode_rle(text, shape)
+            assert dice(mask, polygon_mask(landmarks[organ], shape)) >= 0.99, (row.dicom_id, organ)
+            assert encode_rle(mask) == text  # byte-exact round trip
+            checked += 1
+    assert checked == 150
+
+
+def test_real_rows_right_lung_is_on_the_image_left():
+    df = read_chexmask(shared_path("chexmask-samples", "VinDr-CXR.csv"), id_column="image_id")
+    for row in df.head(10).itertuples():
+        right = decode_rle(row.right_lung, (1024, 1024))
+        left = decode_rle(row.left_lung, (1024, 1024))
+        assert np.nonzero(right)[1].mean() < np.nonzero(left)[1].mean()
+
+
+@pytest.mark.parametrize("text,shape,message", [
+    ("2 2 8", (3, 4), "odd number"),
+    ("8 2 2 2", (3, 4), "not strictly increasing"),
+    ("2 2 12 5", (3, 4), "past the end"),
+    ("2 4 4 2", (3, 4), "overlap"),
+    ("2 x", (3, 4), "non-integer"),
+    ("0 2", (3, 4), "1-based"),
+    ("2 0", (3, 4), "non-positive length"),
+])
+def test_malformed_rle_is_rejected_with_the_reason(text, shape, message):
+    with pytest.raises(RLEError, match=message):
+        parse_rle(text, shape)
+
+
+def test_sampled_decode_equals_full_decode():
+    rng = np.random.default_rng(0)
+    mask = rng.random((97, 131)) < 0.3
+    mask[20:60, 30:90] = True
+    starts, ends = parse_rle(encode_rle(mask), mask.shape)
+    rows = np.array([-1, 0, 5, 50, 96])
+    cols = np.array([0, 7, 64, 130, -1])
+    got = sample_rle(starts, ends, mask.shape[1], rows, cols)
+    want = mask[np.ix_(np.clip(rows, 0, None), np.clip(cols, 0, None))]
+    want[rows < 0, :] = False
+    want[:, cols < 0] = False
+    np.testing.assert_array_equal(got, want)
+
+
+def test_landmarks_parse_every_known_text_form():
+    pts = np.arange(240).reshape(120, 2)
+    flat = ",".join(map(str, pts.ravel()))
+    numpy_repr = np.array2string(pts, separator=" ", threshold=10 ** 6)
+    as_json = json.dumps(pts.tolist())
+    for text in (flat, numpy_repr, as_json):
+        parsed = parse_landmarks(text)
+        assert [len(parsed[k]) for k in MASK_NAMES] == [44, 50, 26]
+        np.testing.assert_array_equal(parsed["heart"][0], [188, 189])
+    with pytest.raises(ValueError, match="expected 240"):
+        parse_landmarks("1,2,3")
+
+
+def test_reader_accepts_gzip_index_column_and_names_missing_columns(tmp_path):
+    src = shared_path("chexmask-samples", "VinDr-CXR.csv")
+    df = pd.read_csv(src).rename(columns={"image_id": "dicom_id"})
+    gz = tmp_path / "MIMIC-CXR-JPG.csv.gz"
+    with gzip.open(gz, "wt") as f:
+        df.to_csv(f)  # writes the unnamed index column some versions had
+    got = read_chexmask(gz, ids=df["dicom_id"][:3])
+    assert list(got["dicom_id"]) == list(df["dicom_id"][:3])
+    assert got["quality_mean"].le(got["quality_max"]).all()
+    bad = tmp_path / "bad.csv"
+    df.drop(columns=["Heart"]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="Heart"):
+        read_chexmask(bad)

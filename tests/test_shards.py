@@ -1,0 +1,150 @@
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from radacx_cache import open_shards
+from radacx_cache.config import load_config
+from radacx_cache.shards import _FAULT_ENV, SCHEMA_VERSION, ShardError, build_shards, validate_shard
+
+DATASETS = ("original", "masked", "masks", "labels", "targets", "dicom_id", "subject_id", "study_id",
+            "mask_quality", "geometry")
+
+
+def clone(pipeline, tmp_path, *overrides, with_shards=True):
+    """A private copy of the session's cohort (and shards) under a new workdir."""
+    cfg = pipeline["cfg"]
+    shutil.copytree(cfg.work / "cohort", tmp_path / "cohort")
+    if with_shards:
+        shutil.copytree(cfg.work / "shards", tmp_path / "shards")
+    return load_config(None, [f"workdir={tmp_path}", f"archive.mimic_root={cfg.archive.mimic_root}",
+                              f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
+                              "shards.rows_per_shard=64", "shards.n_jobs=2", *overrides])
+
+
+def contents(folder):
+    out = {}
+    for path in sorted(folder.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            out[path.name] = {k: f[k][:] for k in DATASETS}
+    return out
+
+
+def assert_same_shards(a, b):
+    ca, cb = contents(a), contents(b)
+    assert ca.keys() == cb.keys() and len(ca) > 0
+    for name in ca:
+        for key in DATASETS:
+            np.testing.assert_array_equal(ca[name][key], cb[name][key], err_msg=f"{name}/{key}")
+
+
+def test_shard_schema_and_reader(pipeline):
+    cfg = pipeline["cfg"]
+    shards = open_shards(cfg.work / "shards")
+    manifest = pipeline["shards"]
+    assert len(shards) == manifest["rows"] == sum(s["rows"] for s in manifest["shards"])
+    assert manifest["rows"] + manifest["rejects"] == pipeline["cohort"]["rows"]
+    path = cfg.work / "shards" / manifest["shards"][0]["name"]
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema"] == "radacx-shard" and f.attrs["schema_version"] == SCHEMA_VERSION
+        n = f["original"].shape[0]
+        assert f["original"].shape == (n, 224, 224) and f["original"].dtype == np.uint8
+        assert f["masked"].shape == (n, 224, 224, 3)
+        assert f["masks"].shape == (n, 3, 224, 224)
+        assert f["labels"].shape == (n, 14) and f["geometry"].shape[0] == n
+    item = shards[3]
+    assert item["masked"].shape == (224, 224, 3) and item["targets"].sum() >= 1
+    again = shards.get(item["dicom_id"])
+    np.testing.assert_array_equal(again["original"], item["original"])
+    test = shards.split("test")
+    assert 0 < len(test) < len(shards) and set(test.index["split"]) == {"test"}
+    # patient-disjoint splits, in the shards too
+    per_patient = shards.index.groupby("subject_id")["split"].nunique()
+    assert (per_patient == 1).all()
+    ds = shards.torch_dataset("masked")
+    pixels, target = ds[5]
+    assert tuple(pixels.shape) == (224, 224, 3) and target.sum() >= 1
+    with pytest.raises(KeyError):
+        shards.get("no-such-id")
+
+
+def test_shard_rows_equal_a_fresh_render(pipeline):
+    from radacx_cache.cohort import load_cohort, read_rle_rows
+    from radacx_cache.render import render_image
+    cfg = pipeline["cfg"]
+    shards = open_shards(cfg.work / "shards")
+    cohort = load_cohort(cfg)
+    row = cohort[cohort["dicom_id"] == shards.index["dicom_id"].iloc[10]].iloc[0]
+    rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row.name])[row["dicom_id"]]
+    data = (cfg.archive.mimic_root + "/" + row["path"])
+    out = render_image(open(data, "rb").read(), rle, rle["shape"])
+    item = shards[10]
+    np.testing.assert_array_equal(out["original"], item["original"])
+    np.testing.assert_array_equal(out["masks"], item["masks"].astype(bool))
+
+
+def test_rerun_is_a_no_op(pipeline):
+    folder = pipeline["cfg"].work / "shards"
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
+    build_shards(pipeline["cfg"], progress=False)
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
+
+
+def test_other_render_config_is_refused(pipeline, tmp_path):
+    cfg = clone(pipeline, tmp_path, "render.line_width=3")
+    with pytest.raises(ShardError, match="another render config"):
+        build_shards(cfg, progress=False)
+
+
+def test_truncated_shard_is_detected_and_rebuilt(pipeline, tmp_path):
+    cfg = clone(pipeline, tmp_path)
+    victim = sorted((tmp_path / "shards").glob("*.h5"))[1]
+    sidecar = pd.read_json(victim.with_suffix(".json"), typ="series")
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with pytest.raises(ShardError, match="truncated"):
+        validate_shard(victim, sidecar.to_dict())
+    build_shards(cfg, progress=False)
+    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+
+
+def test_killed_worker_then_rerun_gives_identical_shards(pipeline, tmp_path, monkeypatch):
+    cfg = clone(pipeline, tmp_path, with_shards=False)
+    monkeypatch.setenv(_FAULT_ENV, "train-00002.h5")
+    with pytest.raises(Exception):
+        build_shards(cfg, progress=False)
+    assert not (tmp_path / "shards" / "manifest.json").exists()  # nothing committed
+    assert not (tmp_path / "shards" / "train-00002.h5").exists()
+    monkeypatch.delenv(_FAULT_ENV)
+    build_shards(cfg, progress=False)
+    assert not list((tmp_path / "shards").glob(".*.tmp"))
+    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+    a = pd.read_csv(tmp_path / "shards" / "index.csv")
+    b = pd.read_csv(pipeline["cfg"].work / "shards" / "index.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_dask_backend_on_a_local_cluster_gives_the_same_shards(pipeline, tmp_path):
+    pytest.importorskip("dask.distributed")
+    cfg = clone(pipeline, tmp_path, "shards.backend=dask", with_shards=False)
+    build_shards(cfg, progress=False)
+    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+
+
+def test_inspect_writes_a_montage(pipeline, tmp_path):
+    from radacx_cache.cli import main
+    shard = sorted((pipeline["cfg"].work / "shards").glob("test-*.h5"))[0]
+    png = tmp_path / "m.png"
+    assert main(["inspect", str(shard), "--png", str(png), "--n", "4"]) == 0
+    assert png.stat().st_size > 10_000
+    from PIL import Image
+    assert Image.open(png).size[0] > Image.open(png).size[1]
+
+
+def test_unfinished_folder_is_not_opened(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ShardError, match="manifest"):
+        open_shards(tmp_path / "shards")
