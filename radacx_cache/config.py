@@ -109,7 +109,7 @@ class FinetuneConfig:
     shuffle_buffer: int = 512
     block_rows: int = 64
     num_workers: int = 0
-    augment: bool = True
+    augment: bool = False  # small crop/rotation/intensity jitter; hurt the small phantom task
     patience: int = 3
     grad_checkpointing: bool = False
     max_steps: int = 0  # 0: no cap (tests cap it)

@@ -56,23 +56,31 @@ def batches_per_consumer(block_sizes, *, seed, epoch, n_consumers, batch_size, s
     return [math.ceil(int(sizes[order[c::n_consumers]].sum()) / batch_size) for c in range(n_consumers)]
 
 
-def skip_per_worker(worker_batches: list[int], consumed: int) -> list[int]:
-    """Batches each DataLoader worker already delivered after ``consumed`` batches in total.
+def skip_per_worker(worker_batches: list[int], consumed: int) -> tuple[list[int], int]:
+    """Batches each DataLoader worker already delivered after ``consumed`` batches in total, and
+    the worker that delivers the next one.
 
-    DataLoader returns iterable-dataset batches round-robin over the workers that still have data.
+    DataLoader returns iterable-dataset batches round-robin over the workers that still have data,
+    starting at worker 0; a resumed loader starts at worker 0 again, so the stream rotates the
+    workers' roles to start where the interrupted run would have continued.
     """
-    skips = [0] * len(worker_batches)
+    n = len(worker_batches)
+    skips = [0] * n
     w = 0
     for _ in range(consumed):
-        for _ in range(len(worker_batches)):
+        for _ in range(n):
             if skips[w] < worker_batches[w]:
                 break
-            w = (w + 1) % len(worker_batches)
+            w = (w + 1) % n
         else:
             break
         skips[w] += 1
-        w = (w + 1) % len(worker_batches)
-    return skips
+        w = (w + 1) % n
+    for _ in range(n):  # the next batch comes from the next worker that still has data
+        if skips[w] < worker_batches[w]:
+            break
+        w = (w + 1) % n
+    return skips, w
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -123,18 +131,20 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if n_workers != self.num_workers:
             raise RuntimeError(f"ShardStream.num_workers={self.num_workers} but the DataLoader runs "
                                f"{n_workers} workers; set it to the loader's num_workers")
         n_consumers = self.world * n_workers
-        consumer = self.rank * n_workers + worker
-        order = consumer_order(self.sizes, seed=self.seed, epoch=self.epoch, consumer=consumer,
-                               n_consumers=n_consumers, buffer=self.buffer, shuffle=self.shuffle)
         per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch,
                                    n_consumers=n_consumers, batch_size=self.batch_size, shuffle=self.shuffle)
         mine = per[self.rank * n_workers:(self.rank + 1) * n_workers]
-        skip = skip_per_worker(mine, self.resume_batches)[worker] * self.batch_size
+        skips, start = skip_per_worker(mine, self.resume_batches)
+        worker = (physical + start) % n_workers
+        consumer = self.rank * n_workers + worker
+        order = consumer_order(self.sizes, seed=self.seed, epoch=self.epoch, consumer=consumer,
+                               n_consumers=n_consumers, buffer=self.buffer, shuffle=self.shuffle)
+        skip = skips[worker] * self.batch_size
         remaining = {}
         for b, _ in order[skip:]:
             remaining[b] = remaining.get(b, 0) + 1

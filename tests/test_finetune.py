@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from radacx_cache import open_shards
+from radacx_cache.config import load_config
+from radacx_cache.finetune import TrainingError, train_variant
+
+
+def cfg_for(pipeline, tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "shards").symlink_to(pipeline["cfg"].work / "shards")
+    return load_config(None, [f"workdir={tmp_path}", "seed=7", "finetune.batch_size=16",
+                              "finetune.block_rows=32", "finetune.shuffle_buffer=64",
+                              "finetune.lr_encoder=0.002", "finetune.lr_head=0.002",
+                              "finetune.warmup_steps=5", *extra])
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(pipeline, tmp_path):
+    extra = ("finetune.epochs=2", "finetune.checkpoint_every=0", "finetune.patience=5")
+    a = cfg_for(pipeline, tmp_path / "a", *extra)
+    b = cfg_for(pipeline, tmp_path / "b", *extra)
+    full = train_variant(a, "masked", progress=False)
+    steps_per_epoch = full["steps"] // 2
+    cut = steps_per_epoch + 3  # inside the second epoch, mid-stream
+    assert train_variant(b, "masked", progress=False, stop_after_steps=cut) == {"interrupted_at_step": cut}
+    resumed = train_variant(b, "masked", progress=False, resume=True)
+    assert resumed["steps"] == full["steps"]
+    wa, wb = weights(a.work / "finetune/masked/last.pt"), weights(b.work / "finetune/masked/last.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    assert resumed["test_original"] == pytest.approx(full["test_original"])
+    for variant in ("original", "masked"):
+        assert (b.work / "predictions" / "V4" / f"{variant}.csv").exists()
+
+
+def test_resume_with_another_config_is_refused(pipeline, tmp_path):
+    cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=1")
+    train_variant(cfg, "original", progress=False, stop_after_steps=2)
+    other = load_config(None, [f"workdir={tmp_path}", "seed=7", "finetune.batch_size=16",
+                               "finetune.lr_head=0.5"])
+    with pytest.raises(TrainingError, match="another configuration"):
+        train_variant(other, "original", progress=False, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
+    from radacx_cache import finetune
+    cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=1", "finetune.checkpoint_every=2")
+    real = finetune.soft_ce
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(finetune, "soft_ce", poisoned)
+    with pytest.raises(TrainingError, match="loss is nan"):
+        train_variant(cfg, "original", progress=False)
+    ckpt = torch.load(tmp_path / "finetune/original/last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["state"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_phantom_task(pipeline, tmp_path):
+    cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=20", "finetune.patience=20",
+                  "finetune.checkpoint_every=0")
+    result = train_variant(cfg, "original", progress=False)
+    shards = open_shards(pipeline["cfg"].work / "shards")
+    train_t, val_t = shards.split("train").targets(), shards.split("val").targets()
+    majority = float(np.mean(val_t[:, train_t.sum(0).argmax()] > 0))
+    best_single = float(max(np.mean(val_t[:, k] > 0) for k in range(val_t.shape[1])))
+    assert result["best_val_accuracy"] > max(majority, best_single) + 0.05, (result, majority, best_single)
