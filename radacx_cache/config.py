@@ -88,6 +88,7 @@ class ProbeConfig:
     c_max_log10: float = 6.0
     refine_steps: int = 4
     max_iter: int = 200
+    sweep_max_rows: int = 10000  # sweep C on a subsample of this many train rows (0: all rows)
 
 
 @dataclass

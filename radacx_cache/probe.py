@@ -109,21 +109,32 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # faster on CPU than a (D, K) layout whose backward is X.T @ G
         W = torch.zeros(k, X.shape[1]) if not warm else torch.as_tensor(self.coef_.copy())
         b = torch.zeros(k) if not warm else torch.as_tensor(self.intercept_.copy())
-        W.requires_grad_(True)
+        W.requires_grad_(True)  # LBFGS reads .grad; the closure sets it by hand
         b.requires_grad_(True)
         lam = 1.0 / (self.C * len(X))  # sklearn's objective divided by C * n
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_iter, history_size=10,
                                 tolerance_grad=self.tol, tolerance_change=1e-7,
                                 line_search_fn="strong_wolfe")
         self.n_iter_ = 0
+        n, chunk = len(Xt), 4096
 
         def closure():
-            opt.zero_grad()
-            logits = torch.nn.functional.linear(Xt, W, b)
-            loss = -(Qt * torch.log_softmax(logits, 1)).sum() / len(Xt) + 0.5 * lam * (W * W).sum()
-            loss.backward()
-            self.n_iter_ += 1
-            return loss
+            # loss and gradient in one pass over row chunks (the chunk stays in cache between the
+            # two products): ~25% faster than autograd over the whole matrix
+            with torch.no_grad():
+                loss = torch.zeros((), dtype=torch.float64)
+                gW, gb = torch.zeros_like(W), torch.zeros_like(b)
+                for s in range(0, n, chunk):
+                    xc, qc = Xt[s:s + chunk], Qt[s:s + chunk]
+                    logp = torch.log_softmax(torch.nn.functional.linear(xc, W, b), 1)
+                    loss -= (qc * logp).sum().double()
+                    g = logp.exp_().sub_(qc)
+                    gW.addmm_(g.T, xc)
+                    gb += g.sum(0)
+                W.grad = gW.div_(n).add_(W, alpha=lam)
+                b.grad = gb.div_(n)
+                self.n_iter_ += 1
+                return (loss / n + 0.5 * lam * (W * W).sum()).float()
 
         opt.step(closure)
         self.coef_ = W.detach().numpy().copy()
@@ -150,9 +161,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
 
 def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0, refine_steps=4,
-            preprocess="standardize", max_iter=200, score=policy_accuracy) -> dict:
-    """CLIP-protocol search of C on the validation split, warm-started along the path."""
+            preprocess="standardize", max_iter=200, max_rows=0, seed=0, score=policy_accuracy) -> dict:
+    """CLIP-protocol search of C on the validation split, warm-started along the path.
+
+    With ``max_rows`` > 0 and more training rows than that, the sweep fits a seeded random
+    subsample with C scaled by ``n / max_rows`` (the same per-sample regularisation), which finds
+    the same C region ~n/max_rows times faster. The returned ``best_c`` is in full-data units;
+    ``probe`` is the best sweep fit, ready to be refit warm (``set_params(C=best_c).fit(...)``).
+    """
     t0 = time.perf_counter()
+    n_full = len(X_train)
+    if max_rows and n_full > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(n_full, max_rows, replace=False))
+        X_train, Y_train = X_train[keep], Y_train[keep]
+    c_scale = n_full / len(X_train)
     fitted: dict[float, LinearProbe] = {}
     scores: dict[float, float] = {}
 
@@ -160,7 +182,7 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
         log_c = round(float(log_c), 6)
         if log_c in scores:
             return scores[log_c]
-        probe = LinearProbe(10 ** log_c, preprocess=preprocess, max_iter=max_iter, warm_start=True)
+        probe = LinearProbe(10 ** log_c * c_scale, preprocess=preprocess, max_iter=max_iter, warm_start=True)
         if fitted:  # warm start from the nearest C already solved
             near = min(fitted, key=lambda c: abs(c - log_c))
             src = fitted[near]
@@ -183,7 +205,7 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
         step /= 2
     return {"best_log10_c": best, "best_c": 10 ** best, "val_score": scores[best],
             "path": {f"{k:.4f}": v for k, v in sorted(scores.items())}, "fits": len(fitted),
-            "seconds": time.perf_counter() - t0, "probe": fitted[best]}
+            "sweep_rows": len(X_train), "seconds": time.perf_counter() - t0, "probe": fitted[best]}
 
 
 def _split_arrays(feats: np.ndarray, index: pd.DataFrame, target_cols, split: str):
@@ -228,8 +250,9 @@ def run_probes(cfg: Config) -> dict:
         if empty:
             log.warning("probe %s: no training positives for %s", name, ", ".join(empty))
         result = sweep_c(Xtr, Ytr, Xva, Yva, c_min_log10=p.c_min_log10, c_max_log10=p.c_max_log10,
-                         refine_steps=p.refine_steps, preprocess=p.preprocess, max_iter=p.max_iter)
-        final = result.pop("probe")
+                         refine_steps=p.refine_steps, preprocess=p.preprocess, max_iter=p.max_iter,
+                         max_rows=p.sweep_max_rows, seed=cfg.seed)
+        final = result.pop("probe").set_params(C=result["best_c"])
         final.fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))  # refit on train + val, warm
         log.info("probe %s: C=%.3g (val acc %.3f, %d fits, %.1fs)", name, result["best_c"],
                  result["val_score"], result["fits"], result["seconds"])
