@@ -98,6 +98,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards, self.variant, self.batch_size = shards, variant, batch_size
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world = rank, world
+        self.block_rows = block_rows
         self.blocks = make_blocks(shards, block_rows)
         self.sizes = [len(b[3]) for b in self.blocks]
         self.targets = torch.from_numpy(shards.targets())
@@ -145,38 +146,63 @@ class ShardStream(torch.utils.data.IterableDataset):
         order = consumer_order(self.sizes, seed=self.seed, epoch=self.epoch, consumer=consumer,
                                n_consumers=n_consumers, buffer=self.buffer, shuffle=self.shuffle)
         skip = skips[worker] * self.batch_size
-        remaining = {}
-        for b, _ in order[skip:]:
+        todo = order[skip:]
+        remaining: dict[int, int] = {}
+        for b, _ in todo:
             remaining[b] = remaining.get(b, 0) + 1
         loaded: dict[int, np.ndarray | None] = {}
+        self._pool: list[np.ndarray] = []  # reused block buffers: no fresh pages per block
         skipped = 0
-        batch_pix, batch_pos = [], []
-        for b, r in order[skip:]:
-            if b not in loaded:
-                shard, start, stop, _ = self.blocks[b]
-                try:
-                    loaded[b] = self.shards.read(shard, self.variant, start, stop)
-                except (OSError, KeyError) as exc:
-                    log.warning("stream: skipping rows %d-%d of %s: unreadable (%s)", start, stop, shard, exc)
-                    loaded[b] = None
-                    skipped += remaining[b]
-            block = loaded[b]
-            remaining[b] -= 1
-            if block is not None:
-                batch_pix.append(block[r])
-                batch_pos.append(self.blocks[b][3][r])
-            if remaining[b] == 0:
-                del loaded[b]  # memory stays bounded by the shuffle buffer
-            if len(batch_pix) == self.batch_size:
-                yield self._batch(batch_pix, batch_pos, skipped)
-                batch_pix, batch_pos = [], []
-        if batch_pix:
-            yield self._batch(batch_pix, batch_pos, skipped)
+        for start in range(0, len(todo), self.batch_size):
+            pairs = todo[start:start + self.batch_size]
+            for b in dict.fromkeys(b for b, _ in pairs):
+                if b not in loaded:
+                    loaded[b] = self._read_block(b)
+                    if loaded[b] is None:
+                        skipped += remaining[b]
+            good = [(b, r) for b, r in pairs if loaded[b] is not None]
+            if good:
+                yield self._batch(good, loaded, skipped, in_worker=info is not None)
+            for b, _ in pairs:
+                remaining[b] -= 1
+                if remaining[b] == 0:
+                    block = loaded.pop(b)  # memory stays bounded by the shuffle buffer
+                    if block is not None:
+                        self._pool.append(block.base if block.base is not None else block)
 
-    def _batch(self, pix, pos, skipped):
-        pos = torch.as_tensor(np.asarray(pos), dtype=torch.long)
-        return {"pixels": torch.from_numpy(np.stack(pix)), "targets": self.targets[pos], "index": pos,
-                "skipped": skipped}
+    def _read_block(self, b: int):
+        shard, start, stop, _ = self.blocks[b]
+        try:
+            ds = self.shards.file(shard)[self.variant]
+            shape = (self.block_rows, *ds.shape[1:])
+            buf = next((p for p in self._pool if p.shape == shape), None)
+            if buf is None:
+                buf = np.empty(shape, ds.dtype)
+            else:
+                self._pool.remove(buf)
+            ds.read_direct(buf, np.s_[start:stop], np.s_[0:stop - start])
+            return buf[:stop - start]
+        except (OSError, KeyError) as exc:
+            log.warning("stream: skipping rows %d-%d of %s: unreadable (%s)", start, stop, shard, exc)
+            return None
+
+    def _batch(self, pairs, loaded, skipped, in_worker: bool):
+        """Assemble a batch with one fancy-indexed copy per block, straight into the output tensor
+        (in shared memory inside a DataLoader worker, so handing it over copies nothing more)."""
+        first = loaded[pairs[0][0]]
+        pixels = torch.empty((len(pairs), *first.shape[1:]), dtype=torch.uint8)
+        if in_worker:
+            pixels.share_memory_()
+        out = pixels.numpy()
+        blocks = np.array([b for b, _ in pairs])
+        rows = np.array([r for _, r in pairs])
+        pos = np.empty(len(pairs), np.int64)
+        for b in np.unique(blocks):
+            sel = np.flatnonzero(blocks == b)
+            out[sel] = loaded[b][rows[sel]]
+            pos[sel] = self.blocks[b][3][rows[sel]]
+        index = torch.from_numpy(pos)
+        return {"pixels": pixels, "targets": self.targets[index], "index": index, "skipped": skipped}
 
 
 class ShardMapDataset(torch.utils.data.Dataset):
