@@ -16,8 +16,8 @@ def _stage(name: str, cfg, args) -> dict | None:
     if name == "demo-data":
         from .phantom import generate
         p = cfg.phantom
-        return generate(p.out, n_patients=p.n_patients, long_side=p.long_side, seed=cfg.seed,
-                        faults=p.faults or args.faults)
+        return generate(p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
+                        seed=cfg.seed, faults=p.faults or args.faults)
     if name == "cohort":
         from .cohort import build_cohort
         return build_cohort(cfg)
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
                        help="override a config key, e.g. --set shards.n_jobs=4")
         if name == "demo-data":
             p.add_argument("--faults", action="store_true", help="plant bad inputs (see docs)")
+            p.add_argument("--full-resolution", action="store_true",
+                           help="real MIMIC image sizes (~3000 px; slow, large) instead of phantom.long_side")
         if name == "finetune":
             p.add_argument("--variant", action="append", choices=("original", "masked"))
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

@@ -290,6 +290,7 @@ def embed_all(cfg: Config, variants=VARIANTS, progress: bool = True) -> dict:
     if world > 1 and cfg.embed.device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     shards = open_shards(cfg.work / "shards")
+    shards.validate()
     model = load_model(cfg.embed.model, seed=cfg.seed)
     paths = {}
     for variant in variants:

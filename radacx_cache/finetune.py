@@ -116,6 +116,7 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
             torch.cuda.set_device(device)
     dtype = autocast_dtype(cfg.embed.precision, device)
     shards = open_shards(cfg.work / "shards")
+    shards.validate()
     train, val = shards.split("train"), shards.split("val")
     if len(train) == 0 or len(val) == 0:
         raise TrainingError("fine-tuning needs non-empty train and val splits")

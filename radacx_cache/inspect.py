@@ -25,7 +25,7 @@ def montage(path: str | Path, png: str | Path, n: int = 8) -> None:
     for i in range(n):
         axes[0, i].imshow(original[i], cmap="gray", vmin=0, vmax=255)
         axes[1, i].imshow(masked[i])
-        title = ", ".join(names[j] for j in np.flatnonzero(targets[i] > 0)) or "-"
+        title = "\n".join(names[j] for j in np.flatnonzero(targets[i] > 0)) or "-"
         axes[0, i].set_title(title, fontsize=7)
         for ax in axes[:, i]:
             ax.axis("off")

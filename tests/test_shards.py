@@ -148,3 +148,24 @@ def test_unfinished_folder_is_not_opened(tmp_path):
     (tmp_path / "shards").mkdir()
     with pytest.raises(ShardError, match="manifest"):
         open_shards(tmp_path / "shards")
+
+
+def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp_path):
+    import json
+    from radacx_cache.embed import embed_all
+    cfg = clone(pipeline, tmp_path)
+    victim = sorted((tmp_path / "shards").glob("val-*.h5"))[0]
+    with h5py.File(victim, "r+") as f:
+        f.attrs["render_fingerprint"] = "0123456789abcdef"
+    with pytest.raises(ShardError, match="size"):  # the manifest no longer describes the file
+        embed_all(cfg, progress=False)
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == victim.name:
+            entry["bytes"] = victim.stat().st_size  # a hand-edited manifest that hides the swap
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="render config 0123456789abcdef"):
+        embed_all(cfg, progress=False)
+    with pytest.raises(ShardError, match="sha256"):
+        open_shards(tmp_path / "shards").validate(checksum=True)
