@@ -121,7 +121,7 @@ def to_model_input(pixels: torch.Tensor, mean, std, channels_last: bool = False)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def _encode(model, encoder, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode(encoder, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
         feat, pre = encoder(x)
@@ -155,10 +155,10 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
     encoder = model.encode_image_parts
     if e.compile:
         encoder = torch.compile(encoder)
-    with torch.inference_mode():
-        probe = to_model_input(torch.zeros(1, model.image_size, model.image_size, dtype=torch.uint8,
+    with torch.inference_mode():  # one blank image tells the output widths
+        blank = to_model_input(torch.zeros(1, model.image_size, model.image_size, dtype=torch.uint8,
                                            device=device), model.mean, model.std)
-        f0, p0 = _encode(net, encoder, probe, dtype)
+        f0, p0 = _encode(encoder, blank, dtype)
     dim, pdim = f0.shape[1], (p0.shape[1] if p0 is not None else 0)
     if partial.exists():
         try:
@@ -221,8 +221,8 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
             while start < len(pixels):  # back off the batch size on an out-of-memory batch
                 chunk = pixels[start:start + batch_size]
                 try:
-                    outs.append(_encode(net, encoder, to_model_input(chunk, model.mean, model.std,
-                                                                    e.channels_last and device.type == "cuda"), dtype))
+                    x = to_model_input(chunk, model.mean, model.std, e.channels_last and device.type == "cuda")
+                    outs.append(_encode(encoder, x, dtype))
                     start += len(chunk)
                 except torch.OutOfMemoryError:
                     if batch_size == 1:

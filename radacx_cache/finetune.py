@@ -121,8 +121,8 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
     if len(train) == 0 or len(val) == 0:
         raise TrainingError("fine-tuning needs non-empty train and val splits")
     lm = load_model(cfg.embed.model, seed=cfg.seed)
-    embed_dim = lm.model.visual.head.proj.out_features if hasattr(lm.model.visual, "head") and \
-        hasattr(lm.model.visual.head, "proj") else lm.model.text_projection.shape[1]
+    with torch.no_grad():
+        embed_dim = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
     torch.manual_seed(cfg.seed)
     model = Classifier(lm.model.visual, embed_dim, len(shards.target_names)).to(device)
     if ft.grad_checkpointing and hasattr(model.visual, "set_grad_checkpointing"):

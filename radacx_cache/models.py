@@ -98,9 +98,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
                      f"openclip:NAME[/PRETRAINED], nor an existing directory")
 
 
-def _tag(spec: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec.strip("/"))
-    return safe[-60:]
+def model_tag(spec: str) -> str:
+    """The feature-cache folder name of a spec (a directory's own name), without loading it."""
+    kind, ident = parse_model_spec(spec)
+    name = Path(ident).name if kind == "dir" else spec
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip("/"))[-60:]
 
 
 def _register_config(name: str, model_cfg: dict) -> str:
@@ -231,8 +233,7 @@ def load_model(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") 
                           "params": _param_digest(model) if pretrained else None})
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    return LoadedModel(model.to(device), tokenizer, tuple(mean), tuple(std), size, spec,
-                       _tag(spec if kind != "dir" else Path(ident).name), fp)
+    return LoadedModel(model.to(device), tokenizer, tuple(mean), tuple(std), size, spec, model_tag(spec), fp)
 
 
 def _param_digest(model: torch.nn.Module) -> str:

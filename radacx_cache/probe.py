@@ -225,15 +225,18 @@ def write_predictions(path, rows: pd.DataFrame, proba: np.ndarray, classes, meta
 
 def run_probes(cfg: Config) -> dict:
     """Train V1 (original) and V2 (masked) and predict both test variants."""
-    from .embed import FeatureCache, cache_fingerprints, feature_path
-    from .models import load_model
+    from .embed import FeatureCache, feature_path
+    from .models import model_tag
     from .shards import open_shards
     shards = open_shards(cfg.work / "shards")
-    model = load_model(cfg.embed.model, seed=cfg.seed)
     classes = shards.target_names
     tcols = [f"target_{c}" for c in classes]
     index = shards.index
-    caches = {v: FeatureCache(feature_path(cfg, model.tag, v), cache_fingerprints(model, shards, v))
+    # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
+    # here the spec, the shard set and the variant must match, without loading the model again
+    tag = model_tag(cfg.embed.model)
+    caches = {v: FeatureCache(feature_path(cfg, tag, v),
+                              {"model_spec": cfg.embed.model, "shards": shards.fingerprint, "variant": v})
               for v in ("original", "masked")}
     for v, cache in caches.items():
         if not np.array_equal(cache.dicom_id, index["dicom_id"].to_numpy().astype(str)):
@@ -260,7 +263,7 @@ def run_probes(cfg: Config) -> dict:
             Xte, Yte, rows = _split_arrays(caches[test_variant].get(p.feature), index, tcols, "test")
             proba = final.predict_proba(Xte)
             meta = {"variant": name, "trained_on": train_variant, "tested_on": test_variant,
-                    "model": model.spec, "model_fingerprint": model.fingerprint,
+                    "model": cfg.embed.model, "model_fingerprint": caches[test_variant].fingerprints["model"],
                     "feature_fingerprints": caches[test_variant].fingerprints,
                     "shards_fingerprint": shards.fingerprint, "probe": {k: v for k, v in result.items()
                                                                          if k != "path"},

@@ -21,7 +21,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from . import __version__
-from ._io import (atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
+from ._io import (cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
                   tmp_name, write_csv, write_json)
 from .config import FINDINGS_ALL, Config
 from .render import GEOMETRY_FIELDS, RenderError, render_image
@@ -187,10 +187,8 @@ def build_shards(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) the shard stage for ``cfg``; returns the manifest."""
     from .cohort import load_cohort
     out = cfg.work / "shards"
-    cohort_manifest = read_json(cfg.work / "cohort" / "manifest.json") \
-        if (cfg.work / "cohort" / "manifest.json").exists() else None
-    cohort = load_cohort(cfg)
-    cohort_fp = cohort_manifest["fingerprint"]
+    cohort = load_cohort(cfg)  # raises unless the cohort stage finished
+    cohort_fp = read_json(cfg.work / "cohort" / "manifest.json")["fingerprint"]
     render_fp = render_fingerprint(cfg)
     _refuse_mixing(out, render_fp, cfg)
     out.mkdir(parents=True, exist_ok=True)

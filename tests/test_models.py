@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,6 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "this", "is", "a", "photo
 
 def biomedclip_like_dir(path, seed=0):
     """A directory shaped like the hub repo (real open_clip_config.json structure, small towers)."""
-    import open_clip
     from transformers import BertConfig
     path.mkdir(parents=True, exist_ok=True)
     config = {

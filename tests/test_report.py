@@ -61,3 +61,18 @@ def test_cli_cohort_summary(pipeline, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "images kept" in out and "reject:" in out and "train" in out
+
+
+def test_probe_refuses_features_of_other_shards(reported, tmp_path):
+    import shutil
+    from radacx_cache.config import load_config
+    from radacx_cache.embed import FeatureCacheError
+    from radacx_cache.probe import run_probes
+    work = reported["cfg"].work
+    for part in ("shards", "features"):
+        shutil.copytree(work / part, tmp_path / part)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    manifest["fingerprint"] = "another-shard-set"  # e.g. the shards were rebuilt from another cohort
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FeatureCacheError, match="shards: cache has"):
+        run_probes(load_config(None, [f"workdir={tmp_path}", "seed=7"]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from radacx_cache import open_shards
-from radacx_cache.stream import (ShardStream, augment, batches_per_consumer, consumer_order,
+from radacx_cache.stream import (ShardStream, augment, consumer_order,
                                  skip_per_worker)
 
 
