@@ -65,17 +65,16 @@ def plan_shards(cohort: pd.DataFrame, rows_per_shard: int, render_fp: str,
 
 def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict, classes) -> None:
     n, size = len(items), attrs["size"]
-    chunk_rows = max(1, min(32, n))
     with h5py.File(path, "w") as f:
         for key, value in attrs.items():
             f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
-        def dataset(name, shape, dtype, **kw):
-            return f.create_dataset(name, (n, *shape), dtype=dtype,
-                                    chunks=(chunk_rows, *shape) if n else None, **kw)
-        original = dataset("original", (size, size), np.uint8)
-        masked = dataset("masked", (size, size, 3), np.uint8)
-        masks = dataset("masks", (3, size, size), np.uint8, compression="gzip", compression_opts=1)
-        for i, item in enumerate(items):
+        # images: contiguous and uncompressed, so that readers can memory-map them (zero-copy
+        # row gathers, ShardSet.view); masks: chunked per row and gzip (they compress ~50x)
+        original = f.create_dataset("original", (n, size, size), np.uint8)  # contiguous
+        masked = f.create_dataset("masked", (n, size, size, 3), np.uint8)  # contiguous
+        masks = f.create_dataset("masks", (n, 3, size, size), np.uint8, chunks=(1, 3, size, size) if n else None,
+                                 compression="gzip" if n else None, compression_opts=1 if n else None)
+        for i, item in enumerate(items):  # row by row: no second copy of the shard in memory
             original[i] = item["original"]
             masked[i] = item["masked"]
             masks[i] = item["masks"]
@@ -338,6 +337,7 @@ class ShardSet:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handles"], state["_pid"] = {}, None  # h5py handles never cross processes
+        state.pop("_views", None)
         return state
 
     @property
@@ -394,6 +394,24 @@ class ShardSet:
         if variant not in VARIANTS + ("masks",):
             raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
         return self.file(shard)[variant][start:stop]
+
+    def view(self, shard: str, variant: str) -> np.ndarray:
+        """A read-only memory map of a whole image dataset (zero-copy; opened lazily per process).
+
+        Falls back to reading the dataset when it is chunked or compressed (shards written by
+        other tools).
+        """
+        key = (os.getpid(), shard, variant)
+        cache = self.__dict__.setdefault("_views", {})
+        if key not in cache:
+            ds = self.file(shard)[variant]
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            if offset is None:
+                cache[key] = ds[:]
+            else:
+                cache[key] = np.memmap(self.root / shard, dtype=ds.dtype, mode="r", offset=offset,
+                                       shape=ds.shape)
+        return cache[key]
 
     def targets(self) -> np.ndarray:
         return self.index[[f"target_{n}" for n in self.target_names]].to_numpy(np.float32)

@@ -98,7 +98,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards, self.variant, self.batch_size = shards, variant, batch_size
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world = rank, world
-        self.block_rows = block_rows
         self.blocks = make_blocks(shards, block_rows)
         self.sizes = [len(b[3]) for b in self.blocks]
         self.targets = torch.from_numpy(shards.targets())
@@ -151,7 +150,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         for b, _ in todo:
             remaining[b] = remaining.get(b, 0) + 1
         loaded: dict[int, np.ndarray | None] = {}
-        self._pool: list[np.ndarray] = []  # reused block buffers: no fresh pages per block
         skipped = 0
         for start in range(0, len(todo), self.batch_size):
             pairs = todo[start:start + self.batch_size]
@@ -166,29 +164,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             for b, _ in pairs:
                 remaining[b] -= 1
                 if remaining[b] == 0:
-                    block = loaded.pop(b)  # memory stays bounded by the shuffle buffer
-                    if block is not None:
-                        self._pool.append(block.base if block.base is not None else block)
+                    del loaded[b]
 
     def _read_block(self, b: int):
         shard, start, stop, _ = self.blocks[b]
         try:
-            ds = self.shards.file(shard)[self.variant]
-            shape = (self.block_rows, *ds.shape[1:])
-            buf = next((p for p in self._pool if p.shape == shape), None)
-            if buf is None:
-                buf = np.empty(shape, ds.dtype)
-            else:
-                self._pool.remove(buf)
-            ds.read_direct(buf, np.s_[start:stop], np.s_[0:stop - start])
-            return buf[:stop - start]
-        except (OSError, KeyError) as exc:
+            return self.shards.view(shard, self.variant)[start:stop]  # memory-mapped: no copy here
+        except (OSError, KeyError, ValueError) as exc:
             log.warning("stream: skipping rows %d-%d of %s: unreadable (%s)", start, stop, shard, exc)
             return None
 
     def _batch(self, pairs, loaded, skipped, in_worker: bool):
-        """Assemble a batch with one fancy-indexed copy per block, straight into the output tensor
-        (in shared memory inside a DataLoader worker, so handing it over copies nothing more)."""
+        """Assemble a batch with one gather per block, straight into the output tensor (in shared
+        memory inside a DataLoader worker, so handing it over copies nothing more)."""
         first = loaded[pairs[0][0]]
         pixels = torch.empty((len(pairs), *first.shape[1:]), dtype=torch.uint8)
         if in_worker:

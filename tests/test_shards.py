@@ -63,6 +63,10 @@ def test_shard_schema_and_reader(pipeline):
     # patient-disjoint splits, in the shards too
     per_patient = shards.index.groupby("subject_id")["split"].nunique()
     assert (per_patient == 1).all()
+    for variant in ("original", "masked"):  # the zero-copy memory map equals an h5py read
+        shard = shards.index["shard"].iloc[0]
+        np.testing.assert_array_equal(np.asarray(shards.view(shard, variant)),
+                                      shards.read(shard, variant, 0, 10 ** 9))
     ds = shards.torch_dataset("masked")
     pixels, target = ds[5]
     assert tuple(pixels.shape) == (224, 224, 3) and target.sum() >= 1
