@@ -14,6 +14,7 @@ last: the commit point).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, read_json, stable_hash, write_csv, write_json
+from ._io import atomic_path, file_sha256, read_json, stable_hash, write_csv, write_json
 from .config import FINDINGS_ALL, Config
 from .sources.chexmask import MASK_NAMES, read_chexmask
 from .sources.mimic import jpg_relpath, read_labels, read_metadata, read_split
@@ -98,11 +99,11 @@ def build_cohort(cfg: Config, progress: bool = True) -> dict:
     c = cfg.cohort
     out = cfg.work / "cohort"
     root = Path(cfg.archive.mimic_root)
-    fingerprint = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": cfg.to_dict()["archive"],
+    inputs_fp = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": cfg.to_dict()["archive"],
                                "seed": cfg.seed, "version": COHORT_VERSION,
                                "inputs": _input_stamp(cfg)})
     manifest_path = out / "manifest.json"
-    if manifest_path.exists() and read_json(manifest_path).get("fingerprint") == fingerprint:
+    if manifest_path.exists() and read_json(manifest_path).get("inputs_fingerprint") == inputs_fp:
         log.info("cohort: %s is up to date", out)
         return read_json(manifest_path)
     rejects: list[dict] = []
@@ -174,15 +175,18 @@ def build_cohort(cfg: Config, progress: bool = True) -> dict:
     columns = ["dicom_id", "subject_id", "study_id", "split", "ViewPosition", "Rows", "Columns", "path",
                "quality_mean", "quality_max", *FINDINGS_ALL, *tcols]
     cohort = df[columns]
-    _write_rle(out / "masks-rle.h5", df)
+    rle_hash = _write_rle(out / "masks-rle.h5", df)
     write_csv(out / "cohort.csv", cohort)
+    # the fingerprint later stages key on is of the *content*: re-running the cohort on touched but
+    # unchanged inputs gives the same fingerprint, so no shard is rebuilt for nothing
+    fingerprint = stable_hash([file_sha256(out / "cohort.csv"), rle_hash])
     rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     write_csv(out / "rejects.csv", rejects_df)
     counts = {s: {"images": int((cohort["split"] == s).sum()),
                   "patients": int(cohort.loc[cohort["split"] == s, "subject_id"].nunique()),
                   **{cl: int(cohort.loc[cohort["split"] == s, f"target_{cl}"].sum()) for cl in c.classes}}
               for s in ("train", "val", "test")}
-    manifest = {"fingerprint": fingerprint, "rows": len(cohort), "rejects": len(rejects_df),
+    manifest = {"fingerprint": fingerprint, "inputs_fingerprint": inputs_fp, "rows": len(cohort), "rejects": len(rejects_df),
                 "reject_reasons": rejects_df["reason"].str.replace(r"[\d.]+", "N", regex=True)
                 .value_counts().to_dict(), "counts": counts, "classes": list(c.classes),
                 "policy": {"uncertain": c.uncertain, "multi_positive": c.multi_positive,
@@ -202,8 +206,9 @@ def _input_stamp(cfg: Config) -> dict:
     return stamp
 
 
-def _write_rle(path: Path, df: pd.DataFrame) -> None:
-    """The cohort's RLE strings, zlib-compressed, row-aligned with cohort.csv."""
+def _write_rle(path: Path, df: pd.DataFrame) -> str:
+    """The cohort's RLE strings, zlib-compressed, row-aligned with cohort.csv; returns their hash."""
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f["dicom_id"] = df["dicom_id"].to_numpy().astype("S")
         f["shape"] = df[["height", "width"]].to_numpy(np.int64)
@@ -211,7 +216,9 @@ def _write_rle(path: Path, df: pd.DataFrame) -> None:
         for name in MASK_NAMES:
             ds = f.create_dataset(name, (len(df),), dtype=vlen)
             for i, text in enumerate(df[name].astype(str)):
+                digest.update(text.encode() + b"\n")
                 ds[i] = np.frombuffer(zlib.compress(text.encode(), 1), np.uint8)
+    return digest.hexdigest()
 
 
 def read_rle_rows(path: Path, rows) -> dict[str, dict]:

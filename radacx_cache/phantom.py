@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MIMIC_SUBDIR = "mimic-cxr-jpg/2.0.0"
 CHEXMASK_SUBDIR = "chexmask-cxr-segmentation-data/1.0.0/OriginalResolution"
+GENERATOR_VERSION = 1  # bump when the phantom's content changes
 FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
           "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
           "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view")
@@ -247,6 +249,13 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
              faults: bool = False, progress: bool = True) -> dict:
     """Write the phantom archive under ``out``; returns a summary (paths, counts, planted faults)."""
     out = Path(out)
+    params = {"patients": int(n_patients), "seed": seed, "long_side": long_side, "faults": bool(faults),
+              "generator_version": GENERATOR_VERSION}
+    if (out / "phantom.json").exists():
+        previous = json.loads((out / "phantom.json").read_text())
+        if all(previous.get(k) == v for k, v in params.items()):
+            log.info("phantom: %s is up to date", out)
+            return previous
     rng = np.random.default_rng(seed)
     mimic_root = out / MIMIC_SUBDIR
     chexmask_dir = out / CHEXMASK_SUBDIR
@@ -341,8 +350,8 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     with atomic_path(chexmask_dir / "MIMIC-CXR-JPG.csv") as tmp:
         masks_df.to_csv(tmp, index=False)
     summary = {"mimic_root": str(mimic_root), "chexmask_csv": str(chexmask_dir / "MIMIC-CXR-JPG.csv"),
-               "patients": int(n_patients), "studies": len(labels_df), "images": len(meta),
-               "mask_rows": len(masks_df), "seed": seed, "long_side": long_side, "faults": planted}
+               **params, "studies": len(labels_df), "images": len(meta), "mask_rows": len(masks_df),
+               "faults": bool(faults), "planted": planted}
     write_json(out / "phantom.json", summary)
     return summary
 

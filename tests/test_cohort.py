@@ -71,8 +71,8 @@ def test_every_planted_fault_is_rejected_with_its_reason(pipeline, phantom):
     work = pipeline["cfg"].work
     rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"),
                          pd.read_csv(work / "shards" / "rejects.csv")])
-    assert {f["fault"] for f in phantom["faults"]} == set(FAULT_EXPECTATIONS)
-    for fault in phantom["faults"]:
+    assert {f["fault"] for f in phantom["planted"]} == set(FAULT_EXPECTATIONS)
+    for fault in phantom["planted"]:
         stage, reason = FAULT_EXPECTATIONS[fault["fault"]]
         if fault["fault"] in ("missing_label_row", "duplicate_label_row"):
             cohort = pd.read_csv(work / "cohort" / "cohort.csv")
@@ -106,3 +106,19 @@ def test_cohort_rerun_is_a_no_op(pipeline):
     before = path.stat().st_mtime_ns
     build_cohort(pipeline["cfg"])
     assert path.stat().st_mtime_ns == before
+
+
+def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
+    import os
+    from radacx_cache.cohort import build_cohort
+    from radacx_cache.phantom import generate
+    from conftest import make_config
+    root = os.path.dirname(os.path.dirname(phantom["mimic_root"]))  # <out>/mimic-cxr-jpg/2.0.0
+    again = generate(root, n_patients=400, long_side=256, seed=7, faults=True, progress=False)
+    assert again == phantom  # up to date: nothing regenerated
+    cfg = make_config(phantom, tmp_path)
+    first = build_cohort(cfg, progress=False)
+    os.utime(phantom["chexmask_csv"])  # touched, not changed: the cohort is recomputed ...
+    second = build_cohort(cfg, progress=False)
+    assert second["inputs_fingerprint"] != first["inputs_fingerprint"]
+    assert second["fingerprint"] == first["fingerprint"]  # ... to the same content: shards stay valid

@@ -103,3 +103,43 @@ def test_nan_features_are_refused(features, tmp_path):
         f["features"][3, 0] = np.nan
     with pytest.raises(FeatureCacheError, match="NaN"):
         FeatureCache(bad)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_path):
+    import os
+    import subprocess
+    import sys
+    cfg = pipeline["cfg"]
+    (tmp_path / "shards").symlink_to(cfg.work / "shards")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "radacx_cache.cli", "embed",
+           "--set", f"workdir={tmp_path}", "--set", "seed=7", "--set", "embed.block_rows=96",
+           "--set", "embed.batch_size=32"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for variant in ("original", "masked"):
+        merged = FeatureCache(tmp_path / "features" / "tiny" / f"{variant}.h5")
+        single = FeatureCache(features["features"][variant])
+        np.testing.assert_allclose(merged.features, single.features, rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "features" / "tiny").glob(".*partial"))
+
+
+def test_out_of_memory_batches_back_off_and_continue(pipeline, features, tmp_path, monkeypatch, caplog):
+    from radacx_cache import embed
+    cfg = private_cfg(pipeline, tmp_path)
+    shards = open_shards(cfg.work / "shards")
+    model = load_model("tiny", seed=pipeline["cfg"].seed)
+    real = embed._encode
+
+    def small_device(encoder, x, dtype):
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(encoder, x, dtype)
+
+    monkeypatch.setattr(embed, "_encode", small_device)
+    final = embed_variant(cfg, model, shards, "original", progress=False)
+    assert "batch size lowered to 8" in caplog.text
+    np.testing.assert_allclose(FeatureCache(final).features,
+                               FeatureCache(features["features"]["original"]).features, rtol=1e-5, atol=1e-6)
