@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -149,6 +150,13 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     state = {"epoch": 0, "step": 0, "batches_consumed": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     last = out_dir / "last.pt"
+    done = out_dir / "summary.json"
+    if not resume and stop_after_steps is None and done.exists():
+        previous = json.loads(done.read_text())
+        preds = [cfg.work / "predictions" / VARIANT_NAMES[variant] / f"{v}.csv" for v in ("original", "masked")]
+        if previous.get("config_fingerprint") == config_fp and all(p.exists() for p in preds):
+            log.info("finetune %s: %s is up to date (delete it to train again)", variant, done)
+            return previous
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         if ckpt["config_fingerprint"] != config_fp:
@@ -164,7 +172,7 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
         state = ckpt["state"]
         log.info("finetune %s: resumed at epoch %d step %d", variant, state["epoch"], state["step"])
     elif not resume:
-        for stale in ("last.pt", "best.pt"):
+        for stale in ("last.pt", "best.pt", "summary.json"):
             (out_dir / stale).unlink(missing_ok=True)
 
     def save(path: Path):
@@ -279,7 +287,7 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
                     skipped_rows)
     best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(best["model"])
-    summary = {"variant": VARIANT_NAMES[variant], "best_val_accuracy": state["best"],
+    summary = {"variant": VARIANT_NAMES[variant], "config_fingerprint": config_fp, "best_val_accuracy": state["best"],
                "epochs": state["epoch"], "steps": state["step"], "skipped_rows": skipped_rows}
     if rank == 0:
         test = shards.split("test")

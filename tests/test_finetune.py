@@ -36,6 +36,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(pipeline, tmp_pa
     assert resumed["test_original"] == pytest.approx(full["test_original"])
     for variant in ("original", "masked"):
         assert (b.work / "predictions" / "V4" / f"{variant}.csv").exists()
+    stamp = (a.work / "finetune/masked/last.pt").stat().st_mtime_ns
+    assert train_variant(a, "masked", progress=False)["steps"] == full["steps"]  # finished: a no-op
+    assert (a.work / "finetune/masked/last.pt").stat().st_mtime_ns == stamp
 
 
 def test_resume_with_another_config_is_refused(pipeline, tmp_path):
