@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,14 +75,33 @@ def adamw_sweep(Xtr, Ytr, Xva, Yva, n_candidates, epochs=10, batch=512, lr=0.1):
     return best
 
 
+def phantom_features(workdir: Path):
+    """Cached phantom features (V1 setting) of a finished demo run, with their cohort targets."""
+    import pandas as pd
+    from radacx_cache.embed import FeatureCache
+    index = pd.read_csv(workdir / "shards" / "index.csv")
+    X = FeatureCache(workdir / "features" / "tiny" / "original.h5").features
+    Y = index[[c for c in index.columns if c.startswith("target_")]].to_numpy(np.float32)
+    tr, va = (index["split"] == "train").to_numpy(), (index["split"] == "val").to_numpy()
+    return (X[tr], Y[tr]), (X[va], Y[va])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a tenth of MIMIC size")
+    ap.add_argument("--phantom", default="runs/demo", help="a finished demo workdir (its features too)")
     args = ap.parse_args()
     scale = 10 if args.quick else 1
-    (Xtr, Ytr), (Xva, Yva) = mimic_like(87_574 // scale, 17_514 // scale)
-    print(f"train {Xtr.shape}, val {Xva.shape}, torch threads {torch.get_num_threads()}")
-    LinearProbe(1.0).fit(Xva[:2000], Yva[:2000])  # warm up torch (one-time ~1 s thread-pool start)
+    datasets = [("random features, MIMIC size", mimic_like(87_574 // scale, 17_514 // scale))]
+    if (Path(args.phantom) / "features" / "tiny" / "original.h5").exists():
+        datasets.append((f"phantom features ({args.phantom}, tiny model)", phantom_features(Path(args.phantom))))
+    LinearProbe(1.0).fit(datasets[0][1][1][0][:2000], datasets[0][1][1][1][:2000])  # warm up torch
+    for name, ((Xtr, Ytr), (Xva, Yva)) in datasets:
+        print(f"\n== {name}: train {Xtr.shape}, val {Xva.shape}, torch threads {torch.get_num_threads()}")
+        compare(Xtr, Ytr, Xva, Yva)
+
+
+def compare(Xtr, Ytr, Xva, Yva):
     rows = {}
     for label, max_rows in (("radacx sweep (10k-row subsample) + refit", 10_000),
                             ("radacx sweep (20k-row subsample) + refit", 20_000),
