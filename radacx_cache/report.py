@@ -71,7 +71,9 @@ def build_report(cfg: Config) -> dict:
                      "diff": paired["diff"], "p_value": paired["p_value"],
                      "macro_auroc_original": metrics[name]["original"]["macro_auroc"],
                      "macro_auroc_masked": metrics[name]["masked"]["macro_auroc"],
-                     "published_original": pub[0], "published_masked": pub[1], "n_test": len(po)})
+                     "published_original": pub[0], "published_masked": pub[1], "n_test": len(po),
+                     **{f"{key}_{v}": metrics[name][v][key] for v in ("original", "masked")
+                        for key in ("accuracy_single", "balanced_accuracy_single", "macro_f1")}})
     if not rows:
         raise FileNotFoundError(f"no predictions under {pred_dir}; run zeroshot / probe / finetune first")
     table = pd.DataFrame(rows)
@@ -90,6 +92,9 @@ def build_report(cfg: Config) -> dict:
     with atomic_path(out / "table1.tex") as tmp:
         tmp.write_text(_latex(table))
     write_json(out / "metrics.json", {"classes": classes, "variants": metrics, "provenance": provenance})
+    per_class = pd.DataFrame([{"variant": name, "tested_on": v, "class": c, "auroc": metrics[name][v]["auroc"][k]}
+                              for name in metrics for v in ("original", "masked") for k, c in enumerate(classes)])
+    write_csv(out / "per_class_auroc.csv", per_class)
     figures = _figures(out, table, metrics, classes, cfg)
     return {"table": md, "results": str(out), "figures": figures}
 

@@ -22,8 +22,11 @@ def test_report_table_files_and_figures(reported):
     out = reported["cfg"].work / "results"
     table = pd.read_csv(out / "table1.csv")
     assert list(table["variant"]) == ["Baseline", "V1", "V2"]  # V3/V4 appear once fine-tuned
-    for col in ("acc_original", "acc_masked"):
-        assert table[col].between(0, 1).all()
+    for col in ("acc_original", "acc_masked", "accuracy_single_masked", "balanced_accuracy_single_original",
+                "macro_f1_masked"):
+        assert table[col].between(0, 1).all(), col
+    per_class = pd.read_csv(out / "per_class_auroc.csv")
+    assert len(per_class) == 3 * 2 * 5 and per_class["auroc"].dropna().between(0, 1).all()
     md = (out / "table1.md").read_text()
     assert "0.4460 / 0.4509" in md and "published" in md.lower()
     assert r"\begin{tabular}" in (out / "table1.tex").read_text()
