@@ -3,7 +3,7 @@
 ``features/<model-tag>/<variant>.h5`` holds ``features`` (N, D) (the projected embedding),
 ``pre_projection`` (N, W) where the vision tower exposes it, ``dicom_id`` aligned with
 ``shards/index.csv``, and attributes with the fingerprints (model, shard set, preprocessing).
-The file is built as ``.<variant>.h5.partial`` in blocks (a ``done`` flag per block, so an
+The file is built as ``.<variant>.h5.partial`` in blocks (a ``row_done`` flag per row, so an
 interrupted run continues where it stopped) and renamed into place when complete.
 """
 from __future__ import annotations
@@ -177,11 +177,11 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
             if pdim:
                 f.create_dataset("pre_projection", (n, pdim), np.float32)
             f["dicom_id"] = shards.index["dicom_id"].to_numpy().astype("S44")
-            f.create_dataset("done", (len(blocks),), bool)
             f.create_dataset("row_done", (n,), bool)
     with h5py.File(partial, "r") as f:
-        done = f["done"][:]
-    todo = [i for i in range(len(blocks)) if not done[i] and i % world == rank]
+        row_done = f["row_done"][:]
+    # resume by rows, not block numbers: a changed embed.block_rows cannot misplace anything
+    todo = [i for i, blk in enumerate(blocks) if not row_done[blk[3]].all() and i % world == rank]
     runs = []  # split blocks into batches so that a DataLoader item is one batch
     for b in todo:
         shard, start, stop, pos = blocks[b]
@@ -208,7 +208,6 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
             if pdim:
                 f["pre_projection"][pos[order]] = np.concatenate(pres)[order]
             f["row_done"][pos[order]] = True
-            f["done"][block] = True
             f.flush()
             feats.clear(), pres.clear(), poss.clear()
         for (block, _), (pixels, positions) in zip(runs, loader):
@@ -244,8 +243,8 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
     if world > 1:
         return partial
     with h5py.File(partial, "r") as f:
-        if not f["done"][:].all():
-            raise FeatureCacheError(f"{partial}: not every block was computed")
+        if not f["row_done"][:].all():
+            raise FeatureCacheError(f"{partial}: not every row was computed")
     os.replace(partial, final)
     return final
 
@@ -264,19 +263,19 @@ def merge_rank_partials(out_dir: Path, variant: str, world: int) -> Path:
         for name in ("features", "pre_projection", "dicom_id"):
             if name in first:
                 out.create_dataset(name, data=first[name][:])
-        done = first["done"][:].copy()
-        for r, p in enumerate(parts[1:], start=1):
+        done = first["row_done"][:].copy()
+        for p in parts[1:]:
             with h5py.File(p, "r") as f:
                 if f.attrs["fingerprints"] != first.attrs["fingerprints"]:
                     raise FeatureCacheError(f"{p}: fingerprints differ from rank 0's")
-                for b in np.flatnonzero(f["done"][:]):
-                    done[b] = True
                 mine = np.flatnonzero(f["row_done"][:])
+                done[mine] = True
                 for name in ("features", "pre_projection"):
                     if name in f:
                         out[name][mine] = f[name][mine]
         if not done.all():
-            raise FeatureCacheError(f"cannot merge {variant}: blocks {np.flatnonzero(~done)[:10]} missing")
+            raise FeatureCacheError(f"cannot merge {variant}: rows {np.flatnonzero(~done)[:10]} missing")
+        out.create_dataset("row_done", data=done)
     os.replace(tmp, final)
     for p in parts:
         p.unlink()

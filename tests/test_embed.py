@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path,
         embed_variant(cfg, model, shards, "masked", progress=False)
     partial = tmp_path / "features" / model.tag / ".masked.h5.partial"
     with h5py.File(partial, "r") as f:
-        done = f["done"][:]
+        done = f["row_done"][:]
     assert 0 < done.sum() < len(done)
     monkeypatch.setattr(embed, "_encode", real)
     final = embed_variant(cfg, model, shards, "masked", progress=False)
