@@ -177,11 +177,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _batch(self, pairs, loaded, skipped, in_worker: bool):
         """Assemble a batch with one gather per block, straight into the output tensor (in shared
         memory inside a DataLoader worker, so handing it over copies nothing more)."""
-        first = loaded[pairs[0][0]]
-        pixels = torch.empty((len(pairs), *first.shape[1:]), dtype=torch.uint8)
+        shape = (len(pairs), *loaded[pairs[0][0]].shape[1:])
         if in_worker:
-            pixels.share_memory_()
-        out = pixels.numpy()
+            pixels = torch.empty(shape, dtype=torch.uint8).share_memory_()
+            out = pixels.numpy()
+        else:  # numpy's allocator reuses freed heap memory: no fresh page faults per batch
+            out = np.empty(shape, np.uint8)
+            pixels = torch.from_numpy(out)
         blocks = np.array([b for b, _ in pairs])
         rows = np.array([r for _, r in pairs])
         pos = np.empty(len(pairs), np.int64)
