@@ -27,7 +27,8 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=6, help="training steps to time (the first is warm-up)")
     args = ap.parse_args()
-    from radacx_cache.finetune import Classifier, normalise, soft_ce, unit_pixels
+    from radacx_cache.embed import normalise, unit_pixels
+    from radacx_cache.finetune import Classifier, soft_ce
     from radacx_cache.models import load_model
     from radacx_cache.shards import open_shards
     from radacx_cache.stream import ShardStream, consumer_order

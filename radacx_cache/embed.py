@@ -111,19 +111,31 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def to_model_input(pixels: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, H, W) grey or (B, H, W, 3) RGB on the device -> normalised float (B, 3, H, W)."""
+def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> float (B, 3, H, W) in [0, 1]."""
     x = pixels.float().div_(255)
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
+    return (x - m) / s
+
+
+def to_model_input(pixels: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """Shard pixels on the device -> the model's normalised input (B, 3, H, W); no resampling."""
+    x = normalise(unit_pixels(pixels), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
+def autocast(device: torch.device, dtype):
+    """bf16/fp16 autocast on the device, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def _encode(encoder, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with ctx:
+    with autocast(x.device, dtype):
         feat, pre = encoder(x)
     return feat.float(), (pre.float() if pre is not None else None)
 

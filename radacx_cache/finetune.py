@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ._io import atomic_path, stable_hash, write_json
 from .config import Config
-from .embed import autocast_dtype, resolve_device
+from .embed import autocast, autocast_dtype, normalise, resolve_device, unit_pixels
 from .shards import ShardSet, open_shards
 from .stream import ShardStream, augment
 
@@ -46,15 +46,6 @@ class Classifier(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.visual(x))
-
-
-def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    x = pixels.float().div_(255)
-    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous() if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-
-
-def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
 
 def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -93,8 +84,7 @@ def predict(model: Classifier, shards: ShardSet, variant: str, lm, device, dtype
     out = np.zeros((len(shards), len(shards.target_names)), np.float32)
     for batch in stream:
         x = normalise(unit_pixels(batch["pixels"].to(device)), lm.mean, lm.std)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
+        with autocast(device, dtype):
             logits = model(x)
         out[batch["index"].numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
     return out
@@ -221,8 +211,7 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
                         x = augment(x, aug_gen)
                     x = normalise(x, lm.mean, lm.std)
                     y = batch["targets"].to(device)
-                    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-                    with ctx:
+                    with autocast(device, dtype):
                         loss = soft_ce(ddp(x), y)
                     if not torch.isfinite(loss):
                         stopped = (f"loss is {loss.item()} at epoch {state['epoch']} step {state['step']}; "

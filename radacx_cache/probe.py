@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._io import write_csv, write_json
 from .config import Config
+from .metrics import accuracy as policy_accuracy  # top-1 counted correct when among the positives
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ def soft_targets(y, n_classes: int | None = None) -> np.ndarray:
     if (s <= 0).any():
         raise ValueError(f"{int((s <= 0).sum())} target rows have no positive class")
     return y / s
-
-
-def policy_accuracy(proba: np.ndarray, targets: np.ndarray) -> float:
-    """Top-1 prediction counted correct when it is among the image's positives."""
-    if len(proba) == 0:
-        return float("nan")
-    return float(np.mean(targets[np.arange(len(proba)), proba.argmax(1)] > 0))
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
