@@ -21,8 +21,8 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from . import __version__
-from ._io import (cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
-                  tmp_name, write_csv, write_json)
+from ._io import (atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
+                  write_csv, write_json)
 from .config import FINDINGS_ALL, Config
 from .render import GEOMETRY_FIELDS, RenderError, render_image
 from .sources.chexmask import MASK_NAMES
@@ -115,15 +115,10 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
         items.append(item)
         kept.append(rec)
     out = Path(out_dir) / task.name
-    tmp = tmp_name(out)
-    try:
+    with atomic_path(out) as tmp:
         _write_shard(tmp, items, kept, {**attrs, "split": task.split}, classes)
         if kill_at == task.name:
             os._exit(17)  # simulate a worker killed mid-write: the temp file stays behind
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     sidecar = {"name": task.name, "split": task.split, "fingerprint": task.fingerprint,
                "render_fingerprint": attrs["render_fingerprint"], "render_config": render_cfg,
                "rows": len(kept), "bytes": out.stat().st_size, "sha256": file_sha256(out),
