@@ -25,12 +25,15 @@ def make_blocks(shards: ShardSet, block_rows: int) -> list[tuple[str, int, int, 
     return list(shards.blocks(block_rows))
 
 
+def epoch_block_order(n_blocks: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which an epoch deals blocks to consumers (round robin)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_blocks) if shuffle else np.arange(n_blocks)
+
+
 def consumer_order(block_sizes: list[int], *, seed: int, epoch: int, consumer: int,
                    n_consumers: int, buffer: int, shuffle: bool = True) -> list[tuple[int, int]]:
     """Emission order of (block, offset) pairs for one consumer: a pure, testable function."""
-    order = np.arange(len(block_sizes))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(block_sizes))
+    order = epoch_block_order(len(block_sizes), seed=seed, epoch=epoch, shuffle=shuffle)
     mine = order[consumer::n_consumers]
     if not shuffle:
         return [(int(b), r) for b in mine for r in range(block_sizes[b])]
@@ -49,9 +52,7 @@ def consumer_order(block_sizes: list[int], *, seed: int, epoch: int, consumer: i
 
 
 def batches_per_consumer(block_sizes, *, seed, epoch, n_consumers, batch_size, shuffle=True) -> list[int]:
-    order = np.arange(len(block_sizes))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(block_sizes))
+    order = epoch_block_order(len(block_sizes), seed=seed, epoch=epoch, shuffle=shuffle)
     sizes = np.asarray(block_sizes)
     return [math.ceil(int(sizes[order[c::n_consumers]].sum()) / batch_size) for c in range(n_consumers)]
 
@@ -122,12 +123,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = state["epoch"]
         self.resume_batches = state["batches_consumed"]
 
+    def _worker_batches(self, n_workers: int) -> list[int]:
+        """Batches each of this rank's workers yields in the current epoch."""
+        per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch,
+                                   n_consumers=self.world * n_workers, batch_size=self.batch_size,
+                                   shuffle=self.shuffle)
+        return per[self.rank * n_workers:(self.rank + 1) * n_workers]
+
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (all its workers together)."""
-        n = self.world * self.num_workers
-        per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch, n_consumers=n,
-                                   batch_size=self.batch_size, shuffle=self.shuffle)
-        return sum(per[self.rank * self.num_workers:(self.rank + 1) * self.num_workers])
+        return sum(self._worker_batches(self.num_workers))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -136,10 +141,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"ShardStream.num_workers={self.num_workers} but the DataLoader runs "
                                f"{n_workers} workers; set it to the loader's num_workers")
         n_consumers = self.world * n_workers
-        per = batches_per_consumer(self.sizes, seed=self.seed, epoch=self.epoch,
-                                   n_consumers=n_consumers, batch_size=self.batch_size, shuffle=self.shuffle)
-        mine = per[self.rank * n_workers:(self.rank + 1) * n_workers]
-        skips, start = skip_per_worker(mine, self.resume_batches)
+        skips, start = skip_per_worker(self._worker_batches(n_workers), self.resume_batches)
         worker = (physical + start) % n_workers
         consumer = self.rank * n_workers + worker
         order = consumer_order(self.sizes, seed=self.seed, epoch=self.epoch, consumer=consumer,
