@@ -23,7 +23,7 @@ from PIL import Image
 
 from _common import small_pipeline
 
-VIT_B16_GFLOP = 35.13  # open_clip model_profile.csv, image tower (formats.md B3)
+VIT_B16_GFLOP = 35.13  # open_clip model_profile.csv, image tower (docs/models.md)
 H100_BF16_TFLOPS = 989.0
 
 
@@ -43,7 +43,7 @@ def naive(model, shards, n):
 
 def stage(cfg, model, shards, n):
     from radacx_cache.embed import embed_variant
-    from radacx_cache.shards import ShardSet
+    from radacx_cache.shardset import ShardSet
     sub = ShardSet(shards.root, shards.index.iloc[:n], shards.manifest)
     shutil.rmtree(cfg.work / "features", ignore_errors=True)
     t0 = time.perf_counter()
@@ -61,11 +61,11 @@ def main():
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
     from radacx_cache.models import load_model
-    from radacx_cache.shards import open_shards
+    from radacx_cache.shardset import open_shards
     patients = 80 if args.device == "cpu" else max(80, args.images // 2)
     cfg = small_pipeline(n_patients=patients)
-    cfg.embed.device, cfg.embed.batch_size = args.device, args.batch_size
-    cfg.embed.num_workers, cfg.embed.precision = args.num_workers, args.precision
+    cfg.runtime.device, cfg.embed.batch_size = args.device, args.batch_size
+    cfg.embed.num_workers, cfg.runtime.precision = args.num_workers, args.precision
     shards = open_shards(cfg.work / "shards")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"{len(shards)} shard rows available; device {args.device}; torch threads {torch.get_num_threads()}")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from _common import timed  # noqa: F401  (sets sys.path)
-from radacx_cache.probe import LinearProbe, policy_accuracy, sweep_c
+from radacx_cache.metrics import accuracy as policy_accuracy
+from radacx_cache.probe import LinearProbe, sweep_c
 
 
 def mimic_like(n_train=87_574, n_val=17_514, d=768, k=5, seed=0):
@@ -78,7 +79,7 @@ def adamw_sweep(Xtr, Ytr, Xva, Yva, n_candidates, epochs=10, batch=512, lr=0.1):
 def phantom_features(workdir: Path):
     """Cached phantom features (V1 setting) of a finished demo run, with their cohort targets."""
     import pandas as pd
-    from radacx_cache.embed import FeatureCache
+    from radacx_cache.features import FeatureCache
     index = pd.read_csv(workdir / "shards" / "index.csv")
     X = FeatureCache(workdir / "features" / "tiny" / "original.h5").features
     Y = index[[c for c in index.columns if c.startswith("target_")]].to_numpy(np.float32)

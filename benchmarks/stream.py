@@ -27,10 +27,9 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=6, help="training steps to time (the first is warm-up)")
     args = ap.parse_args()
-    from radacx_cache.embed import normalise, unit_pixels
     from radacx_cache.finetune import Classifier, soft_ce
     from radacx_cache.models import load_model
-    from radacx_cache.shards import open_shards
+    from radacx_cache.shardset import open_shards
     from radacx_cache.stream import ShardStream, consumer_order
     cfg = small_pipeline(n_patients=400, long_side=256)
     train = open_shards(cfg.work / "shards").split("train")
@@ -65,7 +64,7 @@ def main():
         label = "main process" if workers == 0 else f"{workers} worker(s)"
         print(f"stream, {label:16s}: {rate:9.0f} img/s = {rate / ceiling:.0%} of the ceiling (target >= 80%)")
     # training steps end to end from the shards: stream -> device -> (bf16 on GPU) forward/backward
-    from radacx_cache.embed import autocast_dtype
+    from radacx_cache.runtime import autocast_dtype
     device = torch.device(args.device)
     dtype = autocast_dtype("auto", device)
     lm = load_model(args.model, device=device)
@@ -81,7 +80,7 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0, seen = time.perf_counter(), 0
-            x = normalise(unit_pixels(batch["pixels"].to(device, non_blocking=True)), lm.mean, lm.std)
+            x = lm.to_input(batch["pixels"].to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = soft_ce(model(x), batch["targets"].to(device))
             opt.zero_grad(set_to_none=True)

@@ -5,9 +5,11 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 
 def stable_hash(obj, n: int = 16) -> str:
@@ -61,12 +63,7 @@ def cap_threads(n: int = 1) -> None:
     """Cap BLAS/torch threads in a worker so that parallel workers do not thrash the cores."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n)
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        pass
-    import sys
+    threadpool_limits(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 

@@ -6,7 +6,17 @@ import json
 import logging
 import sys
 
+from .arms import IMAGE_VARIANTS
+from .cohort import build_cohort
 from .config import ConfigError, load_config
+from .embed import embed_all
+from .finetune import run_finetune
+from .inspection import inspect_path
+from .phantom import generate
+from .probe import run_probes
+from .report import build_report
+from .shards import build_shards
+from .zeroshot import run_zeroshot
 
 log = logging.getLogger("radacx_cache")
 STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "report")
@@ -14,32 +24,14 @@ STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetu
 
 def _stage(name: str, cfg, args) -> dict | None:
     if name == "demo-data":
-        from .phantom import generate
         p = cfg.phantom
         return generate(p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
                         seed=cfg.seed, faults=p.faults or args.faults)
-    if name == "cohort":
-        from .cohort import build_cohort
-        return build_cohort(cfg)
-    if name == "shards":
-        from .shards import build_shards
-        return build_shards(cfg)
-    if name == "embed":
-        from .embed import embed_all
-        return embed_all(cfg)
-    if name == "probe":
-        from .probe import run_probes
-        return run_probes(cfg)
-    if name == "zeroshot":
-        from .zeroshot import run_zeroshot
-        return run_zeroshot(cfg)
     if name == "finetune":
-        from .finetune import run_finetune
-        return run_finetune(cfg, variants=args.variant or ("original", "masked"), resume=args.resume)
-    if name == "report":
-        from .report import build_report
-        return build_report(cfg)
-    raise AssertionError(name)
+        return run_finetune(cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
+    stages = {"cohort": build_cohort, "shards": build_shards, "embed": embed_all, "probe": run_probes,
+              "zeroshot": run_zeroshot, "report": build_report}
+    return stages[name](cfg)
 
 
 def _summary(name: str, result) -> str:
@@ -83,7 +75,6 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.stage == "inspect":
-            from .inspect import inspect_path
             print(inspect_path(args.path, png=args.png, n=args.n))
             return 0
         cfg = load_config(args.config, args.set)

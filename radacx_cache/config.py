@@ -10,10 +10,13 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-CONFIG_VERSION = 1
+from .sources.mimic import FINDINGS_ALL
+
+CONFIG_VERSION = 2
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
@@ -21,18 +24,23 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+def _at_least(default, minimum):
+    """A numeric field whose values below ``minimum`` are refused at load time."""
+    return field(default=default, metadata={"min": minimum})
+
+
 @dataclass
 class ArchiveConfig:
     mimic_root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
     chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
-    labeler: str = "chexpert"  # chexpert | negbio
+    labeler: Literal["chexpert", "negbio"] = "chexpert"
 
 
 @dataclass
 class PhantomConfig:
     out: str = "data/phantom"
-    n_patients: int = 300
-    long_side: int = 448  # scaled down for speed; real MIMIC images are ~3000 px
+    n_patients: int = _at_least(300, 1)
+    long_side: int = _at_least(448, 64)  # scaled down for speed; real MIMIC images are ~3000 px
     faults: bool = True
 
 
@@ -40,55 +48,65 @@ class PhantomConfig:
 class CohortConfig:
     views: list = field(default_factory=lambda: ["PA", "AP"])
     classes: list = field(default_factory=lambda: list(FINDINGS))
-    uncertain: str = "ignore"  # ignore | zeros | ones
-    multi_positive: str = "any"  # any | single | first
+    uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
+    multi_positive: Literal["any", "single", "first"] = "any"
     priority: list = field(default_factory=lambda: list(FINDINGS))
     min_mask_quality: float = 0.7
-    split: str = "paper"  # official | paper
+    split: Literal["official", "paper"] = "paper"
     val_fraction: float = 1 / 6  # paper: train:val ~ 5:1
 
 
 @dataclass
 class RenderConfig:
-    size: int = 224
-    overlay: str = "boundary"  # boundary | fill | crop
-    line_width: int = 2
+    size: int = _at_least(224, 16)
+    overlay: Literal["boundary", "fill", "crop"] = "boundary"
+    line_width: int = _at_least(2, 1)
     colors: dict = field(default_factory=lambda: {
         "right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]})
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
-    mask_supersample: int = 2
+    mask_supersample: int = _at_least(2, 1)
 
 
 @dataclass
 class ShardsConfig:
-    rows_per_shard: int = 1024
-    n_jobs: int = 2
-    backend: str = "loky"  # loky | dask | ray | sequential
+    rows_per_shard: int = _at_least(1024, 1)
+    n_jobs: int = _at_least(2, 1)
+    backend: Literal["loky", "dask", "sequential", "threading"] = "loky"
     dask_scheduler: str = ""  # address of a running Dask scheduler; empty: start a local cluster
 
 
 @dataclass
-class EmbedConfig:
-    model: str = "tiny"
-    batch_size: int = 256
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    num_workers: int = 0
+class ModelConfig:
+    """The encoder every model stage loads (embed, zeroshot, probe, finetune): see docs/models.md."""
+    spec: str = "tiny"  # tiny | biomedclip | biomedclip-random | a local directory | openclip:NAME
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how models run, for every stage that runs one."""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    block_rows: int = 4096
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = _at_least(256, 1)
+    num_workers: int = _at_least(0, 0)
+    block_rows: int = _at_least(4096, 1)
 
 
 @dataclass
 class ProbeConfig:
-    feature: str = "features"  # features (projected) | pre_projection
-    preprocess: str = "standardize"  # standardize | l2 | none
+    feature: Literal["features", "pre_projection"] = "features"
+    preprocess: Literal["standardize", "l2", "none"] = "standardize"
     c_min_log10: float = -6.0
     c_max_log10: float = 6.0
-    refine_steps: int = 4
-    max_iter: int = 200
-    sweep_max_rows: int = 10000  # sweep C on a subsample of this many train rows (0: all rows)
+    refine_steps: int = _at_least(4, 0)
+    max_iter: int = _at_least(200, 1)
+    sweep_max_rows: int = _at_least(10000, 0)  # sweep C on a subsample of this many train rows (0: all rows)
 
 
 @dataclass
@@ -99,27 +117,27 @@ class ZeroShotConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 3
-    batch_size: int = 32
+    epochs: int = _at_least(3, 1)
+    batch_size: int = _at_least(32, 1)
     lr_encoder: float = 1e-5
     lr_head: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 20
+    warmup_steps: int = _at_least(20, 0)
     grad_clip: float = 1.0
-    accumulate: int = 1
-    shuffle_buffer: int = 512
-    block_rows: int = 64
-    num_workers: int = 0
+    accumulate: int = _at_least(1, 1)
+    shuffle_buffer: int = _at_least(512, 0)
+    block_rows: int = _at_least(64, 1)
+    num_workers: int = _at_least(0, 0)
     augment: bool = False  # small crop/rotation/intensity jitter; hurt the small phantom task
-    patience: int = 3
+    patience: int = _at_least(3, 1)
     grad_checkpointing: bool = False
-    max_steps: int = 0  # 0: no cap (tests cap it)
-    checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
+    max_steps: int = _at_least(0, 0)  # 0: no cap (tests cap it)
+    checkpoint_every: int = _at_least(50, 0)  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
 
 
 @dataclass
 class ReportConfig:
-    bootstrap: int = 1000
+    bootstrap: int = _at_least(1000, 10)
 
 
 @dataclass
@@ -132,6 +150,8 @@ class Config:
     cohort: CohortConfig = field(default_factory=CohortConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
@@ -146,21 +166,13 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "archive.labeler": ("chexpert", "negbio"),
-    "cohort.uncertain": ("ignore", "zeros", "ones"),
-    "cohort.multi_positive": ("any", "single", "first"),
-    "cohort.split": ("official", "paper"),
-    "render.overlay": ("boundary", "fill", "crop"),
-    "shards.backend": ("loky", "dask", "ray", "sequential", "threading"),
-    "embed.precision": ("auto", "fp32", "bf16", "fp16"),
-    "probe.feature": ("features", "pre_projection"),
-    "probe.preprocess": ("standardize", "l2", "none"),
-}
-
-
 def _coerce(value, typ, key):
     origin = typing.get_origin(typ) or typ
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -204,7 +216,8 @@ def _coerce(value, typ, key):
 
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -213,9 +226,9 @@ def _build(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         key = prefix + name
         kwargs[name] = _coerce(value, hints[name], key)
-        if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
-            raise ConfigError(
-                f"config key '{key}': {kwargs[name]!r} is not one of {', '.join(_CHOICES[key])}")
+        minimum = fields[name].metadata.get("min")
+        if minimum is not None and kwargs[name] < minimum:
+            raise ConfigError(f"config key '{key}': {kwargs[name]!r} is below its minimum {minimum}")
     return cls(**kwargs)
 
 
@@ -227,6 +240,23 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: '{part}' is not a section")
     node[parts[-1]] = value
+
+
+# version 1 kept the model and runtime settings in the embed section, though five stages read them
+_MOVED_IN_V2 = {"model": ("model", "spec"), "device": ("runtime", "device"),
+                "precision": ("runtime", "precision"), "channels_last": ("runtime", "channels_last"),
+                "compile": ("runtime", "compile")}
+
+
+def _migrate_v1(data: dict) -> dict:
+    """A version-1 config with its ``embed.*`` model/runtime keys moved to their v2 sections."""
+    data = json.loads(json.dumps(data))
+    embed = data.get("embed") or {}
+    for old, (section, key) in _MOVED_IN_V2.items():
+        if old in embed:
+            data.setdefault(section, {})[key] = embed.pop(old)
+    data["config_version"] = CONFIG_VERSION
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -249,7 +279,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
     version = data.get("config_version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
+    if version == 1:
+        data = _migrate_v1(data)
+    elif version != CONFIG_VERSION:
         raise ConfigError(
             f"config_version {version} is not supported (this radacx-cache reads version {CONFIG_VERSION})")
     cfg = _build(Config, data)
@@ -259,9 +291,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           f"valid: {', '.join(FINDINGS_ALL)}")
     return cfg
 
-
-# The 14 CheXpert labels, in the file's column order (formats.md A 2.3).
-FINDINGS_ALL = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices")

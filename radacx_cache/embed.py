@@ -1,15 +1,12 @@
-"""Feature cache: the frozen image encoder over the shards, once (docs/cache-format.md).
+"""The embed stage: the frozen image encoder over the shards, once, into feature caches.
 
-``features/<model-tag>/<variant>.h5`` holds ``features`` (N, D) (the projected embedding),
-``pre_projection`` (N, W) where the vision tower exposes it, ``dicom_id`` aligned with
-``shards/index.csv``, and attributes with the fingerprints (model, shard set, preprocessing).
-The file is built as ``.<variant>.h5.partial`` in blocks (a ``row_done`` flag per row, so an
-interrupted run continues where it stopped) and renamed into place when complete.
+A cache is built as a partial file (``Workdir.features_partial``) in blocks, with a ``row_done``
+flag per row so that an interrupted run continues where it stopped, and renamed into place when
+every row is written. Under torchrun each rank computes its share of blocks into its own partial
+file and rank 0 merges them (``merge_rank_partials``).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import time
@@ -20,118 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._io import stable_hash
+from ._io import atomic_path
+from .arms import IMAGE_VARIANTS
 from .config import Config
-from .shards import VARIANTS, ShardSet, open_shards
+from .features import FeatureCacheError, cache_fingerprints, check_fingerprints, create_partial
+from .models import LoadedModel, load_model
+from .runtime import autocast, autocast_dtype, barrier, init_distributed
+from .shardset import ShardSet, open_shards
+from .stream import ordered_loader, ordered_runs
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
-CACHE_SCHEMA = "radacx-features"
-CACHE_VERSION = 1
-
-
-class FeatureCacheError(RuntimeError):
-    """A feature cache does not match what was asked for, or is unreadable."""
-
-
-def preprocess_spec(model) -> dict:
-    return {"mean": list(model.mean), "std": list(model.std), "size": model.image_size,
-            "input": "uint8 shard pixels / 255, grey repeated to RGB, (x - mean) / std, no resampling"}
-
-
-def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
-    return {"model": model.fingerprint, "model_spec": model.spec, "shards": shards.fingerprint,
-            "preprocess": stable_hash(preprocess_spec(model)), "variant": variant,
-            "schema_version": CACHE_VERSION}
-
-
-def check_fingerprints(path: Path, expected: dict) -> None:
-    with h5py.File(path, "r") as f:
-        found = json.loads(f.attrs.get("fingerprints", "{}"))
-    diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-    if diff:
-        what = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
-        raise FeatureCacheError(f"{path} was built differently ({what}). Delete it to rebuild, or use "
-                                f"the model/shards it was built from.")
-
-
-class FeatureCache:
-    """Read side of a finished cache: features, ids and fingerprints, checked on open."""
-
-    def __init__(self, path: str | Path, expected: dict | None = None):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FeatureCacheError(f"{self.path}: no feature cache (run `radacx embed` first)")
-        if expected:
-            check_fingerprints(self.path, expected)
-        with h5py.File(self.path, "r") as f:
-            if f.attrs.get("schema") != CACHE_SCHEMA:
-                raise FeatureCacheError(f"{self.path}: not a {CACHE_SCHEMA} file")
-            self.fingerprints = json.loads(f.attrs["fingerprints"])
-            self.dicom_id = f["dicom_id"][:].astype(str)
-            self.features = f["features"][:]
-            self.pre_projection = f["pre_projection"][:] if "pre_projection" in f else None
-        if not np.isfinite(self.features).all():
-            bad = int((~np.isfinite(self.features)).any(1).sum())
-            raise FeatureCacheError(f"{self.path}: {bad} rows hold NaN/inf features")
-
-    def get(self, kind: str = "features") -> np.ndarray:
-        if kind == "pre_projection" and self.pre_projection is None:
-            raise FeatureCacheError(f"{self.path}: no pre_projection features for this model")
-        return self.features if kind == "features" else self.pre_projection
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device):
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-class _Blocks(torch.utils.data.Dataset):
-    """One item = one contiguous run of rows of one shard (bulk HDF5 read in the worker)."""
-
-    def __init__(self, shards: ShardSet, variant: str, runs: list):
-        self.shards, self.variant, self.runs = shards, variant, runs
-
-    def __len__(self):
-        return len(self.runs)
-
-    def __getitem__(self, i):
-        shard, start, stop, positions = self.runs[i]
-        pixels = self.shards.read(shard, self.variant, start, stop)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(np.array(positions))
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
-def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> float (B, 3, H, W) in [0, 1]."""
-    x = pixels.float().div_(255)
-    return x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-
-
-def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
-def to_model_input(pixels: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """Shard pixels on the device -> the model's normalised input (B, 3, H, W); no resampling."""
-    x = normalise(unit_pixels(pixels), mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
-def autocast(device: torch.device, dtype):
-    """bf16/fp16 autocast on the device, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def _encode(encoder, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,38 +36,49 @@ def _encode(encoder, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor
     return feat.float(), (pre.float() if pre is not None else None)
 
 
-def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: int = 0,
-                  world: int = 1, progress: bool = True) -> Path:
-    """Build (or resume, or confirm) one variant's cache; returns its path.
+class _Encoder:
+    """The model on its device, with the batch size it can afford (halved on out-of-memory)."""
 
-    With ``world > 1`` (torchrun) rank ``r`` computes blocks ``b % world == r`` into its own
-    partial file; ``merge_rank_partials`` then joins them into one cache.
-    """
-    e = cfg.embed
-    out_dir = cfg.work / "features" / model.tag
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{variant}.h5"
-    fps = cache_fingerprints(model, shards, variant)
-    if final.exists():
-        check_fingerprints(final, fps)
-        log.info("embed: %s is up to date", final)
-        return final
-    partial = out_dir / (f".{variant}.h5.partial" if world == 1 else f".{variant}.rank{rank}of{world}.partial")
-    n = len(shards)
-    blocks = list(shards.blocks(e.block_rows))
-    device = resolve_device(e.device)
-    dtype = autocast_dtype(e.precision, device)
-    net = model.model.to(device).eval()
-    if e.channels_last and device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    encoder = model.encode_image_parts
-    if e.compile:
-        encoder = torch.compile(encoder)
-    with torch.inference_mode():  # one blank image tells the output widths
-        blank = to_model_input(torch.zeros(1, model.image_size, model.image_size, dtype=torch.uint8,
-                                           device=device), model.mean, model.std)
-        f0, p0 = _encode(encoder, blank, dtype)
-    dim, pdim = f0.shape[1], (p0.shape[1] if p0 is not None else 0)
+    def __init__(self, model: LoadedModel, cfg: Config, device: torch.device):
+        rt = cfg.runtime
+        self.model, self.device = model, device
+        self.dtype = autocast_dtype(rt.precision, device)
+        self.channels_last = rt.channels_last and device.type == "cuda"
+        net = model.model.to(device).eval()
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        self.fn = torch.compile(model.encode_image_parts) if rt.compile else model.encode_image_parts
+        self.batch_size = cfg.embed.batch_size
+
+    def widths(self) -> tuple[int, int]:
+        """(embedding width, pre-projection width or 0), from one blank image."""
+        size = self.model.image_size
+        with torch.inference_mode():
+            f0, p0 = _encode(self.fn, self.model.to_input(
+                torch.zeros(1, size, size, dtype=torch.uint8, device=self.device)), self.dtype)
+        return f0.shape[1], (p0.shape[1] if p0 is not None else 0)
+
+    def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features of a batch of uint8 pixels; backs the batch size off on an out-of-memory error."""
+        outs, start = [], 0
+        while start < len(pixels):
+            chunk = pixels[start:start + self.batch_size]
+            try:
+                outs.append(_encode(self.fn, self.model.to_input(chunk, self.channels_last), self.dtype))
+                start += len(chunk)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                log.warning("embed: out of memory; batch size lowered to %d", self.batch_size)
+        feats = torch.cat([o[0] for o in outs]).cpu().numpy()
+        pres = torch.cat([o[1] for o in outs]).cpu().numpy() if outs[0][1] is not None else None
+        return feats, pres
+
+
+def open_or_resume(partial: Path, fps: dict, encoder: _Encoder, shards: ShardSet) -> np.ndarray:
+    """Create the partial cache, or keep a matching one; returns its ``row_done`` flags."""
     if partial.exists():
         try:
             check_fingerprints(partial, fps)
@@ -179,79 +86,81 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
             log.warning("embed: discarding partial cache %s (%s)", partial, exc)
             partial.unlink()
     if not partial.exists():
-        with h5py.File(partial, "w") as f:
-            f.attrs["schema"] = CACHE_SCHEMA
-            f.attrs["schema_version"] = CACHE_VERSION
-            f.attrs["fingerprints"] = json.dumps(fps, sort_keys=True)
-            f.attrs["preprocess"] = json.dumps(preprocess_spec(model))
-            f.attrs["model_spec"] = model.spec
-            f.create_dataset("features", (n, dim), np.float32)
-            if pdim:
-                f.create_dataset("pre_projection", (n, pdim), np.float32)
-            f["dicom_id"] = shards.index["dicom_id"].to_numpy().astype("S44")
-            f.create_dataset("row_done", (n,), bool)
+        create_partial(partial, fps, encoder.model, shards, *encoder.widths())
     with h5py.File(partial, "r") as f:
-        row_done = f["row_done"][:]
-    # resume by rows, not block numbers: a changed embed.block_rows cannot misplace anything
-    todo = [i for i, blk in enumerate(blocks) if not row_done[blk[3]].all() and i % world == rank]
-    runs = []  # split blocks into batches so that a DataLoader item is one batch
-    for b in todo:
-        shard, start, stop, pos = blocks[b]
-        for s in range(start, stop, e.batch_size):
-            t = min(s + e.batch_size, stop)
-            runs.append((b, (shard, s, t, pos[s - start:t - start])))
-    loader = torch.utils.data.DataLoader(
-        _Blocks(shards, variant, [r for _, r in runs]), batch_size=None, shuffle=False,
-        num_workers=e.num_workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if e.num_workers else None,
-        persistent_workers=False, prefetch_factor=4 if e.num_workers else None)
-    bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img",
-               disable=not progress)
-    batch_size = e.batch_size
-    pending_block, feats, pres, poss = None, [], [], []
+        return f["row_done"][:]
+
+
+def pending_runs(shards: ShardSet, row_done: np.ndarray, *, batch_size: int, block_rows: int,
+                 rank: int = 0, world: int = 1) -> list[tuple]:
+    """This rank's runs of blocks with a row still to compute (by rows, so that a changed
+    ``block_rows`` cannot misplace anything); a block is never split across ranks."""
+    return [(b, run) for b, run in ordered_runs(shards, batch_size, block_rows)
+            if b % world == rank and not row_done[run[3]].all()]
+
+
+def write_rows(f: h5py.File, positions: np.ndarray, feats: np.ndarray, pres: np.ndarray | None) -> None:
+    """Write one block's rows in position order and mark them done (flushed: a crash keeps them)."""
+    order = np.argsort(positions)
+    pos = positions[order]
+    f["features"][pos] = feats[order]
+    if pres is not None:
+        f["pre_projection"][pos] = pres[order]
+    f["row_done"][pos] = True
+    f.flush()
+
+
+def _compute(partial: Path, runs: list[tuple], encoder: _Encoder, shards: ShardSet, variant: str,
+             num_workers: int, progress: bool) -> None:
+    """Encode ``runs`` into ``partial``, one block's rows written at a time."""
+    loader = ordered_loader(shards, variant, [r for _, r in runs], num_workers=num_workers,
+                            pin_memory=encoder.device.type == "cuda")
+    bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img", disable=not progress)
+    block, parts = None, []
     t0 = time.perf_counter()
+
+    def flush():
+        if parts:
+            write_rows(f, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                       np.concatenate([p[2] for p in parts]) if parts[0][2] is not None else None)
+            parts.clear()
     with h5py.File(partial, "r+") as f, torch.inference_mode():
-        def flush(block):
-            if block is None or not poss:
-                return
-            pos = np.concatenate(poss)
-            order = np.argsort(pos)
-            f["features"][pos[order]] = np.concatenate(feats)[order]
-            if pdim:
-                f["pre_projection"][pos[order]] = np.concatenate(pres)[order]
-            f["row_done"][pos[order]] = True
-            f.flush()
-            feats.clear(), pres.clear(), poss.clear()
-        for (block, _), (pixels, positions) in zip(runs, loader):
-            if block != pending_block:
-                flush(pending_block)
-                pending_block = block
-            pixels = pixels.to(device, non_blocking=True)
-            outs = []
-            start = 0
-            while start < len(pixels):  # back off the batch size on an out-of-memory batch
-                chunk = pixels[start:start + batch_size]
-                try:
-                    x = to_model_input(chunk, model.mean, model.std, e.channels_last and device.type == "cuda")
-                    outs.append(_encode(encoder, x, dtype))
-                    start += len(chunk)
-                except torch.OutOfMemoryError:
-                    if batch_size == 1:
-                        raise
-                    batch_size = max(1, batch_size // 2)
-                    torch.cuda.empty_cache()
-                    log.warning("embed: out of memory; batch size lowered to %d", batch_size)
-            feats.append(torch.cat([o[0] for o in outs]).cpu().numpy())
-            if pdim:
-                pres.append(torch.cat([o[1] for o in outs]).cpu().numpy())
-            poss.append(positions.numpy())
+        for (b, _), (pixels, positions) in zip(runs, loader):
+            if b != block:
+                flush()
+                block = b
+            feats, pres = encoder(pixels.to(encoder.device, non_blocking=True))
+            parts.append((positions.numpy(), feats, pres))
             bar.update(len(pixels))
-        flush(pending_block)
+        flush()
     bar.close()
-    elapsed = time.perf_counter() - t0
     if runs:
+        elapsed = time.perf_counter() - t0
         log.info("embed %s: %d images in %.1fs (%.0f img/s on %s)", variant, bar.n, elapsed,
-                 bar.n / max(elapsed, 1e-9), device)
+                 bar.n / max(elapsed, 1e-9), encoder.device)
+
+
+def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: str, *, rank: int = 0,
+                  world: int = 1, progress: bool = True, device: torch.device | None = None) -> Path:
+    """Build (or resume, or confirm) one image variant's cache; returns its path.
+
+    With ``world > 1`` (torchrun) rank ``r`` computes blocks ``b % world == r`` into its own
+    partial file; ``merge_rank_partials`` then joins them into one cache.
+    """
+    work = Workdir(cfg.workdir)
+    final = work.features(model.tag, variant)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fps = cache_fingerprints(model, shards, variant)
+    if final.exists():
+        check_fingerprints(final, fps)
+        log.info("embed: %s is up to date", final)
+        return final
+    partial = work.features_partial(model.tag, variant, rank, world)
+    encoder = _Encoder(model, cfg, device or init_distributed(cfg.runtime.device)[1])
+    row_done = open_or_resume(partial, fps, encoder, shards)
+    runs = pending_runs(shards, row_done, batch_size=cfg.embed.batch_size, block_rows=cfg.embed.block_rows,
+                        rank=rank, world=world)
+    _compute(partial, runs, encoder, shards, variant, cfg.embed.num_workers, progress)
     if world > 1:
         return partial
     with h5py.File(partial, "r") as f:
@@ -261,15 +170,14 @@ def embed_variant(cfg: Config, model, shards: ShardSet, variant: str, *, rank: i
     return final
 
 
-def merge_rank_partials(out_dir: Path, variant: str, world: int) -> Path:
+def merge_rank_partials(work: Workdir, model_tag: str, variant: str, world: int) -> Path:
     """Join the per-rank partial files of a torchrun job into one cache (rank 0 calls this)."""
-    parts = [out_dir / f".{variant}.rank{r}of{world}.partial" for r in range(world)]
+    parts = [work.features_partial(model_tag, variant, r, world) for r in range(world)]
     missing = [p for p in parts if not p.exists()]
     if missing:
         raise FeatureCacheError(f"cannot merge: missing rank file(s) {[str(p) for p in missing]}")
-    final = out_dir / f"{variant}.h5"
-    tmp = out_dir / f".{variant}.h5.merging"
-    with h5py.File(parts[0], "r") as first, h5py.File(tmp, "w") as out:
+    final = work.features(model_tag, variant)
+    with h5py.File(parts[0], "r") as first, atomic_path(final) as tmp, h5py.File(tmp, "w") as out:
         for k, v in first.attrs.items():
             out.attrs[k] = v
         for name in ("features", "pre_projection", "dicom_id"):
@@ -288,38 +196,25 @@ def merge_rank_partials(out_dir: Path, variant: str, world: int) -> Path:
         if not done.all():
             raise FeatureCacheError(f"cannot merge {variant}: rows {np.flatnonzero(~done)[:10]} missing")
         out.create_dataset("row_done", data=done)
-    os.replace(tmp, final)
     for p in parts:
         p.unlink()
     return final
 
 
-def embed_all(cfg: Config, variants=VARIANTS, progress: bool = True) -> dict:
-    """The ``embed`` stage: both variants, one model. Under torchrun each rank takes its blocks."""
-    from .models import load_model
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and cfg.embed.device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    shards = open_shards(cfg.work / "shards")
+def embed_all(cfg: Config, variants=IMAGE_VARIANTS, progress: bool = True) -> dict:
+    """The ``embed`` stage: both image variants, one model. Under torchrun each rank takes its blocks."""
+    world, device = init_distributed(cfg.runtime.device)
+    work = Workdir(cfg.workdir)
+    shards = open_shards(work.shards_dir)
     shards.validate()
-    model = load_model(cfg.embed.model, seed=cfg.seed)
-    paths = {}
-    for variant in variants:
-        paths[variant] = str(embed_variant(cfg, model, shards, variant, rank=rank, world=world,
-                                           progress=progress and rank == 0))
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        dist.barrier()
-        if rank == 0:
-            for variant in variants:
-                final = cfg.work / "features" / model.tag / f"{variant}.h5"
-                if not final.exists():
-                    paths[variant] = str(merge_rank_partials(final.parent, variant, world))
-        dist.barrier()
+    model = load_model(cfg.model.spec, seed=cfg.seed)
+    paths = {v: str(embed_variant(cfg, model, shards, v, rank=world.rank, world=world.size,
+                                  progress=progress and world.is_main, device=device)) for v in variants}
+    if world.distributed:
+        barrier(world)
+        if world.is_main:
+            for v in variants:
+                if not work.features(model.tag, v).exists():
+                    paths[v] = str(merge_rank_partials(work, model.tag, v, world.size))
+        barrier(world)
     return {"model": model.spec, "tag": model.tag, "features": paths}
-
-
-def feature_path(cfg: Config, model_tag: str, variant: str) -> Path:
-    return cfg.work / "features" / model_tag / f"{variant}.h5"

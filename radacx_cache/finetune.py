@@ -3,33 +3,44 @@
 Streaming from the HDF5 shards (``stream.ShardStream``), soft multi-hot cross-entropy (the
 ``any`` label policy; one-hot under ``single``/``first``), AdamW with separate encoder/head learning
 rates, linear warm-up + cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
-validation every epoch with early stopping. ``finetune/<variant>/last.pt`` (written atomically
-every ``checkpoint_every`` optimiser steps and at each epoch end) holds everything ``--resume``
-needs: model, optimiser, scheduler, scaler, RNG states and the stream position.
+validation every epoch with early stopping. ``finetune/<image-variant>/last.pt`` (written
+atomically every ``checkpoint_every`` optimiser steps and at each epoch end) holds everything
+``--resume`` needs: model, optimiser, scheduler, scaler, RNG states and the stream position, as
+tensors and plain values only, so it is loaded with ``torch.load(weights_only=True)``.
+
+The shape follows open_clip_train: ``train_variant`` sets up and resumes, ``train_one_epoch`` runs
+the loop, ``evaluate`` predicts a split in order, ``write_test_predictions`` writes the arm's files.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
-import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
 from ._io import atomic_path, stable_hash, write_json
+from .arms import IMAGE_VARIANTS, arm_for
+from .augment import augment
 from .config import Config
-from .embed import autocast, autocast_dtype, normalise, resolve_device, unit_pixels
-from .shards import ShardSet, open_shards
-from .stream import ShardStream, augment
+from .metrics import accuracy
+from .models import LoadedModel, load_model, unit_pixels
+from .predictions import write_predictions
+from .runtime import World, autocast, autocast_dtype, init_distributed
+from .shardset import ShardSet, open_shards
+from .stream import ShardStream, ordered_loader, ordered_runs
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
-VARIANT_NAMES = {"original": "V3", "masked": "V4"}
 
 
 class TrainingError(RuntimeError):
@@ -62,8 +73,22 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (plain values only)."""
+    epoch: int = 0
+    step: int = 0
+    batches_consumed: int = 0  # in the current epoch
+    best: float = -1.0
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    """RNG states as tensors (numpy's MT19937 key too), so the checkpoint needs no unpickling."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -71,63 +96,76 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@torch.inference_mode()
-def predict(model: Classifier, shards: ShardSet, variant: str, lm, device, dtype, batch_size: int = 64):
-    """Class probabilities for every row of ``shards`` (in index order)."""
-    model.eval()
-    stream = ShardStream(shards, variant, batch_size, shuffle=False, block_rows=max(batch_size, 32))
-    out = np.zeros((len(shards), len(shards.target_names)), np.float32)
-    for batch in stream:
-        x = normalise(unit_pixels(batch["pixels"].to(device)), lm.mean, lm.std)
-        with autocast(device, dtype):
-            logits = model(x)
-        out[batch["index"].numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
-    return out
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, never unpickling code (a planted file cannot run anything)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"{path}: not a checkpoint this tool wrote, or damaged ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}). Delete it to train from the start.") from None
 
 
-def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: bool = True,
-                  stop_after_steps: int | None = None) -> dict:
-    """Train one variant; returns a summary. ``stop_after_steps`` simulates an interruption."""
-    from .models import load_model
-    from .probe import policy_accuracy, write_predictions
+@dataclass
+class Run:
+    """Everything one variant's training loop reads and updates."""
+    cfg: Config
+    variant: str
+    world: World
+    device: torch.device
+    dtype: object
+    lm: LoadedModel
+    model: Classifier
+    ddp: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    stream: ShardStream
+    total_steps: int
+    out_dir: Path
+    config_fp: str
+    classes: list
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def arm(self) -> str:
+        return arm_for("finetune", self.variant).name
+
+    def save(self, path: Path) -> None:
+        if not self.world.is_main:
+            return
+        with atomic_path(path) as tmp:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                        "rng": _rng_state(), "stream": self.stream.state_dict(self.state.batches_consumed),
+                        "state": dataclasses.asdict(self.state), "config_fingerprint": self.config_fp,
+                        "classes": self.classes, "model_spec": self.lm.spec}, tmp)
+
+
+def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
+    """Model, optimiser, schedule and stream for one variant, before any resume."""
     ft = cfg.finetune
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.embed.device)
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    dtype = autocast_dtype(cfg.embed.precision, device)
-    shards = open_shards(cfg.work / "shards")
-    shards.validate()
-    train, val = shards.split("train"), shards.split("val")
-    if len(train) == 0 or len(val) == 0:
-        raise TrainingError("fine-tuning needs non-empty train and val splits")
-    lm = load_model(cfg.embed.model, seed=cfg.seed)
+    world, device = init_distributed(cfg.runtime.device)
+    dtype = autocast_dtype(cfg.runtime.precision, device)
+    lm = load_model(cfg.model.spec, seed=cfg.seed)
     with torch.no_grad():
         embed_dim = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
     torch.manual_seed(cfg.seed)
     model = Classifier(lm.model.visual, embed_dim, len(shards.target_names)).to(device)
     if ft.grad_checkpointing and hasattr(model.visual, "set_grad_checkpointing"):
         model.visual.set_grad_checkpointing(True)
-    out_dir = cfg.work / "finetune" / variant
-    out_dir.mkdir(parents=True, exist_ok=True)
     config_fp = stable_hash({"finetune": cfg.to_dict()["finetune"], "model": lm.fingerprint,
                              "shards": shards.fingerprint, "variant": variant, "seed": cfg.seed,
-                             "precision": cfg.embed.precision})
-    stream = ShardStream(train, variant, ft.batch_size, seed=cfg.seed, block_rows=ft.block_rows,
-                         shuffle_buffer=ft.shuffle_buffer, rank=rank, world=world)
+                             "precision": cfg.runtime.precision})
+    stream = ShardStream(shards.split("train"), variant, ft.batch_size, seed=cfg.seed, block_rows=ft.block_rows,
+                         shuffle_buffer=ft.shuffle_buffer, rank=world.rank, world=world.size)
     stream.num_workers = max(1, ft.num_workers)
-    steps_per_epoch = math.ceil(len(stream) / ft.accumulate)
-    total = steps_per_epoch * ft.epochs
+    total = math.ceil(len(stream) / ft.accumulate) * ft.epochs
     if ft.max_steps:
         total = min(total, ft.max_steps)
     opt = torch.optim.AdamW([{"params": model.visual.parameters(), "lr": ft.lr_encoder},
@@ -136,163 +174,208 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ft.warmup_steps, total))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = {"epoch": 0, "step": 0, "batches_consumed": 0, "best": -1.0, "bad_epochs": 0, "history": []}
-    last = out_dir / "last.pt"
-    done = out_dir / "summary.json"
-    if not resume and stop_after_steps is None and done.exists():
-        previous = json.loads(done.read_text())
-        preds = [cfg.work / "predictions" / VARIANT_NAMES[variant] / f"{v}.csv" for v in ("original", "masked")]
-        if previous.get("config_fingerprint") == config_fp and all(p.exists() for p in preds):
-            log.info("finetune %s: %s is up to date (delete it to train again)", variant, done)
-            return previous
+    if world.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(cfg, variant, world, device, dtype, lm, model, ddp, opt, sched, scaler, stream, total,
+               Workdir(cfg.workdir).finetune_dir(variant), config_fp, shards.target_names)
+
+
+def load_or_init_checkpoint(run: Run, resume: bool) -> None:
+    """Continue from ``last.pt`` (same config only) or start clean (stale files removed)."""
+    last = run.out_dir / "last.pt"
     if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if ckpt["config_fingerprint"] != config_fp:
+        ckpt = load_checkpoint(last)
+        if ckpt["config_fingerprint"] != run.config_fp:
             raise TrainingError(f"{last} was written by another configuration or model "
-                                f"({ckpt['config_fingerprint']} != {config_fp}); refusing to resume. "
+                                f"({ckpt['config_fingerprint']} != {run.config_fp}); refusing to resume. "
                                 f"Start fresh without --resume or restore the config it was made with.")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
-        stream.load_state_dict(ckpt["stream"])
-        state = ckpt["state"]
-        log.info("finetune %s: resumed at epoch %d step %d", variant, state["epoch"], state["step"])
+        run.stream.load_state_dict(ckpt["stream"])
+        run.state = TrainState(**ckpt["state"])
+        log.info("finetune %s: resumed at epoch %d step %d", run.variant, run.state.epoch, run.state.step)
     elif not resume:
         for stale in ("last.pt", "best.pt", "summary.json"):
-            (out_dir / stale).unlink(missing_ok=True)
+            (run.out_dir / stale).unlink(missing_ok=True)
 
-    def save(path: Path):
-        if rank != 0:
-            return
-        with atomic_path(path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                        "stream": stream.state_dict(state["batches_consumed"]), "state": state,
-                        "config_fingerprint": config_fp, "classes": shards.target_names,
-                        "model_spec": lm.spec}, tmp)
 
-    log_path = out_dir / "train_log.csv"
-    new_log = not log_path.exists() or not resume
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["epoch", "step", "loss", "lr_encoder", "lr_head", "images_per_s", "val_accuracy"])
-    tb = None
+def _optimiser_step(run: Run) -> None:
+    run.scaler.unscale_(run.opt)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.finetune.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    run.state.step += 1
+
+
+def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
+                    stop_after_steps: int | None = None) -> dict:
+    """One epoch (or the rest of one, after a resume). Returns {"skipped": rows lost to unreadable
+    shards, "stop": None | "interrupted" | "nan", "message": text}."""
+    ft, state = run.cfg.finetune, run.state
+    aug_gen = torch.Generator().manual_seed(run.cfg.seed)
+    run.model.train()
+    bar = tqdm(total=len(run.stream), initial=state.batches_consumed, unit="batch",
+               desc=f"{run.arm} epoch {state.epoch}", disable=not progress)
+    t0, seen, skipped = time.perf_counter(), 0, 0
+    join = contextlib.nullcontext()
+    if run.world.distributed:
+        join = Join([run.ddp])  # ranks may hold one batch more or less: exactly-once partitioning
     try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
-    except Exception:  # tensorboard is optional
-        tb = None
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ft.num_workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
-    aug_gen = torch.Generator().manual_seed(cfg.seed)
-    stopped, skipped_rows = None, 0
-    try:
-        while state["epoch"] < ft.epochs and state["step"] < total and stopped is None:
-            stream.set_epoch(state["epoch"])
-            model.train()
-            bar = tqdm(total=len(stream), initial=state["batches_consumed"], unit="batch",
-                       desc=f"{VARIANT_NAMES[variant]} epoch {state['epoch']}", disable=not progress)
-            t0, seen = time.perf_counter(), 0
-            join = contextlib.nullcontext()
-            if world > 1:
-                from torch.distributed.algorithms.join import Join
-                join = Join([ddp])  # ranks may hold one batch more or less: exactly-once partitioning
-            with join:
-                for batch in loader:
-                    aug_gen.manual_seed(cfg.seed * 1_000_003 + state["epoch"] * 100_003 + state["batches_consumed"])
-                    x = unit_pixels(batch["pixels"].to(device, non_blocking=True))
-                    if ft.augment:
-                        x = augment(x, aug_gen)
-                    x = normalise(x, lm.mean, lm.std)
-                    y = batch["targets"].to(device)
-                    with autocast(device, dtype):
-                        loss = soft_ce(ddp(x), y)
-                    if not torch.isfinite(loss):
-                        stopped = (f"loss is {loss.item()} at epoch {state['epoch']} step {state['step']}; "
-                                   f"stopped, {last.name} keeps the last good state (lower the learning rates)")
-                        break
-                    scaler.scale(loss / ft.accumulate).backward()
-                    state["batches_consumed"] += 1
-                    skipped_rows = max(skipped_rows, int(batch["skipped"]))
-                    seen += len(x)
-                    bar.update(1)
-                    if state["batches_consumed"] % ft.accumulate == 0 or state["batches_consumed"] == len(stream):
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), ft.grad_clip)
-                        scaler.step(opt)
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)
-                        sched.step()
-                        state["step"] += 1
-                        rate = seen / max(time.perf_counter() - t0, 1e-9)
-                        lrs = sched.get_last_lr()
-                        writer.writerow([state["epoch"], state["step"], f"{loss.item():.5f}",
-                                         f"{lrs[0]:.3g}", f"{lrs[1]:.3g}", f"{rate:.1f}", ""])
-                        if tb:
-                            tb.add_scalar("loss/train", loss.item(), state["step"])
-                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-                        if ft.checkpoint_every and state["step"] % ft.checkpoint_every == 0:
-                            save(last)
-                        if stop_after_steps is not None and state["step"] >= stop_after_steps:
-                            save(last)
-                            return {"interrupted_at_step": state["step"]}
-                        if state["step"] >= total:
-                            break
-            bar.close()
-            if stopped:
-                break
-            val_proba = predict(model, val, variant, lm, device, dtype, ft.batch_size)
-            val_acc = policy_accuracy(val_proba, val.targets())
-            state["history"].append({"epoch": state["epoch"], "val_accuracy": val_acc})
-            writer.writerow([state["epoch"], state["step"], "", "", "", "", f"{val_acc:.5f}"])
-            log_file.flush()
-            log.info("finetune %s: epoch %d val accuracy %.4f", variant, state["epoch"], val_acc)
-            state["epoch"] += 1
-            state["batches_consumed"] = 0
-            stream.resume_batches = 0
-            if val_acc > state["best"]:
-                state["best"], state["bad_epochs"] = val_acc, 0
-                save(out_dir / "best.pt")
-            else:
-                state["bad_epochs"] += 1
-            save(last)
-            if state["bad_epochs"] >= ft.patience:
-                log.info("finetune %s: early stop after %d epochs without improvement", variant, ft.patience)
-                break
+        with join:
+            for batch in loader:
+                aug_gen.manual_seed(run.cfg.seed * 1_000_003 + state.epoch * 100_003 + state.batches_consumed)
+                x = unit_pixels(batch["pixels"].to(run.device, non_blocking=True))
+                if ft.augment:
+                    x = augment(x, aug_gen)
+                x = run.lm.normalise(x)
+                with autocast(run.device, run.dtype):
+                    loss = soft_ce(run.ddp(x), batch["targets"].to(run.device))
+                if not torch.isfinite(loss):
+                    return {"skipped": skipped, "stop": "nan",
+                            "message": f"loss is {loss.item()} at epoch {state.epoch} step {state.step}; stopped, "
+                                       f"last.pt keeps the last good state (lower the learning rates)"}
+                run.scaler.scale(loss / ft.accumulate).backward()
+                state.batches_consumed += 1
+                skipped = max(skipped, int(batch["skipped"]))
+                seen += len(x)
+                bar.update(1)
+                if state.batches_consumed % ft.accumulate and state.batches_consumed != len(run.stream):
+                    continue
+                _optimiser_step(run)
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                lrs = run.sched.get_last_lr()
+                log_rows.writerow([state.epoch, state.step, f"{loss.item():.5f}", f"{lrs[0]:.3g}",
+                                   f"{lrs[1]:.3g}", f"{rate:.1f}", ""])
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                if ft.checkpoint_every and state.step % ft.checkpoint_every == 0:
+                    run.save(run.out_dir / "last.pt")
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    run.save(run.out_dir / "last.pt")
+                    return {"skipped": skipped, "stop": "interrupted", "message": ""}
+                if state.step >= run.total_steps:
+                    break  # the epoch ends here: it is validated like any other
     finally:
-        log_file.close()
-        if tb:
-            tb.close()
-    if stopped:
-        raise TrainingError(f"finetune {variant}: {stopped}")
-    if skipped_rows:
-        log.warning("finetune %s: %d training rows were skipped (unreadable shards, see log)", variant,
-                    skipped_rows)
-    best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(best["model"])
-    summary = {"variant": VARIANT_NAMES[variant], "config_fingerprint": config_fp, "best_val_accuracy": state["best"],
-               "epochs": state["epoch"], "steps": state["step"], "skipped_rows": skipped_rows}
-    if rank == 0:
-        test = shards.split("test")
-        rows = test.index
-        for test_variant in ("original", "masked"):
-            proba = predict(model, test, test_variant, lm, device, dtype, ft.batch_size)
-            meta = {"variant": VARIANT_NAMES[variant], "trained_on": variant, "tested_on": test_variant,
-                    "model": lm.spec, "model_fingerprint": lm.fingerprint, "shards_fingerprint": shards.fingerprint,
-                    "checkpoint": str(out_dir / "best.pt"), "config_fingerprint": config_fp,
-                    "history": state["history"]}
-            write_predictions(cfg.work / "predictions" / VARIANT_NAMES[variant] / f"{test_variant}.csv",
-                              rows, proba, shards.target_names, meta)
-            summary[f"test_{test_variant}"] = policy_accuracy(proba, test.targets())
-        write_json(out_dir / "summary.json", summary)
+        bar.close()
+    return {"skipped": skipped, "stop": None, "message": ""}
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, shards: ShardSet, variant: str, lm: LoadedModel, device, dtype,
+             batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for every row of ``shards``, in index order (the in-order reader)."""
+    model.eval()
+    out = np.zeros((len(shards), len(shards.target_names)), np.float32)
+    runs = ordered_runs(shards, batch_size, max(batch_size, 32))
+    for pixels, positions in ordered_loader(shards, variant, [r for _, r in runs]):
+        with autocast(device, dtype):
+            logits = model(lm.to_input(pixels.to(device)))
+        out[positions.numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
+    return out
+
+
+def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
+    """Validate, keep the best checkpoint, save ``last.pt``; True when early stopping says stop."""
+    state = run.state
+    val_acc = accuracy(evaluate(run.model, val, run.variant, run.lm, run.device, run.dtype,
+                                run.cfg.finetune.batch_size), val.targets())
+    state.history.append({"epoch": state.epoch, "val_accuracy": val_acc})
+    log_rows.writerow([state.epoch, state.step, "", "", "", "", f"{val_acc:.5f}"])
+    log.info("finetune %s: epoch %d val accuracy %.4f", run.variant, state.epoch, val_acc)
+    state.epoch += 1
+    state.batches_consumed = 0
+    run.stream.resume_batches = 0
+    if val_acc > state.best:
+        state.best, state.bad_epochs = val_acc, 0
+        run.save(run.out_dir / "best.pt")
+    else:
+        state.bad_epochs += 1
+    run.save(run.out_dir / "last.pt")
+    if state.bad_epochs >= run.cfg.finetune.patience:
+        log.info("finetune %s: early stop after %d epochs without improvement", run.variant,
+                 run.cfg.finetune.patience)
+        return True
+    return False
+
+
+def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) -> dict:
+    """Predict both test image variants with the model as it is (the best checkpoint, loaded by the
+    caller); returns the test accuracies."""
+    work = Workdir(run.cfg.workdir)
+    out = {}
+    for test_variant in IMAGE_VARIANTS:
+        proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.cfg.finetune.batch_size)
+        meta = {"variant": run.arm, "trained_on": run.variant, "tested_on": test_variant,
+                "model": run.lm.spec, "model_fingerprint": run.lm.fingerprint,
+                "shards_fingerprint": shards_fingerprint, "checkpoint": str(run.out_dir / "best.pt"),
+                "config_fingerprint": run.config_fp, "history": run.state.history}
+        write_predictions(work.predictions(run.arm, test_variant), test.index, proba, run.classes, meta)
+        out[f"test_{test_variant}"] = accuracy(proba, test.targets())
+    return out
+
+
+def _finished(run: Run) -> dict | None:
+    """The summary of an identical, finished training whose predictions exist (nothing to redo)."""
+    done = run.out_dir / "summary.json"
+    if not done.exists():
+        return None
+    previous = json.loads(done.read_text())
+    work = Workdir(run.cfg.workdir)
+    preds = [work.predictions(run.arm, v) for v in IMAGE_VARIANTS]
+    if previous.get("config_fingerprint") == run.config_fp and all(p.exists() for p in preds):
+        return previous
+    return None
+
+
+def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: bool = True,
+                  stop_after_steps: int | None = None) -> dict:
+    """Train one variant; returns a summary. ``stop_after_steps`` simulates an interruption."""
+    ft = cfg.finetune
+    shards = open_shards(Workdir(cfg.workdir).shards_dir)
+    shards.validate()
+    val = shards.split("val")
+    if len(shards.split("train")) == 0 or len(val) == 0:
+        raise TrainingError("fine-tuning needs non-empty train and val splits")
+    run = _setup(cfg, variant, shards)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
+        log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir / "summary.json")
+        return previous
+    load_or_init_checkpoint(run, resume)
+    log_path = run.out_dir / "train_log.csv"
+    new_log = not log_path.exists() or not resume
+    skipped = 0
+    with open(log_path, "w" if new_log else "a", newline="") as log_file:
+        log_rows = csv.writer(log_file)
+        if new_log:
+            log_rows.writerow(["epoch", "step", "loss", "lr_encoder", "lr_head", "images_per_s", "val_accuracy"])
+        loader = torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=ft.num_workers,
+                                             pin_memory=run.device.type == "cuda", persistent_workers=False)
+        while run.state.epoch < ft.epochs and run.state.step < run.total_steps:
+            run.stream.set_epoch(run.state.epoch)
+            outcome = train_one_epoch(run, loader, log_rows, progress=progress, stop_after_steps=stop_after_steps)
+            skipped = max(skipped, outcome["skipped"])
+            if outcome["stop"] == "nan":
+                raise TrainingError(f"finetune {variant}: {outcome['message']}")
+            if outcome["stop"] == "interrupted":
+                return {"interrupted_at_step": run.state.step}
+            if _end_of_epoch(run, val, log_rows):
+                break
+    if skipped:
+        log.warning("finetune %s: %d training rows were skipped (unreadable shards, see log)", variant, skipped)
+    run.model.load_state_dict(load_checkpoint(run.out_dir / "best.pt")["model"])
+    summary = {"variant": run.arm, "config_fingerprint": run.config_fp, "best_val_accuracy": run.state.best,
+               "epochs": run.state.epoch, "steps": run.state.step, "skipped_rows": skipped}
+    if run.world.is_main:
+        summary.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
+        write_json(run.out_dir / "summary.json", summary)
     return summary
 
 
-def run_finetune(cfg: Config, variants=("original", "masked"), resume: bool = False) -> dict:
-    return {VARIANT_NAMES[v]: train_variant(cfg, v, resume=resume) for v in variants}
+def run_finetune(cfg: Config, variants=IMAGE_VARIANTS, resume: bool = False) -> dict:
+    return {arm_for("finetune", v).name: train_variant(cfg, v, resume=resume) for v in variants}

@@ -1,4 +1,4 @@
-"""One model factory, ``load_model(spec)``, over open_clip (formats.md part B1).
+"""One model factory, ``load_model(spec)``, over open_clip (docs/models.md).
 
 Specs, parsed by ``parse_model_spec``:
 
@@ -13,14 +13,21 @@ Specs, parsed by ``parse_model_spec``:
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
-import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
+import timm
 import torch
+from open_clip.tokenizer import HFTokenizer
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
 
 from ._io import file_sha256, stable_hash
 
@@ -47,6 +54,22 @@ class LoadedModel:
     tag: str  # filesystem-safe name for cache folders
     fingerprint: str  # weights hash + model config
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel, for float (B, 3, H, W) images in [0, 1]."""
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - m) / s
+
+    def to_input(self, pixels: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Shard pixels (uint8, on the device) -> the model's normalised input; no resampling."""
+        x = self.normalise(unit_pixels(pixels))
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+    def preprocess_spec(self) -> dict:
+        """What ``to_input`` does, recorded in every feature cache."""
+        return {"mean": list(self.mean), "std": list(self.std), "size": self.image_size,
+                "input": "uint8 shard pixels / 255, grey repeated to RGB, (x - mean) / std, no resampling"}
+
     def encode_image_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(projected embedding, pre-projection CLS feature or None) for normalised images."""
         visual = self.model.visual
@@ -56,11 +79,30 @@ class LoadedModel:
         return self.model.encode_image(x), None
 
 
+def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> float (B, 3, H, W) in [0, 1]."""
+    x = pixels.float().div_(255)
+    return x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def _private_dir() -> Path:
+    """A folder only this process can write (mkdtemp: mode 0700, unpredictable name), removed at exit.
+
+    open_clip reads model configs from files; a fixed name under a shared /tmp could be created
+    first by another user (with a symlink inside) and make us overwrite the victim's files.
+    """
+    global _PRIVATE
+    if _PRIVATE is None or not _PRIVATE.is_dir():
+        _PRIVATE = Path(tempfile.mkdtemp(prefix="radacx-"))
+        atexit.register(shutil.rmtree, _PRIVATE, ignore_errors=True)
+    return _PRIVATE
+
+
+_PRIVATE: Path | None = None
+
+
 def _register_pico_vit() -> None:
     """A 2-block, 64-wide, patch-32 timm ViT for offline tests and the CPU demo (same TimmModel path)."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
     if "radacx_vit_pico_patch32_224" in timm.list_models("radacx_*"):
         return
 
@@ -107,10 +149,7 @@ def model_tag(spec: str) -> str:
 
 def _register_config(name: str, model_cfg: dict) -> str:
     """Register a model config with open_clip through its public add_model_config (a file)."""
-    import open_clip
-    folder = Path(tempfile.gettempdir()) / f"radacx-open_clip-configs-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{name}.json"
+    path = _private_dir() / f"{name}.json"
     path.write_text(json.dumps(model_cfg))
     open_clip.add_model_config(path)
     return name
@@ -121,7 +160,7 @@ def _text_config_dir(directory: Path | None, hf_model_name: str) -> str:
     if directory is not None and (directory / "config.json").exists():
         return str(directory)
     if "BiomedBERT" in hf_model_name or "PubMedBERT" in hf_model_name:
-        folder = Path(tempfile.gettempdir()) / f"radacx-biomedbert-config-{os.getuid()}"
+        folder = _private_dir() / "biomedbert"
         folder.mkdir(exist_ok=True)
         (folder / "config.json").write_text((DATA / "biomedbert-config.json").read_text())
         return str(folder)
@@ -131,16 +170,18 @@ def _text_config_dir(directory: Path | None, hf_model_name: str) -> str:
                      f"config.json in the model directory to run offline")
 
 
+@contextlib.contextmanager
 def _seeded(seed: int):
-    return torch.random.fork_rng(devices=[])
+    """Seed torch's CPU generator for the block and restore the caller's state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _build(name: str, model_cfg: dict, checkpoint: str | None, seed: int):
-    import open_clip
     _register_pico_vit()
     _register_config(name, model_cfg)
     with _seeded(seed):
-        torch.manual_seed(seed)
         try:
             model = open_clip.create_model(name, pretrained=checkpoint, pretrained_image=False,
                                            pretrained_text=False)
@@ -155,8 +196,6 @@ def _build(name: str, model_cfg: dict, checkpoint: str | None, seed: int):
 
 def load_model(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
     """Resolve ``spec`` to a model, its normalisation and its tokenizer (see module docstring)."""
-    import open_clip
-    from open_clip.tokenizer import HFTokenizer
     kind, ident = parse_model_spec(spec)
     if kind == "tiny":
         cfg = json.loads((DATA / "radacx-tiny.json").read_text())
@@ -220,7 +259,6 @@ def load_model(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") 
         name, _, pretrained = ident.partition("/")
         try:
             with _seeded(seed):
-                torch.manual_seed(seed)
                 model = open_clip.create_model(name, pretrained=pretrained or None).eval()
         except RuntimeError as exc:
             raise ModelError(f"open_clip model {ident!r}: {exc}. Known architectures: "

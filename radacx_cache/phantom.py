@@ -27,9 +27,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ._io import atomic_path, write_json
-from .config import FINDINGS, FINDINGS_ALL
-from .sources.chexmask import encode_rle
-from .sources.mimic import PREFIX, jpg_relpath
+from .config import FINDINGS
+from .sources.chexmask import encode_rle, polygon_mask
+from .sources.mimic import FINDINGS_ALL, PREFIX, jpg_relpath
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,6 @@ def make_anatomy(height: int, width: int, rng: np.random.Generator, *, ctr: floa
                    clip(heart).round().astype(int), cx, half, top, bases[0], bases[1])
 
 
-def _poly(points, shape) -> np.ndarray:
-    canvas = Image.new("L", (shape[1], shape[0]), 0)
-    ImageDraw.Draw(canvas).polygon([tuple(map(int, p)) for p in points], fill=255, outline=255)
-    return np.asarray(canvas) > 0
-
-
 def _blur(arr: np.ndarray, radius: float) -> np.ndarray:
     im = Image.fromarray(np.clip(arr * 255, 0, 255).astype(np.uint8))
     return np.asarray(im.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255
@@ -129,7 +123,7 @@ def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, 
     """Render a frontal radiograph; ``findings`` maps a finding to its strength (0, 0.5 or 1)."""
     shape = (height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    masks = {name: _poly(getattr(anatomy, name), shape) for name in ("right_lung", "left_lung", "heart")}
+    masks = {name: polygon_mask(getattr(anatomy, name), shape) for name in ("right_lung", "left_lung", "heart")}
     img = np.full(shape, 0.04, np.float32)
     body = ((xx - anatomy.cx) / (anatomy.thorax_half * 1.25)) ** 2 < 1
     img[body] = 0.50
@@ -329,9 +323,9 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
             "dicom_id": row["dicom_id"], "Dice RCA (Mean)": quality,
             "Dice RCA (Max)": min(0.97, quality + float(img_rng.uniform(0.02, 0.06))),
             "Landmarks": _landmark_text(points),
-            "Left Lung": encode_rle(_poly(mask_anatomy.left_lung, (height, width))),
-            "Right Lung": encode_rle(_poly(mask_anatomy.right_lung, (height, width))),
-            "Heart": encode_rle(_poly(mask_anatomy.heart, (height, width))),
+            "Left Lung": encode_rle(polygon_mask(mask_anatomy.left_lung, (height, width))),
+            "Right Lung": encode_rle(polygon_mask(mask_anatomy.right_lung, (height, width))),
+            "Heart": encode_rle(polygon_mask(mask_anatomy.heart, (height, width))),
             "Height": height, "Width": width})
     meta = pd.DataFrame(meta_rows)
     labels_df = pd.DataFrame(label_rows)[["subject_id", "study_id", *FINDINGS_ALL]]

@@ -17,9 +17,14 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._io import write_csv, write_json
+from .arms import IMAGE_VARIANTS, arm_for
 from .config import Config
-from .metrics import accuracy as policy_accuracy  # top-1 counted correct when among the positives
+from .features import FeatureCache
+from .metrics import accuracy
+from .models import model_tag
+from .predictions import write_predictions
+from .shardset import open_shards
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +160,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
 
 def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0, refine_steps=4,
-            preprocess="standardize", max_iter=200, max_rows=0, seed=0, score=policy_accuracy) -> dict:
+            preprocess="standardize", max_iter=200, max_rows=0, seed=0, score=accuracy) -> dict:
     """CLIP-protocol search of C on the validation split, warm-started along the path.
 
     With ``max_rows`` > 0 and more training rows than that, the sweep fits a seeded random
@@ -207,63 +212,55 @@ def _split_arrays(feats: np.ndarray, index: pd.DataFrame, target_cols, split: st
     return feats[sel], index.loc[sel, target_cols].to_numpy(np.float32), index[sel]
 
 
-def write_predictions(path, rows: pd.DataFrame, proba: np.ndarray, classes, meta: dict) -> None:
-    df = rows[["dicom_id", "subject_id", "study_id"]].reset_index(drop=True).copy()
-    for j, c in enumerate(classes):
-        df[f"target_{c}"] = rows[f"target_{c}"].to_numpy()
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = proba[:, j]
-    write_csv(path, df)
-    write_json(path.with_suffix(".json"), meta)
+def _train_probe(X: np.ndarray, index, tcols, p, seed: int, name: str) -> tuple[LinearProbe, dict]:
+    """Sweep C on train/val, refit the chosen C on train + val; returns (probe, sweep summary)."""
+    Xtr, Ytr, _ = _split_arrays(X, index, tcols, "train")
+    Xva, Yva, _ = _split_arrays(X, index, tcols, "val")
+    if len(Xva) == 0:
+        raise ValueError("the val split is empty: the C sweep needs validation images")
+    empty = [c[len("target_"):] for c, n in zip(tcols, Ytr.sum(0)) if n == 0]
+    if empty:
+        log.warning("probe %s: no training positives for %s", name, ", ".join(empty))
+    result = sweep_c(Xtr, Ytr, Xva, Yva, c_min_log10=p.c_min_log10, c_max_log10=p.c_max_log10,
+                     refine_steps=p.refine_steps, preprocess=p.preprocess, max_iter=p.max_iter,
+                     max_rows=p.sweep_max_rows, seed=seed)
+    final = result.pop("probe").set_params(C=result["best_c"])
+    final.fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))  # refit on train + val, warm
+    log.info("probe %s: C=%.3g (val acc %.3f, %d fits, %.1fs)", name, result["best_c"],
+             result["val_score"], result["fits"], result["seconds"])
+    return final, result
 
 
 def run_probes(cfg: Config) -> dict:
-    """Train V1 (original) and V2 (masked) and predict both test variants."""
-    from .embed import FeatureCache, feature_path
-    from .models import model_tag
-    from .shards import open_shards
-    shards = open_shards(cfg.work / "shards")
+    """Train V1 (original) and V2 (masked) and predict both test image variants."""
+    work = Workdir(cfg.workdir)
+    shards = open_shards(work.shards_dir)
     classes = shards.target_names
     tcols = [f"target_{c}" for c in classes]
     index = shards.index
     # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
     # here the spec, the shard set and the variant must match, without loading the model again
-    tag = model_tag(cfg.embed.model)
-    caches = {v: FeatureCache(feature_path(cfg, tag, v),
-                              {"model_spec": cfg.embed.model, "shards": shards.fingerprint, "variant": v})
-              for v in ("original", "masked")}
-    for v, cache in caches.items():
-        if not np.array_equal(cache.dicom_id, index["dicom_id"].to_numpy().astype(str)):
-            raise ValueError(f"{cache.path}: rows are not aligned with {shards.root}/index.csv")
+    tag = model_tag(cfg.model.spec)
+    caches = {v: FeatureCache(work.features(tag, v),
+                              {"model_spec": cfg.model.spec, "shards": shards.fingerprint, "variant": v})
+              for v in IMAGE_VARIANTS}
+    for cache in caches.values():
+        cache.check_aligned(shards)
     summary = {}
     p = cfg.probe
-    for name, train_variant in (("V1", "original"), ("V2", "masked")):
-        X = caches[train_variant].get(p.feature)
-        Xtr, Ytr, _ = _split_arrays(X, index, tcols, "train")
-        Xva, Yva, _ = _split_arrays(X, index, tcols, "val")
-        if len(Xva) == 0:
-            raise ValueError("the val split is empty: the C sweep needs validation images")
-        empty = [c for c, n in zip(classes, Ytr.sum(0)) if n == 0]
-        if empty:
-            log.warning("probe %s: no training positives for %s", name, ", ".join(empty))
-        result = sweep_c(Xtr, Ytr, Xva, Yva, c_min_log10=p.c_min_log10, c_max_log10=p.c_max_log10,
-                         refine_steps=p.refine_steps, preprocess=p.preprocess, max_iter=p.max_iter,
-                         max_rows=p.sweep_max_rows, seed=cfg.seed)
-        final = result.pop("probe").set_params(C=result["best_c"])
-        final.fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))  # refit on train + val, warm
-        log.info("probe %s: C=%.3g (val acc %.3f, %d fits, %.1fs)", name, result["best_c"],
-                 result["val_score"], result["fits"], result["seconds"])
-        for test_variant in ("original", "masked"):
+    for train_variant in IMAGE_VARIANTS:
+        name = arm_for("probe", train_variant).name
+        final, result = _train_probe(caches[train_variant].get(p.feature), index, tcols, p, cfg.seed, name)
+        for test_variant in IMAGE_VARIANTS:
             Xte, Yte, rows = _split_arrays(caches[test_variant].get(p.feature), index, tcols, "test")
             proba = final.predict_proba(Xte)
             meta = {"variant": name, "trained_on": train_variant, "tested_on": test_variant,
-                    "model": cfg.embed.model, "model_fingerprint": caches[test_variant].fingerprints["model"],
+                    "model": cfg.model.spec, "model_fingerprint": caches[test_variant].fingerprints["model"],
                     "feature_fingerprints": caches[test_variant].fingerprints,
                     "shards_fingerprint": shards.fingerprint, "probe": {k: v for k, v in result.items()
                                                                          if k != "path"},
                     "config": cfg.to_dict()["probe"]}
-            write_predictions(cfg.work / "predictions" / name / f"{test_variant}.csv", rows, proba,
-                              classes, meta)
-            summary[f"{name}/{test_variant}"] = policy_accuracy(proba, Yte)
+            write_predictions(work.predictions(name, test_variant), rows, proba, classes, meta)
+            summary[f"{name}/{test_variant}"] = accuracy(proba, Yte)
         summary[f"{name}/C"] = result["best_c"]
     return summary

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .config import RenderConfig
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
 
 GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce")
@@ -188,13 +189,15 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
     return np.clip(np.rint(out), 0, 255).astype(np.uint8) if mode == "fill" else out
 
 
-def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int], *, size: int = 224,
-                 mode: str = "boundary", colors: dict | None = None, line_width: int = 2,
-                 alpha: float = 0.35, draft: bool = True, supersample: int = 2) -> dict:
+def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
+                 cfg: RenderConfig | None = None) -> dict:
     """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason."""
-    pixels, reduce, (height, width) = decode_grey(data, size if draft else None)
+    cfg = cfg or RenderConfig()
+    size = cfg.size
+    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None)
     geom = square_geometry(height, width, size, reduce)
-    masks = masks_at(rles, mask_shape, geom, size, supersample)
+    masks = masks_at(rles, mask_shape, geom, size, cfg.mask_supersample)
     original = pad_resize(pixels, geom, size)
-    masked = overlay(original, masks, mode, colors=colors, line_width=line_width, alpha=alpha)
+    masked = overlay(original, masks, cfg.overlay, colors=cfg.colors, line_width=cfg.line_width,
+                     alpha=cfg.fill_alpha)
     return {"original": original, "masked": masked, "masks": masks, "geometry": geom}

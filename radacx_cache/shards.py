@@ -1,4 +1,6 @@
-"""HDF5 shards (schema v1, docs/shard-format.md): parallel writer, validation and reader.
+"""The shard stage: the parallel writer of HDF5 shards (schema v1, docs/shard-format.md).
+
+The format and the reader live in ``shardset.py``; only this module needs joblib and the renderer.
 
 The stage is share-nothing: the parent cuts the cohort into a deterministic plan of contiguous row
 blocks (``<split>-NNNNN.h5``), each joblib task renders one whole block into its own temporary file
@@ -10,9 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -20,21 +22,20 @@ import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from . import __version__
-from ._io import (atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
-                  write_csv, write_json)
-from .config import FINDINGS_ALL, Config
+from ._io import atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash, write_csv, write_json
+from ._version import __version__
+from .cohort_files import load_cohort, read_rle_rows
+from .config import Config, RenderConfig
 from .render import GEOMETRY_FIELDS, RenderError, render_image
+from .shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
 from .sources.chexmask import MASK_NAMES
+from .sources.mimic import FINDINGS_ALL
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
-SCHEMA, SCHEMA_VERSION = "radacx-shard", 1
-VARIANTS = ("original", "masked")
-_FAULT_ENV = "RADACX_FAULT_KILL_SHARD"  # fault injection for the resume tests: worker dies here
-
-
-class ShardError(RuntimeError):
-    """A shard file or folder is invalid, incomplete or was built with another config."""
+# called in the worker with (shard name, temporary path) after a shard is written and before it is
+# renamed into place: the resume tests kill the worker there
+WrittenHook = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,10 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
 
 def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path: str,
                  render_cfg: dict, classes: list, out_dir: str, attrs: dict,
-                 kill_at: str | None = None) -> dict:
+                 on_written: WrittenHook | None = None) -> dict:
     """Render one planned shard (runs in a worker): returns its sidecar record."""
     cap_threads(1)
-    from .cohort import read_rle_rows
+    render = RenderConfig(**render_cfg)
     rles = read_rle_rows(Path(rle_path), task.rows)
     items, kept, rejects = [], [], []
     for rec in records:
@@ -105,10 +106,7 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
             except FileNotFoundError:
                 raise RenderError("JPEG not found") from None
             mask = rles[rec["dicom_id"]]
-            item = render_image(data, mask, mask["shape"], size=render_cfg["size"],
-                                mode=render_cfg["overlay"], colors=render_cfg["colors"],
-                                line_width=render_cfg["line_width"], alpha=render_cfg["fill_alpha"],
-                                draft=render_cfg["draft"], supersample=render_cfg["mask_supersample"])
+            item = render_image(data, mask, mask["shape"], render)
         except RenderError as exc:
             rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})"})
             continue
@@ -117,8 +115,8 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
     out = Path(out_dir) / task.name
     with atomic_path(out) as tmp:
         _write_shard(tmp, items, kept, {**attrs, "split": task.split}, classes)
-        if kill_at == task.name:
-            os._exit(17)  # simulate a worker killed mid-write: the temp file stays behind
+        if on_written is not None:
+            on_written(task.name, tmp)
     sidecar = {"name": task.name, "split": task.split, "fingerprint": task.fingerprint,
                "render_fingerprint": attrs["render_fingerprint"], "render_config": render_cfg,
                "rows": len(kept), "bytes": out.stat().st_size, "sha256": file_sha256(out),
@@ -127,62 +125,28 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
     return sidecar
 
 
-def validate_shard(path: Path, expected: dict | None = None) -> None:
-    """Raise ShardError naming the file and the reason if a shard is unusable."""
-    if not path.exists():
-        raise ShardError(f"{path}: shard file is missing")
-    if expected is not None and path.stat().st_size != expected["bytes"]:
-        raise ShardError(f"{path}: size {path.stat().st_size} != {expected['bytes']} bytes in its "
-                         f"manifest entry (truncated or overwritten)")
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != SCHEMA:
-                raise ShardError(f"{path}: not a {SCHEMA} file (schema attribute {f.attrs.get('schema')!r})")
-            version = int(f.attrs.get("schema_version", -1))
-            if version != SCHEMA_VERSION:
-                raise ShardError(f"{path}: schema_version {version}; this reader understands "
-                                 f"{SCHEMA_VERSION}")
-            n = f["dicom_id"].shape[0]
-            for name in ("original", "masked", "masks", "labels", "geometry", "mask_quality"):
-                if f[name].shape[0] != n:
-                    raise ShardError(f"{path}: dataset {name} has {f[name].shape[0]} rows, dicom_id {n}")
-    except ShardError:
-        raise
-    except Exception as exc:
-        raise ShardError(f"{path}: cannot be read as HDF5 ({exc})") from None
-    if expected is not None and expected.get("sha256") and file_sha256(path) != expected["sha256"]:
-        raise ShardError(f"{path}: sha256 differs from its manifest entry (corrupted)")
-
-
 def _backend_context(cfg: Config):
-    """joblib backend: loky here, or the same tasks on a Dask / Ray cluster."""
+    """joblib backend: loky here, or the same tasks on a Dask cluster (docs/pipeline.md)."""
     backend = cfg.shards.backend
     if backend == "dask":
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client, LocalCluster  # optional: the `dask` extra
         if cfg.shards.dask_scheduler:
             client = Client(cfg.shards.dask_scheduler)
         else:
             client = Client(LocalCluster(n_workers=cfg.shards.n_jobs, threads_per_worker=1,
                                          processes=True, host="127.0.0.1", dashboard_address=None))
         return client, parallel_config(backend="dask")
-    if backend == "ray":
-        try:
-            from ray.util.joblib import register_ray
-        except ImportError:
-            raise ShardError("shards.backend=ray needs Ray: pip install 'ray[default]'") from None
-        register_ray()
-        return None, parallel_config(backend="ray")
     if backend == "sequential":
         return None, parallel_config(backend="sequential")
     return None, parallel_config(backend=backend, n_jobs=cfg.shards.n_jobs)
 
 
-def build_shards(cfg: Config, progress: bool = True) -> dict:
+def build_shards(cfg: Config, progress: bool = True, on_written: WrittenHook | None = None) -> dict:
     """Run (or resume) the shard stage for ``cfg``; returns the manifest."""
-    from .cohort import load_cohort
-    out = cfg.work / "shards"
-    cohort = load_cohort(cfg)  # raises unless the cohort stage finished
-    cohort_fp = read_json(cfg.work / "cohort" / "manifest.json")["fingerprint"]
+    work = Workdir(cfg.workdir)
+    out = work.shards_dir
+    cohort = load_cohort(work)  # raises unless the cohort stage finished
+    cohort_fp = read_json(work.cohort_manifest)["fingerprint"]
     render_fp = render_fingerprint(cfg)
     _refuse_mixing(out, render_fp, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,9 +185,9 @@ def build_shards(cfg: Config, progress: bool = True) -> dict:
         try:
             with context:
                 jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.mimic_root,
-                                              str(cfg.work / "cohort" / "masks-rle.h5"),
-                                              cfg.to_dict()["render"], list(cfg.cohort.classes), str(out),
-                                              attrs, os.environ.get(_FAULT_ENV)) for t in pending)
+                                              str(work.masks_rle), cfg.to_dict()["render"],
+                                              list(cfg.cohort.classes), str(out), attrs, on_written)
+                        for t in pending)
                 bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
                            disable=not progress)
                 for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
@@ -280,143 +244,3 @@ def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict) -> dict:
     write_json(out / "manifest.json", manifest)
     log.info("shards: %d images in %d shards, %d rejected", len(index), len(shards), len(rejects))
     return manifest
-
-
-class ShardSet:
-    """Read access to a finished shard folder (``open_shards``).
-
-    Item access by position (``shards[i]``) or by id (``shards.get(dicom_id)``), split views
-    (``shards.split("test")``), block reads and a torch Dataset view. HDF5 handles are opened
-    lazily per process, so a ShardSet can be handed to DataLoader workers.
-    """
-
-    def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None):
-        self.root = Path(root)
-        mpath = self.root / "manifest.json"
-        if manifest is None:
-            if not mpath.exists():
-                raise ShardError(f"{self.root}: no manifest.json (the shard stage did not finish; "
-                                 f"rerun `radacx shards` to complete it)")
-            manifest = read_json(mpath)
-            if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-                raise ShardError(f"{mpath}: schema {manifest.get('schema')} v{manifest.get('schema_version')}"
-                                 f"; this reader understands {SCHEMA} v{SCHEMA_VERSION}")
-        self.manifest = manifest
-        if index is None:
-            index = pd.read_csv(self.root / "index.csv", dtype={"dicom_id": str})
-        self.index = index.reset_index(drop=True)
-        self._handles: dict = {}
-        self._pid = None
-        self._by_id = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def validate(self, checksum: bool = False) -> None:
-        """Check every shard against the manifest before a long job reads it.
-
-        Size, schema and render config always (cheap); the sha256 too with ``checksum``. Raises
-        ShardError naming the shard and the reason (a truncated file, a shard of another render
-        config copied into the folder, ...).
-        """
-        for entry in self.manifest["shards"]:
-            path = self.root / entry["name"]
-            validate_shard(path, entry if checksum else {**entry, "sha256": None})
-            with h5py.File(path, "r") as f:
-                found = f.attrs.get("render_fingerprint")
-            if found != self.manifest["render_fingerprint"]:
-                raise ShardError(f"{path}: rendered with render config {found}, the folder's manifest says "
-                                 f"{self.manifest['render_fingerprint']}; shards of different configs are "
-                                 f"never mixed (rebuild the folder)")
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None  # h5py handles never cross processes
-        state.pop("_views", None)
-        return state
-
-    @property
-    def target_names(self) -> list[str]:
-        return list(self.manifest["target_names"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def file(self, shard: str) -> h5py.File:
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
-            self._handles[shard] = h5py.File(self.root / shard, "r")
-        return self._handles[shard]
-
-    def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles = {}
-
-    def split(self, name: str) -> "ShardSet":
-        return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.index.iloc[int(i)]
-        f = self.file(row["shard"])
-        r = int(row["row"])
-        out = {name: f[name][r] for name in ("original", "masked", "masks", "labels", "targets",
-                                              "mask_quality", "geometry")}
-        out.update(dicom_id=row["dicom_id"], subject_id=int(row["subject_id"]),
-                   study_id=int(row["study_id"]), split=row["split"])
-        return out
-
-    def get(self, dicom_id: str) -> dict:
-        if self._by_id is None:
-            self._by_id = {d: i for i, d in enumerate(self.index["dicom_id"])}
-        if dicom_id not in self._by_id:
-            raise KeyError(f"dicom_id {dicom_id} is not in {self.root}")
-        return self[self._by_id[dicom_id]]
-
-    def blocks(self, max_rows: int):
-        """(shard, start, stop, index positions): contiguous row runs for bulk reads."""
-        for shard, grp in self.index.groupby("shard", sort=True):
-            rows = grp["row"].to_numpy()
-            pos = grp.index.to_numpy()
-            cut = np.flatnonzero(np.diff(rows) != 1) + 1
-            for r, p in zip(np.split(rows, cut), np.split(pos, cut)):
-                for s in range(0, len(r), max_rows):
-                    yield shard, int(r[s]), int(r[min(s + max_rows, len(r)) - 1]) + 1, p[s:s + max_rows]
-
-    def read(self, shard: str, variant: str, start: int, stop: int) -> np.ndarray:
-        if variant not in VARIANTS + ("masks",):
-            raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
-        return self.file(shard)[variant][start:stop]
-
-    def view(self, shard: str, variant: str) -> np.ndarray:
-        """A read-only memory map of a whole image dataset (zero-copy; opened lazily per process).
-
-        Falls back to reading the dataset when it is chunked or compressed (shards written by
-        other tools).
-        """
-        key = (os.getpid(), shard, variant)
-        cache = self.__dict__.setdefault("_views", {})
-        if key not in cache:
-            ds = self.file(shard)[variant]
-            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
-            if offset is None:
-                cache[key] = ds[:]
-            else:
-                cache[key] = np.memmap(self.root / shard, dtype=ds.dtype, mode="r", offset=offset,
-                                       shape=ds.shape)
-        return cache[key]
-
-    def targets(self) -> np.ndarray:
-        return self.index[[f"target_{n}" for n in self.target_names]].to_numpy(np.float32)
-
-    def torch_dataset(self, variant: str = "original"):
-        from .stream import ShardMapDataset
-        return ShardMapDataset(self, variant)
-
-
-def open_shards(path: str | Path, split: str | None = None) -> ShardSet:
-    """Open a finished shard folder (``<workdir>/shards``)."""
-    shards = ShardSet(path)
-    return shards.split(split) if split else shards

@@ -1,4 +1,6 @@
-"""Streaming access to shards for training: an IterableDataset with exact, resumable partitioning.
+"""Torch access to shards: the training stream, the one in-order reader, a map-style view.
+
+``ShardStream`` (training) is an IterableDataset with exact, resumable partitioning.
 
 The order of an epoch is a pure function of (seed, epoch, consumers, buffer): the split's rows are
 cut into contiguous, chunk-aligned blocks; the block order is shuffled per epoch; consumer ``c`` of
@@ -15,14 +17,9 @@ import math
 import numpy as np
 import torch
 
-from .shards import ShardSet
+from .shardset import ShardSet
 
 log = logging.getLogger(__name__)
-
-
-def make_blocks(shards: ShardSet, block_rows: int) -> list[tuple[str, int, int, np.ndarray]]:
-    """(shard, start, stop, index positions) runs of at most ``block_rows`` rows."""
-    return list(shards.blocks(block_rows))
 
 
 def epoch_block_order(n_blocks: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -99,7 +96,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards, self.variant, self.batch_size = shards, variant, batch_size
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world = rank, world
-        self.blocks = make_blocks(shards, block_rows)
+        self.blocks = list(shards.blocks(block_rows))
         self.sizes = [len(b[3]) for b in self.blocks]
         self.targets = torch.from_numpy(shards.targets())
         self.epoch = 0
@@ -213,21 +210,43 @@ class ShardMapDataset(torch.utils.data.Dataset):
         return torch.from_numpy(pixels), self.targets[int(i)]
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, *, max_rotate_deg: float = 5.0,
-            min_scale: float = 0.9, jitter: float = 0.1) -> torch.Tensor:
-    """Radiograph-safe augmentation on the device: small crop-zoom, rotation, brightness/contrast."""
-    b = x.shape[0]
-    dev = x.device
-    u = torch.rand(b, 4, generator=generator).to(dev)
-    angle = (u[:, 0] * 2 - 1) * math.radians(max_rotate_deg)
-    scale = min_scale + (1 - min_scale) * u[:, 1]
-    shift = (u[:, 2:4] * 2 - 1) * (1 - scale).unsqueeze(1)
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    v = torch.rand(b, 2, generator=generator).to(dev)
-    contrast = 1 + (v[:, 0] * 2 - 1) * jitter
-    bright = (v[:, 1] * 2 - 1) * jitter
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * contrast.view(-1, 1, 1, 1) + mean + bright.view(-1, 1, 1, 1)
+def ordered_runs(shards: ShardSet, batch_size: int, block_rows: int) -> list[tuple[int, tuple]]:
+    """The split in index order as (block number, (shard, start, stop, positions)) runs of at most
+    ``batch_size`` rows; a block is at most ``block_rows`` contiguous rows of one shard."""
+    runs = []
+    for b, (shard, start, stop, pos) in enumerate(shards.blocks(block_rows)):
+        for s in range(start, stop, batch_size):
+            t = min(s + batch_size, stop)
+            runs.append((b, (shard, s, t, pos[s - start:t - start])))
+    return runs
+
+
+class OrderedRuns(torch.utils.data.Dataset):
+    """One item = one run of ``ordered_runs``: a bulk HDF5 read of contiguous rows (uint8 pixels,
+    index positions), so that a DataLoader item is one batch."""
+
+    def __init__(self, shards: ShardSet, variant: str, runs: list[tuple]):
+        if variant not in ("original", "masked"):
+            raise ValueError(f"variant {variant!r}: expected original or masked")
+        self.shards, self.variant, self.runs = shards, variant, runs
+
+    def __len__(self):
+        return len(self.runs)
+
+    def __getitem__(self, i):
+        shard, start, stop, positions = self.runs[i]
+        pixels = self.shards.read(shard, self.variant, start, stop)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(np.array(positions))
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)  # DataLoader workers: two cores thrash otherwise
+
+
+def ordered_loader(shards: ShardSet, variant: str, runs: list[tuple], *, num_workers: int = 0,
+                   pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``OrderedRuns`` (batches already formed, in order)."""
+    return torch.utils.data.DataLoader(
+        OrderedRuns(shards, variant, runs), batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=pin_memory, worker_init_fn=_one_thread if num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if num_workers else None)

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from ._io import atomic_path, stable_hash
+from .arms import IMAGE_VARIANTS
 from .config import Config
+from .features import FeatureCache, cache_fingerprints
+from .metrics import accuracy
+from .models import load_model
+from .predictions import write_predictions
+from .shardset import open_shards
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +56,13 @@ def zeroshot_proba(image_features: np.ndarray, text: np.ndarray, logit_scale: fl
 
 
 def run_zeroshot(cfg: Config) -> dict:
-    from .embed import FeatureCache, cache_fingerprints, feature_path
-    from .models import load_model
-    from .probe import policy_accuracy, write_predictions
-    from .shards import open_shards
-    shards = open_shards(cfg.work / "shards")
-    model = load_model(cfg.embed.model, seed=cfg.seed)
+    work = Workdir(cfg.workdir)
+    shards = open_shards(work.shards_dir)
+    model = load_model(cfg.model.spec, seed=cfg.seed)
     classes = shards.target_names
     prompts = class_prompts(classes, cfg.zeroshot.template, cfg.zeroshot.prompts)
     key = stable_hash({"model": model.fingerprint, "prompts": prompts})
-    cache = cfg.work / "zeroshot" / model.tag / "text.npz"
+    cache = work.zeroshot_text(model.tag)
     text = None
     if cache.exists():
         stored = np.load(cache)
@@ -75,14 +79,13 @@ def run_zeroshot(cfg: Config) -> dict:
     rows = index[test]
     targets = rows[[f"target_{c}" for c in classes]].to_numpy(np.float32)
     summary = {}
-    for variant in ("original", "masked"):
-        feats = FeatureCache(feature_path(cfg, model.tag, variant),
+    for variant in IMAGE_VARIANTS:
+        feats = FeatureCache(work.features(model.tag, variant),
                              cache_fingerprints(model, shards, variant))
         proba = zeroshot_proba(feats.features[test], text, scale)
         meta = {"variant": "Baseline", "tested_on": variant, "model": model.spec,
                 "model_fingerprint": model.fingerprint, "feature_fingerprints": feats.fingerprints,
                 "shards_fingerprint": shards.fingerprint, "prompts": prompts, "logit_scale": scale}
-        write_predictions(cfg.work / "predictions" / "Baseline" / f"{variant}.csv", rows, proba,
-                          classes, meta)
-        summary[f"Baseline/{variant}"] = policy_accuracy(proba, targets)
+        write_predictions(work.predictions("Baseline", variant), rows, proba, classes, meta)
+        summary[f"Baseline/{variant}"] = accuracy(proba, targets)
     return summary

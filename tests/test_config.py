@@ -16,7 +16,9 @@ def test_defaults_and_overrides(tmp_path):
     ("render.overlay=glow", "'render.overlay'"),
     ("shards.n_jobs=two", "'shards.n_jobs': expected an integer"),
     ("cohort.classes=Edema,Flu", "'cohort.classes'"),
-    ("config_version=2", "config_version 2"),
+    ("config_version=3", "config_version 3"),
+    ("shards.rows_per_shard=0", "'shards.rows_per_shard': 0 is below its minimum 1"),
+    ("render.line_width=-2", "'render.line_width'"),
     ("seed", "expected key=value"),
 ])
 def test_config_errors_name_the_key(override, message):
@@ -27,3 +29,12 @@ def test_config_errors_name_the_key(override, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_version_1_configs_are_migrated_to_the_model_and_runtime_sections(tmp_path):
+    path = tmp_path / "v1.yaml"
+    path.write_text("config_version: 1\nembed:\n  model: biomedclip\n  device: cpu\n  precision: bf16\n"
+                    "  batch_size: 7\n")
+    cfg = load_config(path)
+    assert (cfg.model.spec, cfg.runtime.device, cfg.runtime.precision, cfg.embed.batch_size) == (
+        "biomedclip", "cpu", "bf16", 7)

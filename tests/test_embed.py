@@ -8,8 +8,9 @@ from PIL import Image
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.embed import (FeatureCache, FeatureCacheError, cache_fingerprints, embed_variant,
-                                merge_rank_partials)
+from radacx_cache.embed import embed_variant, merge_rank_partials
+from radacx_cache.features import FeatureCache, FeatureCacheError, cache_fingerprints
+from radacx_cache.workdir import Workdir
 from radacx_cache.models import load_model
 
 
@@ -91,7 +92,7 @@ def test_two_ranks_take_disjoint_blocks_and_merge(pipeline, features, tmp_path):
         with h5py.File(p, "r") as f:
             done.append(f["row_done"][:])
     assert not (done[0] & done[1]).any() and (done[0] | done[1]).all()
-    final = merge_rank_partials(tmp_path / "features" / model.tag, "original", 2)
+    final = merge_rank_partials(Workdir(tmp_path), model.tag, "original", 2)
     np.testing.assert_allclose(FeatureCache(final).features,
                                FeatureCache(features["features"]["original"]).features, rtol=1e-5, atol=1e-6)
 

@@ -17,7 +17,7 @@ def cfg_for(pipeline, tmp_path, *extra):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(pipeline, tmp_path):
@@ -64,7 +64,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(finetune, "soft_ce", poisoned)
     with pytest.raises(TrainingError, match="loss is nan"):
         train_variant(cfg, "original", progress=False)
-    ckpt = torch.load(tmp_path / "finetune/original/last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "finetune/original/last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 

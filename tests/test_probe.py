@@ -4,7 +4,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
-from radacx_cache.probe import LinearProbe, policy_accuracy, soft_targets, sweep_c
+from radacx_cache.metrics import accuracy as policy_accuracy
+from radacx_cache.probe import LinearProbe, soft_targets, sweep_c
 
 
 def blobs(n=600, d=20, k=4, seed=0, sep=1.5):

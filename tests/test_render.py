@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from radacx_cache.config import RenderConfig
+
 from radacx_cache.render import (RenderError, boundary, decode_grey, masks_at, overlay, pad_resize,
                                  render_image, sample_grid, square_geometry)
 from radacx_cache.sources.chexmask import decode_rle, encode_rle
@@ -53,8 +55,8 @@ def test_reduced_size_decoding_is_equivalent_at_224():
     img = (127 + 80 * np.sin(xx / 90) * np.cos(yy / 120) + rng.normal(0, 6, xx.shape)).clip(0, 255).astype(np.uint8)
     data = jpeg_bytes(img)
     rle = {k: encode_rle(np.zeros((2400, 2000), bool) | (k == "heart")) for k in COLORS}
-    fast = render_image(data, rle, (2400, 2000), draft=True)
-    full = render_image(data, rle, (2400, 2000), draft=False)
+    fast = render_image(data, rle, (2400, 2000), RenderConfig(draft=True))
+    full = render_image(data, rle, (2400, 2000), RenderConfig(draft=False))
     assert fast["geometry"].decode_reduce == 8 and full["geometry"].decode_reduce == 1
     diff = np.abs(fast["original"].astype(int) - full["original"].astype(int))
     assert diff.mean() < 2.0 and np.percentile(diff, 99) < 8
@@ -78,7 +80,8 @@ def test_sampled_masks_agree_with_full_decode_then_resize():
 def test_overlay_lies_on_the_mask_borders_of_a_real_radiograph():
     data, masks = wikimedia()
     rles = {k: encode_rle(v) for k, v in masks.items()}
-    out = render_image(data, rles, masks["heart"].shape, mode="boundary", colors=COLORS, line_width=2)
+    out = render_image(data, rles, masks["heart"].shape,
+                       RenderConfig(overlay="boundary", colors=COLORS, line_width=2))
     masked, m = out["masked"], out["masks"]
     for i, organ in enumerate(("right_lung", "left_lung", "heart")):
         painted = np.all(masked == COLORS[organ], axis=2)
@@ -108,7 +111,7 @@ def test_lung_masks_of_mhh_radiographs_split_into_sides():
         comps = sorted([labels == a, labels == b], key=lambda c: np.nonzero(c)[1].mean())
         rles = {"right_lung": encode_rle(comps[0]), "left_lung": encode_rle(comps[1]),
                 "heart": encode_rle(np.zeros_like(lungs))}
-        out = render_image(data, rles, lungs.shape, colors=COLORS)
+        out = render_image(data, rles, lungs.shape, RenderConfig(colors=COLORS))
         red = np.nonzero(np.all(out["masked"] == COLORS["right_lung"], axis=2))[1]
         green = np.nonzero(np.all(out["masked"] == COLORS["left_lung"], axis=2))[1]
         assert red.mean() < 112 < green.mean()

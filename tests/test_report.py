@@ -69,7 +69,7 @@ def test_cli_cohort_summary(pipeline, capsys):
 def test_probe_refuses_features_of_other_shards(reported, tmp_path):
     import shutil
     from radacx_cache.config import load_config
-    from radacx_cache.embed import FeatureCacheError
+    from radacx_cache.features import FeatureCacheError
     from radacx_cache.probe import run_probes
     work = reported["cfg"].work
     for part in ("shards", "features"):

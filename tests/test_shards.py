@@ -1,3 +1,5 @@
+import functools
+import os
 import shutil
 
 import h5py
@@ -7,7 +9,10 @@ import pytest
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.shards import _FAULT_ENV, SCHEMA_VERSION, ShardError, build_shards, validate_shard
+from radacx_cache.shards import build_shards
+from radacx_cache.shardset import SCHEMA_VERSION, ShardError, validate_shard
+from radacx_cache.stream import ShardMapDataset
+from radacx_cache.workdir import Workdir
 
 DATASETS = ("original", "masked", "masks", "labels", "targets", "dicom_id", "subject_id", "study_id",
             "mask_quality", "geometry")
@@ -67,7 +72,7 @@ def test_shard_schema_and_reader(pipeline):
         shard = shards.index["shard"].iloc[0]
         np.testing.assert_array_equal(np.asarray(shards.view(shard, variant)),
                                       shards.read(shard, variant, 0, 10 ** 9))
-    ds = shards.torch_dataset("masked")
+    ds = ShardMapDataset(shards, "masked")
     pixels, target = ds[5]
     assert tuple(pixels.shape) == (224, 224, 3) and target.sum() >= 1
     with pytest.raises(KeyError):
@@ -75,11 +80,11 @@ def test_shard_schema_and_reader(pipeline):
 
 
 def test_shard_rows_equal_a_fresh_render(pipeline):
-    from radacx_cache.cohort import load_cohort, read_rle_rows
+    from radacx_cache.cohort_files import load_cohort, read_rle_rows
     from radacx_cache.render import render_image
     cfg = pipeline["cfg"]
     shards = open_shards(cfg.work / "shards")
-    cohort = load_cohort(cfg)
+    cohort = load_cohort(Workdir(cfg.workdir))
     row = cohort[cohort["dicom_id"] == shards.index["dicom_id"].iloc[10]].iloc[0]
     rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row.name])[row["dicom_id"]]
     data = (cfg.archive.mimic_root + "/" + row["path"])
@@ -114,14 +119,18 @@ def test_truncated_shard_is_detected_and_rebuilt(pipeline, tmp_path):
     assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
 
 
-def test_killed_worker_then_rerun_gives_identical_shards(pipeline, tmp_path, monkeypatch):
+def kill_worker_at(victim, name, tmp):
+    """Test hook run in the worker after a shard is written: dies without cleaning up."""
+    if name == victim:
+        os._exit(17)  # a worker killed mid-write: its temporary file stays behind
+
+
+def test_killed_worker_then_rerun_gives_identical_shards(pipeline, tmp_path):
     cfg = clone(pipeline, tmp_path, with_shards=False)
-    monkeypatch.setenv(_FAULT_ENV, "train-00002.h5")
     with pytest.raises(Exception):
-        build_shards(cfg, progress=False)
+        build_shards(cfg, progress=False, on_written=functools.partial(kill_worker_at, "train-00002.h5"))
     assert not (tmp_path / "shards" / "manifest.json").exists()  # nothing committed
     assert not (tmp_path / "shards" / "train-00002.h5").exists()
-    monkeypatch.delenv(_FAULT_ENV)
     build_shards(cfg, progress=False)
     assert not list((tmp_path / "shards").glob(".*.tmp"))
     assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")

@@ -1,4 +1,4 @@
-"""Reader of the CheXmask tables (formats.md, part A section 1).
+"""Reader of the CheXmask tables (docs/archives.md).
 
 RLE convention (CheXmask ``DataPostprocessing/utils.py``): whitespace-separated ``start length``
 pairs, starts 1-based and strictly increasing, over the row-major flattening of a
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw
 
 MASK_COLUMNS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
 MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack in this project
@@ -110,7 +111,6 @@ def parse_landmarks(text) -> dict[str, np.ndarray]:
 
 def polygon_mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Rasterise a closed landmark contour as a filled polygon (how CheXmask masks were made)."""
-    from PIL import Image, ImageDraw
     height, width = shape
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).polygon([tuple(map(int, p)) for p in points], fill=255, outline=255)

@@ -1,4 +1,4 @@
-"""Reader of the MIMIC-CXR-JPG tables and file tree (formats.md, part A section 2)."""
+"""Reader of the MIMIC-CXR-JPG tables and file tree (docs/archives.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +6,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import FINDINGS_ALL
-
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
 SPLIT_VALUES = ("train", "validate", "test")
+# The 14 CheXpert labels of mimic-cxr-2.0.0-chexpert.csv / -negbio.csv, in the file's column order.
+FINDINGS_ALL = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+    "Pneumonia", "Pneumothorax", "Support Devices")
 
 
 def table_path(root: str | Path, name: str) -> Path:

@@ -1,0 +1,38 @@
+"""The experiment arms of Table 1, defined once: name, method, training images, published numbers.
+
+Two words are kept apart throughout the package: an *image variant* is ``original`` or ``masked``
+(how a radiograph is stored in the shards); an *arm* is one row of Table 1 (Baseline, V1-V4), a
+model trained and tested in a given way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_VARIANTS = ("original", "masked")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    method: str  # zeroshot | probe | finetune
+    trained_on: str | None  # image variant of the training images (None: no training)
+    description: str
+    published: tuple[float, float]  # the paper's MIMIC-CXR accuracy on (original, masked) test images
+
+
+ARMS = (
+    Arm("Baseline", "zeroshot", None, "zero-shot BiomedCLIP", (0.2367, 0.3467)),
+    Arm("V1", "probe", "original", "linear head, original", (0.4460, 0.4509)),
+    Arm("V2", "probe", "masked", "linear head, masked", (0.4205, 0.4215)),
+    Arm("V3", "finetune", "original", "encoder + head, original", (0.4005, 0.4039)),
+    Arm("V4", "finetune", "masked", "encoder + head, masked", (0.3484, 0.4318)),
+)
+ARM_BY_NAME = {a.name: a for a in ARMS}
+
+
+def arm_for(method: str, trained_on: str | None) -> Arm:
+    """The arm trained by ``method`` on ``trained_on`` images (e.g. probe + masked -> V2)."""
+    for arm in ARMS:
+        if arm.method == method and arm.trained_on == trained_on:
+            return arm
+    raise KeyError(f"no arm for method {method!r} trained on {trained_on!r}")

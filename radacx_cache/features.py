@@ -1,0 +1,89 @@
+"""The feature cache format (docs/cache-format.md) and its reader, ``FeatureCache``.
+
+``features/<model-tag>/<image-variant>.h5`` holds ``features`` (N, D) (the projected embedding),
+``pre_projection`` (N, W) where the vision tower exposes it, ``dicom_id`` aligned with
+``shards/index.csv``, ``row_done`` and attributes with the fingerprints (model, shard set,
+preprocessing). Written by the embed stage; read by zeroshot and probe.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ._io import stable_hash
+from .shardset import ShardSet
+
+CACHE_SCHEMA = "radacx-features"
+CACHE_VERSION = 1
+
+
+class FeatureCacheError(RuntimeError):
+    """A feature cache does not match what was asked for, or is unreadable."""
+
+
+def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
+    """What a cache of ``model`` over ``shards``' ``variant`` images must record."""
+    return {"model": model.fingerprint, "model_spec": model.spec, "shards": shards.fingerprint,
+            "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
+            "schema_version": CACHE_VERSION}
+
+
+def check_fingerprints(path: Path, expected: dict) -> None:
+    """Raise FeatureCacheError naming each fingerprint of ``path`` that differs from ``expected``."""
+    with h5py.File(path, "r") as f:
+        found = json.loads(f.attrs.get("fingerprints", "{}"))
+    diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if diff:
+        what = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
+        raise FeatureCacheError(f"{path} was built differently ({what}). Delete it to rebuild, or use "
+                                f"the model/shards it was built from.")
+
+
+class FeatureCache:
+    """Read side of a finished cache: features, ids and fingerprints, checked on open."""
+
+    def __init__(self, path: str | Path, expected: dict | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FeatureCacheError(f"{self.path}: no feature cache (run `radacx embed` first)")
+        if expected:
+            check_fingerprints(self.path, expected)
+        with h5py.File(self.path, "r") as f:
+            if f.attrs.get("schema") != CACHE_SCHEMA:
+                raise FeatureCacheError(f"{self.path}: not a {CACHE_SCHEMA} file")
+            self.fingerprints = json.loads(f.attrs["fingerprints"])
+            self.dicom_id = f["dicom_id"][:].astype(str)
+            self.features = f["features"][:]
+            self.pre_projection = f["pre_projection"][:] if "pre_projection" in f else None
+        if not np.isfinite(self.features).all():
+            bad = int((~np.isfinite(self.features)).any(1).sum())
+            raise FeatureCacheError(f"{self.path}: {bad} rows hold NaN/inf features")
+
+    def get(self, kind: str = "features") -> np.ndarray:
+        if kind == "pre_projection" and self.pre_projection is None:
+            raise FeatureCacheError(f"{self.path}: no pre_projection features for this model")
+        return self.features if kind == "features" else self.pre_projection
+
+    def check_aligned(self, shards: ShardSet) -> None:
+        """Rows must be the shard index's rows, in its order."""
+        if not np.array_equal(self.dicom_id, shards.index["dicom_id"].to_numpy().astype(str)):
+            raise FeatureCacheError(f"{self.path}: rows are not aligned with {shards.root}/index.csv")
+
+
+def create_partial(path: Path, fingerprints: dict, model, shards: ShardSet, dim: int, pdim: int) -> None:
+    """An empty cache to be filled row by row (``row_done`` marks the rows written)."""
+    n = len(shards)
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"] = CACHE_SCHEMA
+        f.attrs["schema_version"] = CACHE_VERSION
+        f.attrs["fingerprints"] = json.dumps(fingerprints, sort_keys=True)
+        f.attrs["preprocess"] = json.dumps(model.preprocess_spec())
+        f.attrs["model_spec"] = model.spec
+        f.create_dataset("features", (n, dim), np.float32)
+        if pdim:
+            f.create_dataset("pre_projection", (n, pdim), np.float32)
+        f["dicom_id"] = shards.index["dicom_id"].to_numpy().astype("S44")
+        f.create_dataset("row_done", (n,), bool)

@@ -1,0 +1,102 @@
+"""Figures (PNG): the report's accuracy / AUROC / confusion plots and original-vs-masked montages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import matplotlib
+import numpy as np
+import pandas as pd
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def montage(path: str | Path, png: str | Path, n: int = 8) -> None:
+    """Original (top) vs masked (bottom) images of the first ``n`` rows, with their targets."""
+    with h5py.File(path, "r") as f:
+        n = min(n, f["original"].shape[0])
+        original, masked = f["original"][:n], f["masked"][:n]
+        targets = f["targets"][:n]
+        names = json.loads(f.attrs["target_names"]) if isinstance(f.attrs["target_names"], str) \
+            else list(f.attrs["target_names"])
+    if n == 0:
+        raise ValueError(f"{path}: no rows to show")
+    fig, axes = plt.subplots(2, n, figsize=(2 * n, 4.4), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(original[i], cmap="gray", vmin=0, vmax=255)
+        axes[1, i].imshow(masked[i])
+        title = "\n".join(names[j] for j in np.flatnonzero(targets[i] > 0)) or "-"
+        axes[0, i].set_title(title, fontsize=7)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    axes[0, 0].text(-10, 112, "original", rotation=90, va="center", ha="right", fontsize=8)
+    axes[1, 0].text(-10, 112, "masked", rotation=90, va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def report_figures(out: Path, table: pd.DataFrame, metrics: dict, classes, shards_dir: Path) -> list[str]:
+    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths."""
+    paths = []
+    # original vs masked accuracy with CIs
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(table))
+    for j, (v, color) in enumerate((("original", "#4c72b0"), ("masked", "#dd8452"))):
+        acc = table[f"acc_{v}"].to_numpy()
+        ci = np.array(table[f"ci_{v}"].tolist())
+        ax.bar(x + (j - 0.5) * 0.38, acc, 0.38, color=color, label=f"{v} test images",
+               yerr=[acc - ci[:, 0], ci[:, 1] - acc], capsize=3)
+    ax.scatter(x - 0.19, table["published_original"], marker="_", color="k", s=200, label="published (MIMIC)")
+    ax.scatter(x + 0.19, table["published_masked"], marker="_", color="k", s=200)
+    ax.set_xticks(x, table["variant"])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy on original vs masked test images (95% patient bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    paths.append(str(out / "accuracy.png"))
+    # per-class AUROC
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = list(metrics)
+    width = 0.8 / (2 * len(names))
+    for i, name in enumerate(names):
+        for j, v in enumerate(("original", "masked")):
+            au = np.array(metrics[name][v]["auroc"], float)
+            ax.bar(np.arange(len(classes)) + (2 * i + j - len(names)) * width + width / 2, np.nan_to_num(au),
+                   width, label=f"{name} {v}", alpha=0.9 if v == "original" else 0.55)
+    ax.set_xticks(np.arange(len(classes)), classes, fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("AUROC (one-vs-rest)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6, ncol=len(names))
+    fig.tight_layout()
+    fig.savefig(out / "auroc_per_class.png", dpi=120)
+    plt.close(fig)
+    paths.append(str(out / "auroc_per_class.png"))
+    # confusion matrices (single-positive subset)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), squeeze=False)
+    for i, name in enumerate(names):
+        for j, v in enumerate(("original", "masked")):
+            cm = np.array(metrics[name][v]["confusion_single"], float)
+            cm = cm / cm.sum(1, keepdims=True).clip(1)
+            ax = axes[j, i]
+            ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
+            ax.set_title(f"{name} / {v}", fontsize=8)
+            short = [c[:5] for c in classes]
+            ax.set_xticks(range(len(classes)), short, fontsize=6, rotation=45)
+            ax.set_yticks(range(len(classes)), short, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+    paths.append(str(out / "confusion.png"))
+    # figure 1: original / masked montage of test images
+    shard = sorted(shards_dir.glob("test-*.h5"))
+    if shard:
+        montage(shard[0], out / "figure1_montage.png", n=6)
+        paths.append(str(out / "figure1_montage.png"))
+    return paths

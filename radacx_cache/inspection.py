@@ -1,0 +1,27 @@
+"""``radacx inspect``: what is in a shard or feature file, and a montage of original vs masked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from .figures import montage
+
+
+def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) -> str:
+    path = Path(path)
+    lines = [str(path)]
+    with h5py.File(path, "r") as f:
+        for key, value in sorted(f.attrs.items()):
+            text = str(value)
+            lines.append(f"  @{key} = {text[:120]}{'...' if len(text) > 120 else ''}")
+        for key in f:
+            ds = f[key]
+            lines.append(f"  {key}: {ds.shape} {ds.dtype}")
+        is_shard = "original" in f
+    if png:
+        if not is_shard:
+            raise ValueError(f"{path}: --png needs a shard file (with original/masked images)")
+        montage(path, png, n)
+        lines.append(f"  montage written to {png}")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""The shard format (schema v1, docs/shard-format.md) and its reader: ``ShardSet`` / ``open_shards``.
+
+This module is the read side only (mosaic streaming keeps ``reader.py`` apart from ``writer.py``):
+embed, stream, probe and fine-tune import it and never the writer stage (``shards.py``), joblib
+or the renderer. HDF5 handles are opened lazily per process, so a ShardSet can be handed to
+DataLoader workers (h5py handles cannot cross a fork: pytorch/pytorch#11887).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from ._io import file_sha256, read_json
+from .arms import IMAGE_VARIANTS
+
+SCHEMA, SCHEMA_VERSION = "radacx-shard", 1
+ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
+
+
+class ShardError(RuntimeError):
+    """A shard file or folder is invalid, incomplete or was built with another config."""
+
+
+def validate_shard(path: Path, expected: dict | None = None) -> None:
+    """Raise ShardError naming the file and the reason if a shard is unusable.
+
+    ``expected`` is the shard's manifest (or sidecar) entry: its ``bytes`` are always compared,
+    its ``sha256`` when present and not None.
+    """
+    if not path.exists():
+        raise ShardError(f"{path}: shard file is missing")
+    if expected is not None and path.stat().st_size != expected["bytes"]:
+        raise ShardError(f"{path}: size {path.stat().st_size} != {expected['bytes']} bytes in its "
+                         f"manifest entry (truncated or overwritten)")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("schema") != SCHEMA:
+                raise ShardError(f"{path}: not a {SCHEMA} file (schema attribute {f.attrs.get('schema')!r})")
+            version = int(f.attrs.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                raise ShardError(f"{path}: schema_version {version}; this reader understands "
+                                 f"{SCHEMA_VERSION}")
+            n = f["dicom_id"].shape[0]
+            for name in ROW_DATASETS:
+                if f[name].shape[0] != n:
+                    raise ShardError(f"{path}: dataset {name} has {f[name].shape[0]} rows, dicom_id {n}")
+    except ShardError:
+        raise
+    except Exception as exc:
+        raise ShardError(f"{path}: cannot be read as HDF5 ({exc})") from None
+    if expected is not None and expected.get("sha256") and file_sha256(path) != expected["sha256"]:
+        raise ShardError(f"{path}: sha256 differs from its manifest entry (corrupted)")
+
+
+def row_blocks(index: pd.DataFrame, max_rows: int):
+    """(shard, start, stop, index positions): contiguous row runs of ``index`` for bulk reads."""
+    for shard, grp in index.groupby("shard", sort=True):
+        rows = grp["row"].to_numpy()
+        pos = grp.index.to_numpy()
+        cut = np.flatnonzero(np.diff(rows) != 1) + 1
+        for r, p in zip(np.split(rows, cut), np.split(pos, cut)):
+            for s in range(0, len(r), max_rows):
+                yield shard, int(r[s]), int(r[min(s + max_rows, len(r)) - 1]) + 1, p[s:s + max_rows]
+
+
+class ShardSet:
+    """Read access to a finished shard folder (``open_shards``).
+
+    Item access by position (``shards[i]``) or by id (``shards.get(dicom_id)``), split views
+    (``shards.split("test")``), block reads and zero-copy memory maps. For torch, see
+    ``stream.ShardStream`` (training) and ``stream.ShardMapDataset`` (one image per item).
+    """
+
+    def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None):
+        self.root = Path(root)
+        mpath = self.root / "manifest.json"
+        if manifest is None:
+            if not mpath.exists():
+                raise ShardError(f"{self.root}: no manifest.json (the shard stage did not finish; "
+                                 f"rerun `radacx shards` to complete it)")
+            manifest = read_json(mpath)
+            if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
+                raise ShardError(f"{mpath}: schema {manifest.get('schema')} v{manifest.get('schema_version')}"
+                                 f"; this reader understands {SCHEMA} v{SCHEMA_VERSION}")
+        self.manifest = manifest
+        if index is None:
+            index = pd.read_csv(self.root / "index.csv", dtype={"dicom_id": str})
+        self.index = index.reset_index(drop=True)
+        self._handles: dict = {}
+        self._views: dict = {}
+        self._pid = None
+        self._by_id = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def validate(self, checksum: bool = False) -> None:
+        """Check every shard against the manifest before a long job reads it.
+
+        Size, schema and render config always (cheap); the sha256 too with ``checksum``. Raises
+        ShardError naming the shard and the reason (a truncated file, a shard of another render
+        config copied into the folder, ...).
+        """
+        for entry in self.manifest["shards"]:
+            path = self.root / entry["name"]
+            validate_shard(path, entry if checksum else {**entry, "sha256": None})
+            with h5py.File(path, "r") as f:
+                found = f.attrs.get("render_fingerprint")
+            if found != self.manifest["render_fingerprint"]:
+                raise ShardError(f"{path}: rendered with render config {found}, the folder's manifest says "
+                                 f"{self.manifest['render_fingerprint']}; shards of different configs are "
+                                 f"never mixed (rebuild the folder)")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_views"], state["_pid"] = {}, {}, None  # never across processes
+        return state
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.manifest["target_names"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def file(self, shard: str) -> h5py.File:
+        if self._pid != os.getpid():
+            self._handles, self._views, self._pid = {}, {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = h5py.File(self.root / shard, "r")
+        return self._handles[shard]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles, self._views = {}, {}
+
+    def split(self, name: str) -> "ShardSet":
+        return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index.iloc[int(i)]
+        f = self.file(row["shard"])
+        r = int(row["row"])
+        out = {name: f[name][r] for name in ("original", "masked", "masks", "labels", "targets",
+                                              "mask_quality", "geometry")}
+        out.update(dicom_id=row["dicom_id"], subject_id=int(row["subject_id"]),
+                   study_id=int(row["study_id"]), split=row["split"])
+        return out
+
+    def get(self, dicom_id: str) -> dict:
+        if self._by_id is None:
+            self._by_id = {d: i for i, d in enumerate(self.index["dicom_id"])}
+        if dicom_id not in self._by_id:
+            raise KeyError(f"dicom_id {dicom_id} is not in {self.root}")
+        return self[self._by_id[dicom_id]]
+
+    def blocks(self, max_rows: int):
+        """(shard, start, stop, index positions): contiguous row runs for bulk reads."""
+        return row_blocks(self.index, max_rows)
+
+    def read(self, shard: str, variant: str, start: int, stop: int) -> np.ndarray:
+        if variant not in IMAGE_VARIANTS + ("masks",):
+            raise ValueError(f"variant {variant!r}: expected one of {IMAGE_VARIANTS} or masks")
+        return self.file(shard)[variant][start:stop]
+
+    def view(self, shard: str, variant: str) -> np.ndarray:
+        """A read-only memory map of a whole image dataset (zero-copy; opened lazily per process).
+
+        Falls back to reading the dataset when it is chunked or compressed (shards written by
+        other tools).
+        """
+        ds = self.file(shard)[variant]  # also resets the per-process caches after a fork
+        if (shard, variant) not in self._views:
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            if offset is None:
+                self._views[shard, variant] = ds[:]
+            else:
+                self._views[shard, variant] = np.memmap(self.root / shard, dtype=ds.dtype, mode="r",
+                                                        offset=offset, shape=ds.shape)
+        return self._views[shard, variant]
+
+    def targets(self) -> np.ndarray:
+        return self.index[[f"target_{n}" for n in self.target_names]].to_numpy(np.float32)
+
+
+def open_shards(path: str | Path, split: str | None = None) -> ShardSet:
+    """Open a finished shard folder (``<workdir>/shards``)."""
+    shards = ShardSet(path)
+    return shards.split(split) if split else shards
