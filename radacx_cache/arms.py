@@ -21,7 +21,7 @@ class Arm:
 
 
 ARMS = (
-    Arm("Baseline", "zeroshot", None, "zero-shot BiomedCLIP", (0.2367, 0.3467)),
+    Arm("Baseline", "zeroshot", None, "zero-shot", (0.2367, 0.3467)),
     Arm("V1", "probe", "original", "linear head, original", (0.4460, 0.4509)),
     Arm("V2", "probe", "masked", "linear head, masked", (0.4205, 0.4215)),
     Arm("V3", "finetune", "original", "encoder + head, original", (0.4005, 0.4039)),

@@ -30,11 +30,21 @@ from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 REJECT_COLUMNS = ["id", "stage", "reason"]
-COHORT_VERSION = 1
+COHORT_VERSION = 2  # 2: positive_* and uncertain_* columns
 
 
-def target_columns(classes) -> list[str]:
-    return [f"target_{c}" for c in classes]
+def label_columns(classes) -> list[str]:
+    """target_* (what training fits), positive_* (multi-hot, for metrics), uncertain_* (label -1)."""
+    return [f"{kind}_{c}" for kind in ("target", "positive", "uncertain") for c in classes]
+
+
+def label_matrices(labels: pd.DataFrame, classes, uncertain: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, uncertain) (N, K) float32: positives under the uncertain policy (``ones``: -1 is
+    positive), and where the label table says uncertain (-1), whatever the policy."""
+    values = labels[list(classes)].to_numpy(np.float32)
+    uncertain_as = {"ignore": 0.0, "zeros": 0.0, "ones": 1.0}[uncertain]
+    positive = np.where(values == -1, uncertain_as, np.nan_to_num(values, nan=0.0)) == 1
+    return positive.astype(np.float32), (values == -1).astype(np.float32)
 
 
 def apply_label_policy(labels: pd.DataFrame, classes, uncertain: str, multi_positive: str,
@@ -44,9 +54,7 @@ def apply_label_policy(labels: pd.DataFrame, classes, uncertain: str, multi_posi
     Returns ``(targets, status)``: status 0 = keep, 1 = no positive, 2 = several positives under
     ``single``.
     """
-    values = labels[list(classes)].to_numpy(np.float32)
-    uncertain_as = {"ignore": 0.0, "zeros": 0.0, "ones": 1.0}[uncertain]
-    positive = np.where(values == -1, uncertain_as, np.nan_to_num(values, nan=0.0)) == 1
+    positive = label_matrices(labels, classes, uncertain)[0] > 0
     n_pos = positive.sum(1)
     status = np.where(n_pos == 0, 1, 0)
     targets = positive.astype(np.float32)
@@ -69,8 +77,10 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
     """Split per image, always patient-disjoint.
 
     ``official`` keeps the split file's assignment (checked to be patient-disjoint); ``paper``
-    keeps the official test patients and re-splits the others by patient so that val holds
-    ``val_fraction`` of their images (the paper's 87,574 / 17,514 / 2,045).
+    keeps the official test patients and re-splits the others by patient so that val holds about
+    ``val_fraction`` of their images (train:val about 5:1, as in the paper). The paper's exact
+    87,574 / 17,514 counts come from an image-level ``random_split`` of 105,088 images, which puts
+    patients in both train and val; a patient-disjoint split cannot reproduce them, by design.
     """
     df = pd.DataFrame({"subject": subjects, "official": official})
     per_patient = df.groupby("subject")["official"].nunique()
@@ -117,9 +127,10 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     _reject(rejects, df.loc[status == 1, "dicom_id"],
             f"no positive among {', '.join(policy.classes)} (uncertain={policy.uncertain})")
     _reject(rejects, df.loc[status == 2, "dicom_id"], "several positives (multi_positive=single)")
-    df = df[status == 0].copy()
-    tcols = target_columns(policy.classes)
-    df[tcols] = targets[status == 0]
+    positives, uncertain = label_matrices(df, policy.classes, policy.uncertain)
+    keep = status == 0
+    df = df[keep].copy()
+    df[label_columns(policy.classes)] = np.hstack([targets[keep], positives[keep], uncertain[keep]])
 
     df = df.merge(tables.split[["dicom_id", "split"]], on="dicom_id", how="left")
     _reject(rejects, df.loc[df["split"].isna(), "dicom_id"], "image has no row in the split table")
@@ -196,6 +207,18 @@ def read_archive_tables(cfg: Config) -> ArchiveTables:
                          read_chexmask(cfg.archive.chexmask_csv, ids=frontal_ids))
 
 
+def is_phantom(mimic_root: str | Path) -> bool:
+    """True when the archive is the generated phantom (its phantom.json names this root)."""
+    root = Path(mimic_root).resolve()
+    marker = root.parents[1] / "phantom.json" if len(root.parents) > 1 else None
+    if marker is None or not marker.exists():
+        return False
+    try:
+        return Path(read_json(marker)["mimic_root"]).resolve() == root
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def build_cohort(cfg: Config, progress: bool = True) -> dict:
     """Run the cohort stage; idempotent (a rerun with the same inputs and config is a no-op)."""
     c = cfg.cohort
@@ -206,7 +229,7 @@ def build_cohort(cfg: Config, progress: bool = True) -> dict:
         log.info("cohort: %s is up to date", work.cohort_dir)
         return read_json(work.cohort_manifest)
     df, rejects = select_cohort(read_archive_tables(cfg), c, seed=cfg.seed, labeler=cfg.archive.labeler)
-    cohort = df[COHORT_COLUMNS + target_columns(c.classes)]
+    cohort = df[COHORT_COLUMNS + label_columns(c.classes)]
     rle_hash = write_rle(work.masks_rle, df)
     write_csv(work.cohort_csv, cohort)
     # the fingerprint later stages key on is of the *content*: re-running the cohort on touched but
@@ -223,7 +246,8 @@ def build_cohort(cfg: Config, progress: bool = True) -> dict:
                 "reject_reasons": rejects_df["reason"].str.replace(r"[\d.]+", "N", regex=True)
                 .value_counts().to_dict(), "counts": counts, "classes": list(c.classes),
                 "policy": {"uncertain": c.uncertain, "multi_positive": c.multi_positive,
-                           "split": c.split, "min_mask_quality": c.min_mask_quality}}
+                           "split": c.split, "min_mask_quality": c.min_mask_quality},
+                "synthetic_archive": is_phantom(cfg.archive.mimic_root)}
     write_json(work.cohort_manifest, manifest)  # written last: the commit point
     return manifest
 

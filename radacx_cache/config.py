@@ -49,7 +49,7 @@ class CohortConfig:
     views: list = field(default_factory=lambda: ["PA", "AP"])
     classes: list = field(default_factory=lambda: list(FINDINGS))
     uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
-    multi_positive: Literal["any", "single", "first"] = "any"
+    multi_positive: Literal["any", "single", "first"] = "first"  # the headline (argmax) reading's target
     priority: list = field(default_factory=lambda: list(FINDINGS))
     min_mask_quality: float = 0.7
     split: Literal["official", "paper"] = "paper"
@@ -105,8 +105,10 @@ class ProbeConfig:
     c_min_log10: float = -6.0
     c_max_log10: float = 6.0
     refine_steps: int = _at_least(4, 0)
-    max_iter: int = _at_least(200, 1)
-    sweep_max_rows: int = _at_least(10000, 0)  # sweep C on a subsample of this many train rows (0: all rows)
+    patience: int = _at_least(2, 1)  # grid points in a row below the best before the walk stops
+    max_iter: int = _at_least(500, 1)
+    tol: float = 1e-4  # largest gradient component at convergence (scikit-learn's rule)
+    sweep_max_rows: int = _at_least(0, 0)  # >0: inexact shortcut, search C on a subsample of this many rows
 
 
 @dataclass

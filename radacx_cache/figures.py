@@ -7,7 +7,6 @@ from pathlib import Path
 import h5py
 import matplotlib
 import numpy as np
-import pandas as pd
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,63 +37,76 @@ def montage(path: str | Path, png: str | Path, n: int = 8) -> None:
     plt.close(fig)
 
 
-def report_figures(out: Path, table: pd.DataFrame, metrics: dict, classes, shards_dir: Path) -> list[str]:
-    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths."""
-    paths = []
-    # original vs masked accuracy with CIs
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = np.arange(len(table))
+def accuracy_figure(path: Path, results: dict, refs: dict, published: dict | None) -> None:
+    """Headline accuracy per arm on original vs masked test images, with CIs, chance and majority."""
+    names = list(results)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for j, (v, color) in enumerate((("original", "#4c72b0"), ("masked", "#dd8452"))):
-        acc = table[f"acc_{v}"].to_numpy()
-        ci = np.array(table[f"ci_{v}"].tolist())
-        ax.bar(x + (j - 0.5) * 0.38, acc, 0.38, color=color, label=f"{v} test images",
-               yerr=[acc - ci[:, 0], ci[:, 1] - acc], capsize=3)
-    ax.scatter(x - 0.19, table["published_original"], marker="_", color="k", s=200, label="published (MIMIC)")
-    ax.scatter(x + 0.19, table["published_masked"], marker="_", color="k", s=200)
-    ax.set_xticks(x, table["variant"])
-    ax.set_ylabel("accuracy")
+        ci = np.array([results[n]["ci"][v]["argmax"] for n in names])
+        ax.bar(x + (j - 0.5) * 0.38, ci[:, 0], 0.38, color=color, label=f"{v} test images",
+               yerr=[ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]], capsize=3)
+    ax.axhline(refs["argmax"]["chance"][0], color="grey", ls="--", lw=1, label="chance (uniform)")
+    ax.axhline(refs["argmax"]["majority"][0], color="k", ls=":", lw=1, label="majority class (train)")
+    if published:  # the paper's MIMIC-CXR numbers: only beside results on MIMIC-CXR
+        ax.scatter(x - 0.19, [published[n][0] for n in names], marker="_", color="k", s=200, label="published (MIMIC)")
+        ax.scatter(x + 0.19, [published[n][1] for n in names], marker="_", color="k", s=200)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("accuracy (top-1 = first positive finding)", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy on original vs masked test images (95% patient bootstrap CI)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Accuracy on original vs masked test images (95% patient bootstrap CI)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(str(out / "accuracy.png"))
-    # per-class AUROC
+
+
+def auroc_figure(path: Path, results: dict, classes) -> None:
+    names = list(results)
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    names = list(metrics)
     width = 0.8 / (2 * len(names))
     for i, name in enumerate(names):
         for j, v in enumerate(("original", "masked")):
-            au = np.array(metrics[name][v]["auroc"], float)
+            au = np.array(results[name][v]["auroc"], float)
             ax.bar(np.arange(len(classes)) + (2 * i + j - len(names)) * width + width / 2, np.nan_to_num(au),
                    width, label=f"{name} {v}", alpha=0.9 if v == "original" else 0.55)
     ax.set_xticks(np.arange(len(classes)), classes, fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("AUROC (one-vs-rest)")
+    ax.set_ylabel("AUROC (one-vs-rest, multi-hot positives)", fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=len(names))
     fig.tight_layout()
-    fig.savefig(out / "auroc_per_class.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(str(out / "auroc_per_class.png"))
-    # confusion matrices (single-positive subset)
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), squeeze=False)
+
+
+def confusion_figure(path: Path, results: dict, classes) -> None:
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.6), squeeze=False)
+    short = [c[:5] for c in classes]
     for i, name in enumerate(names):
         for j, v in enumerate(("original", "masked")):
-            cm = np.array(metrics[name][v]["confusion_single"], float)
+            cm = np.array(results[name][v]["confusion"], float)
             cm = cm / cm.sum(1, keepdims=True).clip(1)
             ax = axes[j, i]
             ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
             ax.set_title(f"{name} / {v}", fontsize=8)
-            short = [c[:5] for c in classes]
             ax.set_xticks(range(len(classes)), short, fontsize=6, rotation=45)
             ax.set_yticks(range(len(classes)), short, fontsize=6)
+    fig.supylabel("target: first positive finding", fontsize=8)
+    fig.supxlabel("top-1 prediction (rows normalised)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(str(out / "confusion.png"))
-    # figure 1: original / masked montage of test images
+
+
+def report_figures(out: Path, results: dict, refs: dict, classes, shards_dir: Path, *, published: bool,
+                   published_values: dict) -> list[str]:
+    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths."""
+    accuracy_figure(out / "accuracy.png", results, refs, published_values if published else None)
+    auroc_figure(out / "auroc_per_class.png", results, classes)
+    confusion_figure(out / "confusion.png", results, classes)
+    paths = [str(out / n) for n in ("accuracy.png", "auroc_per_class.png", "confusion.png")]
     shard = sorted(shards_dir.glob("test-*.h5"))
     if shard:
         montage(shard[0], out / "figure1_montage.png", n=6)

@@ -283,7 +283,7 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     """Validate, keep the best checkpoint, save ``last.pt``; True when early stopping says stop."""
     state = run.state
     val_acc = accuracy(evaluate(run.model, val, run.variant, run.lm, run.device, run.dtype,
-                                run.cfg.finetune.batch_size), val.targets())
+                                run.cfg.finetune.batch_size), val.positives())  # the headline reading
     state.history.append({"epoch": state.epoch, "val_accuracy": val_acc})
     log_rows.writerow([state.epoch, state.step, "", "", "", "", f"{val_acc:.5f}"])
     log.info("finetune %s: epoch %d val accuracy %.4f", run.variant, state.epoch, val_acc)
@@ -315,7 +315,7 @@ def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) ->
                 "shards_fingerprint": shards_fingerprint, "checkpoint": str(run.out_dir / "best.pt"),
                 "config_fingerprint": run.config_fp, "history": run.state.history}
         write_predictions(work.predictions(run.arm, test_variant), test.index, proba, run.classes, meta)
-        out[f"test_{test_variant}"] = accuracy(proba, test.targets())
+        out[f"test_{test_variant}"] = accuracy(proba, test.positives())
     return out
 
 

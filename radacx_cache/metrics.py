@@ -1,84 +1,202 @@
-"""Metrics for the five-finding task, with patient-level bootstrap confidence intervals.
+"""Metrics for the five-finding task, with patient-level bootstrap confidence intervals (docs/metrics.md).
 
-Accuracy follows the cohort's label policy: the top-1 prediction is correct when it is among the
-image's positive classes (with ``single``/``first`` targets there is exactly one). Strict
-single-label metrics (accuracy, balanced accuracy, confusion matrix) use the single-positive
-subset. AUROC is one-vs-rest per class and undefined (NaN, reported as such) for a class with no
-positives or no negatives in the test set.
+Three readings of "accuracy" for multi-label images, each a mean of per-image correctness:
+
+- ``argmax`` (the headline, paper-comparable): the top-1 prediction equals the *first* positive
+  finding in the class order (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).
+  Chance is 1/K; the only reading consistent with the paper's published figures.
+- ``any``: the top-1 prediction is among the image's positive findings (a constant guess of the
+  most frequent finding scores high on multi-positive labels).
+- ``single``: the top-1 prediction equals the finding, on images with exactly one positive.
+
+Per-class AUROC and F1 use the multi-hot positives and the label policy's treatment of uncertain
+labels: under ``ignore`` an uncertain entry is left out of that class's metric; under ``zeros`` and
+``ones`` the cohort already made it a negative / a positive.
 """
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+READINGS = ("argmax", "any", "single")
+READING_TEXT = {
+    "argmax": "top-1 = the first positive finding in class order (paper-comparable)",
+    "any": "top-1 among the image's positive findings",
+    "single": "top-1 = the finding, images with exactly one positive only",
+}
 
-def accuracy(proba: np.ndarray, targets: np.ndarray) -> float:
+
+def first_positive(positives: np.ndarray) -> np.ndarray:
+    """The argmax reading's target: the first positive class of each row (class order)."""
+    return (np.asarray(positives) > 0).argmax(1)
+
+
+def correctness(pred: np.ndarray, positives: np.ndarray, reading: str = "argmax") -> tuple[np.ndarray, np.ndarray]:
+    """Per-image correctness (N,) float and the images the reading counts (N,) bool."""
+    pos = np.asarray(positives) > 0
+    pred = np.asarray(pred)
+    rows = np.arange(len(pred))
+    if reading == "argmax":
+        return (pred == first_positive(pos)).astype(float), pos.any(1)
+    if reading == "any":
+        return pos[rows, pred].astype(float), pos.any(1)
+    if reading == "single":
+        return (pred == first_positive(pos)).astype(float), pos.sum(1) == 1
+    raise ValueError(f"accuracy reading {reading!r}: expected one of {READINGS}")
+
+
+def accuracy(proba: np.ndarray, positives: np.ndarray, reading: str = "argmax") -> float:
+    """Accuracy of ``proba`` (N, K) under ``reading`` (the headline ``argmax`` by default)."""
     if len(proba) == 0:
         return float("nan")
-    return float(np.mean(targets[np.arange(len(proba)), proba.argmax(1)] > 0))
+    values, mask = correctness(np.asarray(proba).argmax(1), positives, reading)
+    return float(values[mask].mean()) if mask.any() else float("nan")
 
 
-def per_class_auroc(proba: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    out = np.full(targets.shape[1], np.nan)
-    for k in range(targets.shape[1]):
-        y = targets[:, k] > 0
+def accuracy_argmax(proba, positives) -> float:
+    return accuracy(proba, positives, "argmax")
+
+
+def accuracy_any(proba, positives) -> float:
+    return accuracy(proba, positives, "any")
+
+
+# ---------------------------------------------------------------- reference rows
+def reference_correctness(train_positives: np.ndarray, test_positives: np.ndarray, reading: str) -> dict:
+    """Expected per-image correctness of doing nothing useful, on the test images, per reading:
+    ``chance`` (a uniform random class), ``majority`` (always the train split's most frequent target
+    under this reading) and ``prior`` (a random class drawn with the train split's target frequencies)."""
+    tr, te = np.asarray(train_positives) > 0, np.asarray(test_positives) > 0
+    k = tr.shape[1]
+    if reading == "any":
+        prior = tr.sum(0) / max(1, tr.sum())
+        majority = int(tr.sum(0).argmax())
+        chance = te.sum(1) / k
+        by_prior = (te * prior).sum(1)
+    else:
+        rows = tr.sum(1) == 1 if reading == "single" else tr.any(1)
+        prior = np.bincount(first_positive(tr[rows]), minlength=k) / max(1, rows.sum())
+        majority = int(prior.argmax())
+        target = first_positive(te)
+        chance = np.full(len(te), 1.0 / k)
+        by_prior = prior[target]
+    values_major, _ = correctness(np.full(len(te), majority), te, reading)
+    _, mask = correctness(np.zeros(len(te), int), te, reading)
+    return {"chance": (chance, mask), "majority": (values_major, mask), "prior": (by_prior, mask),
+            "majority_class": majority, "prior_frequencies": prior.tolist()}
+
+
+# ---------------------------------------------------------------- per-class and summary metrics
+def _class_rows(positives, uncertain, k: int, policy: str) -> np.ndarray:
+    if uncertain is None or policy != "ignore":
+        return np.ones(len(positives), bool)
+    return ~(np.asarray(uncertain)[:, k] > 0)
+
+
+def per_class_auroc(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None = None,
+                    policy: str = "ignore") -> np.ndarray:
+    """One-vs-rest AUROC per class (NaN where a class has no positives or no negatives)."""
+    out = np.full(positives.shape[1], np.nan)
+    for k in range(positives.shape[1]):
+        keep = _class_rows(positives, uncertain, k, policy)
+        y = positives[keep, k] > 0
         if 0 < y.sum() < len(y):
-            out[k] = roc_auc_score(y, proba[:, k])
+            out[k] = roc_auc_score(y, proba[keep, k])
     return out
 
 
-def evaluate(proba: np.ndarray, targets: np.ndarray) -> dict:
+def per_class_f1(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None = None,
+                 policy: str = "ignore") -> np.ndarray:
+    """F1 of "top-1 is class k" against "class k is positive", per class."""
+    pred = proba.argmax(1)
+    out = np.zeros(positives.shape[1])
+    for k in range(positives.shape[1]):
+        keep = _class_rows(positives, uncertain, k, policy)
+        out[k] = f1_score(positives[keep, k] > 0, pred[keep] == k, zero_division=0)
+    return out
+
+
+def evaluate(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None = None,
+             policy: str = "ignore") -> dict:
     """All point metrics for one prediction set."""
     pred = proba.argmax(1)
-    k = targets.shape[1]
-    single = (targets > 0).sum(1) == 1
-    true_single = targets[single].argmax(1)
-    auroc = per_class_auroc(proba, targets)
-    pred_onehot = np.eye(k)[pred]
+    k = positives.shape[1]
+    target = first_positive(positives)
+    auroc = per_class_auroc(proba, positives, uncertain, policy)
+    f1 = per_class_f1(proba, positives, uncertain, policy)
+    single = (positives > 0).sum(1) == 1
     return {
-        "n": int(len(proba)),
-        "accuracy": accuracy(proba, targets),
-        "n_single": int(single.sum()),
-        "accuracy_single": float(np.mean(pred[single] == true_single)) if single.any() else float("nan"),
-        "balanced_accuracy_single": float(balanced_accuracy_score(true_single, pred[single]))
-        if single.any() else float("nan"),
+        "n": int(len(proba)), "n_single": int(single.sum()),
+        **{f"accuracy_{r}": accuracy(proba, positives, r) for r in READINGS},
+        "balanced_accuracy": float(balanced_accuracy_score(target, pred)) if len(pred) else float("nan"),
         "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
-        "auroc": auroc.tolist(),
-        "macro_f1": float(f1_score(targets > 0, pred_onehot > 0, average="macro", zero_division=0)),
-        "confusion_single": confusion_matrix(true_single, pred[single], labels=list(range(k))).tolist(),
+        "auroc": auroc.tolist(), "macro_f1": float(f1.mean()), "f1": f1.tolist(),
+        "confusion": confusion_matrix(target, pred, labels=list(range(k))).tolist(),
     }
 
 
-def _patient_resamples(patients: np.ndarray, n_boot: int, seed: int):
-    """Index arrays of bootstrap samples drawn by patient (all images of a drawn patient)."""
+# ---------------------------------------------------------------- patient bootstrap
+def patient_weights(patients: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_boot, P) draw counts of each patient per bootstrap replicate, and each image's patient."""
     uniq, inverse = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        draw = rng.integers(0, len(uniq), len(uniq))
-        yield np.concatenate([members[i] for i in draw])
+    p = len(uniq)
+    draws = np.random.default_rng(seed).integers(0, p, (n_boot, p))
+    counts = np.bincount((draws + p * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * p)
+    return counts.reshape(n_boot, p).astype(float), inverse
 
 
-def bootstrap_ci(proba, targets, patients, *, metric=accuracy, n_boot=1000, seed=0, alpha=0.05):
-    """(point, low, high) of ``metric`` with a percentile CI resampled by patient."""
-    point = metric(proba, targets)
-    vals = np.array([metric(proba[i], targets[i]) for i in _patient_resamples(patients, n_boot, seed)])
-    vals = vals[np.isfinite(vals)]
-    if len(vals) == 0:
+def _replicates(values, mask, patients, n_boot, seed):
+    weights, inverse = patient_weights(patients, n_boot, seed)
+    mask = np.asarray(mask, float)
+    sums = np.bincount(inverse, np.asarray(values, float) * mask, minlength=weights.shape[1])
+    counts = np.bincount(inverse, mask, minlength=weights.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ sums) / (weights @ counts)
+
+
+def bootstrap_mean(values, mask, patients, *, n_boot=1000, seed=0, alpha=0.05) -> tuple[float, float, float]:
+    """(point, low, high): the masked mean of per-image ``values`` with a percentile CI, resampled by patient."""
+    mask = np.asarray(mask, bool)
+    point = float(np.asarray(values)[mask].mean()) if mask.any() else float("nan")
+    reps = _replicates(values, mask, patients, n_boot, seed)
+    reps = reps[np.isfinite(reps)]
+    if len(reps) == 0:
         return point, float("nan"), float("nan")
-    return point, float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+    return point, float(np.quantile(reps, alpha / 2)), float(np.quantile(reps, 1 - alpha / 2))
 
 
-def paired_bootstrap(proba_a, proba_b, targets, patients, *, metric=accuracy, n_boot=1000, seed=0,
-                     alpha=0.05) -> dict:
-    """Difference ``metric(b) - metric(a)`` on the same images, resampled by patient.
+def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0, alpha=0.05) -> dict:
+    """``mean(b) - mean(a)`` over the same images, resampled by patient; two-sided p.
 
-    The p-value is two-sided: twice the smaller tail mass of the bootstrap differences at 0.
+    p is twice the smaller share of bootstrap differences on either side of 0 (capped at 1);
+    ``p_below`` is True when no replicate reached 0, i.e. p < 1 / n_boot.
     """
-    diff = metric(proba_b, targets) - metric(proba_a, targets)
-    vals = np.array([metric(proba_b[i], targets[i]) - metric(proba_a[i], targets[i])
-                     for i in _patient_resamples(patients, n_boot, seed)])
-    p = 2 * min(np.mean(vals <= 0), np.mean(vals >= 0))
-    return {"diff": float(diff), "low": float(np.quantile(vals, alpha / 2)),
-            "high": float(np.quantile(vals, 1 - alpha / 2)), "p_value": float(min(1.0, p)),
-            "n_boot": n_boot}
+    mask = np.asarray(mask, bool)
+    delta = np.asarray(values_b, float) - np.asarray(values_a, float)
+    diff = float(delta[mask].mean()) if mask.any() else float("nan")
+    reps = _replicates(delta, mask, patients, n_boot, seed)
+    reps = reps[np.isfinite(reps)]
+    p = float(min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0)))) if len(reps) else float("nan")
+    return {"diff": diff, "low": float(np.quantile(reps, alpha / 2)), "high": float(np.quantile(reps, 1 - alpha / 2)),
+            "p_value": p, "p_below": bool(p == 0.0), "n_boot": n_boot}
+
+
+def bootstrap_ci(proba, positives, patients, *, reading="argmax", n_boot=1000, seed=0, alpha=0.05):
+    """(point, low, high) of the accuracy under ``reading``, resampled by patient."""
+    values, mask = correctness(np.asarray(proba).argmax(1), positives, reading)
+    return bootstrap_mean(values, mask, patients, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def paired_bootstrap(proba_a, proba_b, positives, patients, *, reading="argmax", n_boot=1000, seed=0,
+                     alpha=0.05) -> dict:
+    """Accuracy of ``proba_b`` minus that of ``proba_a`` on the same images, resampled by patient."""
+    va, mask = correctness(np.asarray(proba_a).argmax(1), positives, reading)
+    vb, _ = correctness(np.asarray(proba_b).argmax(1), positives, reading)
+    return paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def format_p(p: float, n_boot: int) -> str:
+    """p for a table: ``< 1/B`` when no bootstrap replicate crossed 0."""
+    if not np.isfinite(p):
+        return "n/a"
+    return f"< 1/{n_boot}" if p == 0 else f"{p:.3f}"

@@ -140,6 +140,17 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
                      f"openclip:NAME[/PRETRAINED], nor an existing directory")
 
 
+def describe_spec(spec: str) -> str:
+    """What a report row should call the model, e.g. ``tiny model (random weights)``."""
+    try:
+        kind, ident = parse_model_spec(spec)
+    except ModelError:
+        return spec
+    return {"tiny": "tiny model (random weights)", "biomedclip-random": "BiomedCLIP architecture (random weights)",
+            "hub": "BiomedCLIP" if ident == BIOMEDCLIP_HUB else ident,
+            "dir": f"{Path(ident).name} (local weights)"}.get(kind, ident)
+
+
 def model_tag(spec: str) -> str:
     """The feature-cache folder name of a spec (a directory's own name), without loading it."""
     kind, ident = parse_model_spec(spec)

@@ -1,128 +1,237 @@
-"""The results table (the paper's Table 1) with CIs, per-class metrics and figures.
+"""The report stage: Table 1 (the paper's), reference rows, both paired effects, Table 2, figures.
 
-Reads ``predictions/<variant>/<original|masked>.csv`` (written by zeroshot, probe and finetune)
-and writes ``results/table1.{md,csv,json,tex}``, ``results/metrics.json`` and PNG figures.
+Reads every arm's prediction files (``predictions/<arm>/<image-variant>.csv``), checks each is
+complete for the current shards, and writes ``results/table1.{md,tex,csv,json}``,
+``results/metrics.json``, ``results/per_class_auroc.csv`` and PNG figures. The markdown and LaTeX
+tables are rendered from one list of sections, so they carry the same numbers (docs/metrics.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pandas as pd
 
 from ._io import atomic_path, read_json, write_csv, write_json
-from .arms import ARMS, IMAGE_VARIANTS
+from .arms import ARMS, IMAGE_VARIANTS, Arm
 from .config import Config
 from .figures import report_figures
-from .metrics import bootstrap_ci, evaluate, paired_bootstrap
-from .predictions import load_predictions
+from .metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evaluate, format_p,
+                      paired_difference, reference_correctness)
+from .models import describe_spec
+from .predictions import PredictionError, Predictions, check_complete, load_predictions
+from .shardset import ShardSet, open_shards
+from .tables import Section, render_latex, render_markdown
 from .workdir import Workdir
 
 log = logging.getLogger(__name__)
+REFERENCES = (("chance", "uniform random class"),
+              ("majority", "always the train split's most frequent target"),
+              ("prior", "random class drawn with the train split's target frequencies"))
+POLICY_TEXT = {
+    "uncertain": {"ignore": "uncertain (-1) labels are neither positive nor negative: they do not make an image "
+                            "eligible and are left out of that class's AUROC and F1",
+                  "zeros": "uncertain (-1) labels count as negative", "ones": "uncertain (-1) labels count as positive"},
+    "multi_positive": {"any": "images with several positive findings are kept (training target: the "
+                              "normalised multi-hot vector)",
+                       "single": "only images with exactly one positive finding are kept",
+                       "first": "images with several positives are kept (training target: the first "
+                                "positive in the priority order)"},
+    "split": {"paper": "patient-level split: the official test split kept, the other patients split "
+                       "train:val about 5:1 (seeded)",
+              "official": "the official patient-level split"},
+}
 
 
-def _fmt(point, low, high):
+def _ci(point, low, high) -> str:
     return "n/a" if not np.isfinite(point) else f"{point:.4f} [{low:.3f}, {high:.3f}]"
 
 
-def _arm_result(arm, work: Workdir, n_boot: int, seed: int) -> tuple[dict, dict, list] | None:
-    """(table row, metrics, classes) of one arm from its two prediction files, or None if absent."""
+def _diff(d: dict) -> str:
+    return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def load_arm(arm: Arm, work: Workdir, shards: ShardSet, notes: list) -> dict[str, Predictions] | None:
+    """Both test variants' predictions of ``arm``, checked complete for the current shards; None
+    (with a note) when the arm has not run, or ran on another shard set."""
     paths = {v: work.predictions(arm.name, v) for v in IMAGE_VARIANTS}
     if not all(p.exists() for p in paths.values()):
         log.info("report: no predictions for %s yet; row left out", arm.name)
         return None
-    orig, masked = (load_predictions(paths[v]) for v in IMAGE_VARIANTS)
-    if orig.classes != masked.classes or not orig.frame["dicom_id"].equals(masked.frame["dicom_id"]):
-        raise ValueError(f"{arm.name}: original and masked predictions are not over the same test images")
-    patients = orig.frame["subject_id"].to_numpy()
-    cis = {v: bootstrap_ci(p.proba, p.targets, patients, n_boot=n_boot, seed=seed)
-           for v, p in (("original", orig), ("masked", masked))}
-    paired = paired_bootstrap(orig.proba, masked.proba, orig.targets, patients, n_boot=n_boot, seed=seed)
-    metrics = {"description": arm.description, "original": evaluate(orig.proba, orig.targets),
-               "masked": evaluate(masked.proba, masked.targets),
-               "ci": {v: list(c) for v, c in cis.items()}, "masked_minus_original": paired,
-               "provenance": {v: {k: p.meta.get(k) for k in ("model", "model_fingerprint", "feature_fingerprints",
-                                                              "shards_fingerprint", "checkpoint")}
-                              for v, p in (("original", orig), ("masked", masked))}}
-    row = {"variant": arm.name, "description": arm.description,
-           "acc_original": cis["original"][0], "ci_original": cis["original"][1:],
-           "acc_masked": cis["masked"][0], "ci_masked": cis["masked"][1:],
-           "diff": paired["diff"], "p_value": paired["p_value"],
-           "macro_auroc_original": metrics["original"]["macro_auroc"],
-           "macro_auroc_masked": metrics["masked"]["macro_auroc"],
-           "published_original": arm.published[0], "published_masked": arm.published[1], "n_test": len(orig.proba),
-           **{f"{key}_{v}": metrics[v][key] for v in IMAGE_VARIANTS
-              for key in ("accuracy_single", "balanced_accuracy_single", "macro_f1")}}
-    return row, metrics, orig.classes
+    test = shards.split("test")
+    loaded = {v: load_predictions(p) for v, p in paths.items()}
+    for pred in loaded.values():
+        made_from = pred.meta.get("shards_fingerprint")
+        if made_from != shards.fingerprint:
+            notes.append(f"{arm.name} left out: its predictions were made from shard set {made_from}, the "
+                         f"current one is {shards.fingerprint} (rerun the stage that writes {arm.name}).")
+            log.warning("report: %s", notes[-1])
+            return None
+        check_complete(pred, test.index["dicom_id"], shards.fingerprint, shards.target_names)
+        # the report scores in the shards' order, whatever order the file is in
+        order = pd.Index(pred.frame["dicom_id"].astype(str)).get_indexer(test.index["dicom_id"].astype(str))
+        pred.frame, pred.proba = pred.frame.iloc[order].reset_index(drop=True), pred.proba[order]
+        pred.positives, pred.uncertain = test.positives(), test.uncertain()
+    return loaded
 
 
-def _write_tables(out, table: pd.DataFrame, metrics: dict, classes, provenance: dict) -> str:
-    md = _markdown(table, provenance)
-    with atomic_path(out / "table1.md") as tmp:
-        tmp.write_text(md)
-    flat = table.assign(ci_original=table["ci_original"].map(lambda c: f"{c[0]:.4f}-{c[1]:.4f}"),
-                        ci_masked=table["ci_masked"].map(lambda c: f"{c[0]:.4f}-{c[1]:.4f}"))
-    write_csv(out / "table1.csv", flat)
-    write_json(out / "table1.json", {"rows": flat.to_dict("records"), "provenance": provenance})
-    with atomic_path(out / "table1.tex") as tmp:
-        tmp.write_text(_latex(table))
-    write_json(out / "metrics.json", {"classes": classes, "variants": metrics, "provenance": provenance})
-    per_class = pd.DataFrame([{"variant": name, "tested_on": v, "class": c, "auroc": metrics[name][v]["auroc"][k]}
-                              for name in metrics for v in IMAGE_VARIANTS for k, c in enumerate(classes)])
-    write_csv(out / "per_class_auroc.csv", per_class)
-    return md
+def _correct(pred: Predictions, reading: str):
+    return correctness(pred.proba.argmax(1), pred.positives, reading)
+
+
+def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: int) -> dict:
+    """Point metrics, CIs of every reading and the masked - original difference, per arm."""
+    patients = shards.split("test").index["subject_id"].to_numpy()
+    out = {}
+    for name, preds in arms.items():
+        res = {v: evaluate(p.proba, p.positives, p.uncertain, policy) for v, p in preds.items()}
+        res["ci"] = {v: {r: bootstrap_mean(*_correct(p, r), patients, n_boot=n_boot, seed=seed) for r in READINGS}
+                     for v, p in preds.items()}
+        va, mask = _correct(preds["original"], "argmax")
+        vb, _ = _correct(preds["masked"], "argmax")
+        res["masked_minus_original"] = paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)
+        res["provenance"] = {v: {k: p.meta.get(k) for k in ("model", "model_fingerprint", "feature_fingerprints",
+                                                             "shards_fingerprint", "checkpoint")}
+                             for v, p in preds.items()}
+        out[name] = res
+    return out
+
+
+def training_effects(arms: dict, shards: ShardSet, n_boot: int, seed: int) -> list[dict]:
+    """The paper's first claim: masked-trained minus original-trained arm, per test image variant."""
+    patients = shards.split("test").index["subject_id"].to_numpy()
+    out = []
+    for a, b in (("V1", "V2"), ("V3", "V4")):
+        if a in arms and b in arms:
+            for v in IMAGE_VARIANTS:
+                va, mask = _correct(arms[a][v], "argmax")
+                vb, _ = _correct(arms[b][v], "argmax")
+                out.append({"comparison": f"{b} − {a}", "test_images": v,
+                            **paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)})
+    return out
+
+
+def references(shards: ShardSet, classes, n_boot: int, seed: int) -> dict:
+    """Chance, majority and prior rows on the test images, per reading, with CIs."""
+    train, test = shards.split("train"), shards.split("test")
+    patients = test.index["subject_id"].to_numpy()
+    out = {}
+    for reading in READINGS:
+        ref = reference_correctness(train.positives(), test.positives(), reading)
+        out[reading] = {name: bootstrap_mean(*ref[name], patients, n_boot=n_boot, seed=seed) for name, _ in REFERENCES}
+        out[reading]["majority_class"] = classes[ref["majority_class"]]
+    return out
+
+
+def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic) -> list[Section]:
+    pub_head = "Published orig. / masked (MIMIC-CXR)"
+    t1 = Section("Table 1: accuracy on original vs masked test images",
+                 ["Arm", "Description", "Original [95% CI]", "Masked [95% CI]", "Masked − original [95% CI]",
+                  "p", pub_head])
+    for arm in ARMS:
+        if arm.name in results:
+            r = results[arm.name]
+            d = r["masked_minus_original"]
+            t1.rows.append([arm.name, descriptions[arm.name], _ci(*r["ci"]["original"]["argmax"]),
+                            _ci(*r["ci"]["masked"]["argmax"]), _diff(d), format_p(d["p_value"], n_boot),
+                            f"{arm.published[0]:.4f} / {arm.published[1]:.4f}"])
+    for name, text in REFERENCES:
+        if name == "majority":
+            text = f"always {refs['argmax']['majority_class']} ({text})"
+        t1.rows.append([name, text, _ci(*refs["argmax"][name]), _ci(*refs["argmax"][name]), "–", "–", "–"])
+    t1.notes.append(f"Accuracy (headline): {READING_TEXT['argmax']}; {n_test} test images; chance = 1/{len(classes)}.")
+    if synthetic:
+        t1.notes.append("Synthetic phantom archive: the published MIMIC-CXR numbers are shown for reference "
+                        "only and are not comparable.")
+    te = Section("Training-image effect: masked-trained minus original-trained arm (same test images)",
+                 ["Comparison", "Test images", "Difference [95% CI]", "p"],
+                 [[e["comparison"], e["test_images"], _diff(e), format_p(e["p_value"], n_boot)] for e in effects])
+    t2 = Section("Table 2: balanced accuracy, macro-F1 and macro-AUROC",
+                 ["Arm", "Test images", "Balanced accuracy", "Macro-F1", "Macro-AUROC"],
+                 [[n, v, f"{r[v]['balanced_accuracy']:.4f}", f"{r[v]['macro_f1']:.4f}", f"{r[v]['macro_auroc']:.4f}"]
+                  for n, r in results.items() for v in IMAGE_VARIANTS])
+    t2.notes.append("Balanced accuracy over the headline targets (first positive finding); F1 and AUROC "
+                    "one-vs-rest per class on the multi-hot positives, then averaged.")
+    other = Section("Other readings of accuracy [95% CI]",
+                    ["Arm", "Test images", "Top-1 among positives", "Strict single-label"],
+                    [[n, v, _ci(*r["ci"][v]["any"]), _ci(*r["ci"][v]["single"])]
+                     for n, r in results.items() for v in IMAGE_VARIANTS])
+    other.rows += [[name, "either", _ci(*refs["any"][name]), _ci(*refs["single"][name])] for name, _ in REFERENCES]
+    n_single = next(iter(results.values()))["original"]["n_single"] if results else 0
+    other.notes.append(f"Top-1 among positives: {READING_TEXT['any']}. Strict single-label: "
+                       f"{READING_TEXT['single']} ({n_single} images).")
+    return [t1, te, t2, other]
+
+
+def _footer(provenance: dict, n_boot: int) -> list[str]:
+    pol = provenance["label_policy"]
+    return [f"CIs: percentile bootstrap over patients ({n_boot} resamples); p: paired patient bootstrap, "
+            f"two-sided (< 1/{n_boot}: no resample reached 0).",
+            "Label policy: " + "; ".join(POLICY_TEXT[k][pol[k]] for k in ("uncertain", "multi_positive", "split"))
+            + f"; CheXmask Dice RCA (Mean) >= {pol['min_mask_quality']}.",
+            f"Archive: {provenance['archive']}. Cohort {provenance['cohort_fingerprint']}, shards "
+            f"{provenance['shards_fingerprint']} (render {provenance['render_fingerprint']}), model "
+            f"{provenance['model']}, seed {provenance['seed']}."]
 
 
 def build_report(cfg: Config) -> dict:
     """The ``report`` stage: Table 1 and its companions from every arm's prediction files."""
     work = Workdir(cfg.workdir)
-    out = work.results_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rows, metrics, classes = [], {}, None
-    for arm in ARMS:
-        result = _arm_result(arm, work, cfg.report.bootstrap, cfg.seed)
-        if result is not None:
-            rows.append(result[0])
-            metrics[arm.name], classes = result[1], result[2]
-    if not rows:
-        raise FileNotFoundError(f"no predictions under {work.predictions_dir}; run zeroshot / probe / finetune first")
-    table = pd.DataFrame(rows)
+    shards = open_shards(work.shards_dir)
     cohort = read_json(work.cohort_manifest)
-    shards = read_json(work.shards_manifest)
-    provenance = {"cohort_fingerprint": cohort["fingerprint"], "shards_fingerprint": shards["fingerprint"],
-                  "render_fingerprint": shards["render_fingerprint"], "model": cfg.model.spec,
-                  "label_policy": cohort["policy"], "n_bootstrap": cfg.report.bootstrap, "seed": cfg.seed}
-    md = _write_tables(out, table, metrics, classes, provenance)
-    figures = report_figures(out, table, metrics, classes, work.shards_dir)
+    policy, n_boot, classes = cohort["policy"], cfg.report.bootstrap, shards.target_names
+    notes: list[str] = []
+    arms = {a.name: p for a in ARMS if (p := load_arm(a, work, shards, notes)) is not None}
+    if not arms:
+        raise FileNotFoundError(f"no usable predictions under {work.predictions_dir}; run zeroshot / probe / "
+                                f"finetune first" + (f" ({notes[0]})" if notes else ""))
+    results = arm_results(arms, shards, policy["uncertain"], n_boot, cfg.seed)
+    effects = training_effects(arms, shards, n_boot, cfg.seed)
+    refs = references(shards, classes, n_boot, cfg.seed)
+    synthetic = bool(cohort.get("synthetic_archive"))
+    model = describe_spec(cfg.model.spec)
+    descriptions = {a.name: f"{a.description}, {model}" for a in ARMS}
+    n_test = len(shards.split("test"))
+    provenance = {"cohort_fingerprint": cohort["fingerprint"], "shards_fingerprint": shards.fingerprint,
+                  "render_fingerprint": shards.manifest["render_fingerprint"], "model": cfg.model.spec,
+                  "label_policy": policy, "n_bootstrap": n_boot, "seed": cfg.seed,
+                  "archive": "synthetic phantom (MIMIC-CXR-JPG layout)" if synthetic else "MIMIC-CXR-JPG",
+                  "accuracy": READING_TEXT["argmax"]}
+    sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic)
+    footer = _footer(provenance, n_boot) + notes
+    out = work.results_dir
+    md = render_markdown(sections, footer)
+    with atomic_path(out / "table1.md") as tmp:
+        tmp.write_text(md)
+    with atomic_path(out / "table1.tex") as tmp:
+        tmp.write_text(render_latex(sections, footer))
+    _write_data(out, results, effects, refs, descriptions, classes, provenance)
+    figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
+                             published_values={a.name: a.published for a in ARMS})
     return {"table": md, "results": str(out), "figures": figures}
 
 
-def _markdown(table: pd.DataFrame, provenance: dict) -> str:
-    lines = ["| Variant | Description | Acc. original [95% CI] | Acc. masked [95% CI] | masked − original (p) "
-             "| Macro AUROC orig / masked | Published orig / masked |",
-             "|---|---|---|---|---|---|---|"]
-    for r in table.itertuples():
-        lines.append(
-            f"| {r.variant} | {r.description} | {_fmt(r.acc_original, *r.ci_original)} | "
-            f"{_fmt(r.acc_masked, *r.ci_masked)} | {r.diff:+.4f} (p={r.p_value:.3f}) | "
-            f"{r.macro_auroc_original:.3f} / {r.macro_auroc_masked:.3f} | "
-            f"{r.published_original:.4f} / {r.published_masked:.4f} |")
-    lines += ["", f"Test images: {int(table['n_test'].max())}. CIs: percentile bootstrap by patient "
-              f"({provenance['n_bootstrap']} resamples); p: paired patient bootstrap, two-sided. "
-              f"Published: the paper's MIMIC-CXR numbers, shown for reference only.",
-              f"Cohort {provenance['cohort_fingerprint']}, shards {provenance['shards_fingerprint']} "
-              f"(render {provenance['render_fingerprint']}), model {provenance['model']}, "
-              f"label policy {json.dumps(provenance['label_policy'])}.", ""]
-    return "\n".join(lines)
+def _write_data(out, results, effects, refs, descriptions, classes, provenance) -> None:
+    rows = []
+    for name, r in results.items():
+        row = {"arm": name, "description": descriptions[name], "n_test": r["original"]["n"]}
+        for v in IMAGE_VARIANTS:
+            for reading in READINGS:
+                point, low, high = r["ci"][v][reading]
+                row.update({f"acc_{reading}_{v}": point, f"acc_{reading}_{v}_low": low, f"acc_{reading}_{v}_high": high})
+            for key in ("balanced_accuracy", "macro_f1", "macro_auroc"):
+                row[f"{key}_{v}"] = r[v][key]
+        d = r["masked_minus_original"]
+        row.update({"diff_masked_minus_original": d["diff"], "diff_low": d["low"], "diff_high": d["high"],
+                    "p_value": d["p_value"]})
+        rows.append(row)
+    write_csv(out / "table1.csv", pd.DataFrame(rows))
+    write_json(out / "table1.json", {"rows": rows, "training_effects": effects, "reference": refs,
+                                     "provenance": provenance})
+    write_json(out / "metrics.json", {"classes": classes, "arms": results, "provenance": provenance})
+    per_class = pd.DataFrame([{"arm": n, "tested_on": v, "class": c, "auroc": r[v]["auroc"][k], "f1": r[v]["f1"][k]}
+                              for n, r in results.items() for v in IMAGE_VARIANTS for k, c in enumerate(classes)])
+    write_csv(out / "per_class_auroc.csv", per_class)
 
 
-def _latex(table: pd.DataFrame) -> str:
-    lines = [r"\begin{tabular}{llcccc}", r"\toprule",
-             r"Variant & Description & Original & Masked & Published orig. & Published masked \\",
-             r"\midrule"]
-    for r in table.itertuples():
-        lines.append(f"{r.variant} & {r.description} & {r.acc_original:.4f} & {r.acc_masked:.4f} & "
-                     f"{r.published_original:.4f} & {r.published_masked:.4f} \\\\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(lines)
+__all__ = ["build_report", "PredictionError"]

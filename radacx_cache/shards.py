@@ -197,7 +197,7 @@ def build_shards(cfg: Config, progress: bool = True, on_written: WrittenHook | N
         finally:
             if client is not None:
                 client.close()
-    return _commit(out, tasks, done, attrs)
+    return _commit(out, tasks, done, attrs, cohort)
 
 
 def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
@@ -212,7 +212,8 @@ def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
                 f"or delete {out} to rebuild.")
 
 
-def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict) -> dict:
+def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict, cohort: pd.DataFrame) -> dict:
+    """index.csv, rejects.csv, then manifest.json (the commit point) for the finished shards."""
     rows, rejects, shards = [], [], []
     for task in tasks:
         sc = done[task.name]
@@ -221,18 +222,11 @@ def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict) -> dict:
                  for i, d in enumerate(sc["dicom_id"])]
         rejects += sc["rejects"]
     index = pd.DataFrame(rows, columns=["shard", "row", "dicom_id", "split"])
-    if len(index):
-        labels = []
-        for task in tasks:
-            if done[task.name]["rows"]:
-                with h5py.File(out / task.name, "r") as f:
-                    t = f["targets"][:]
-                    labels.append(np.column_stack([f["subject_id"][:], f["study_id"][:], t]))
-        lab = np.vstack(labels)
-        index["subject_id"] = lab[:, 0].astype(np.int64)
-        index["study_id"] = lab[:, 1].astype(np.int64)
-        for j, name in enumerate(attrs["target_names"]):
-            index[f"target_{name}"] = lab[:, 2 + j]
+    # ids, targets, multi-hot positives and uncertain flags as the cohort stated them (the shards'
+    # own `targets` come from the same rows)
+    label_cols = [f"{kind}_{c}" for kind in ("target", "positive", "uncertain") for c in attrs["target_names"]]
+    index = index.merge(cohort[["dicom_id", "subject_id", "study_id", *label_cols]], on="dicom_id",
+                        how="left", validate="one_to_one")
     write_csv(out / "index.csv", index)
     write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason"]))
     manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "shards": shards,

@@ -186,7 +186,24 @@ class ShardSet:
         return self._views[shard, variant]
 
     def targets(self) -> np.ndarray:
-        return self.index[[f"target_{n}" for n in self.target_names]].to_numpy(np.float32)
+        """(N, K) training targets (multi-hot under ``any``, one-hot under ``single``/``first``)."""
+        return self._labels("target")
+
+    def positives(self) -> np.ndarray:
+        """(N, K) multi-hot positive findings under the uncertain policy (what metrics score)."""
+        return self._labels("positive")
+
+    def uncertain(self) -> np.ndarray:
+        """(N, K) 1 where the label table says uncertain (-1)."""
+        return self._labels("uncertain")
+
+    def _labels(self, kind: str) -> np.ndarray:
+        cols = [f"{kind}_{n}" for n in self.target_names]
+        missing = [c for c in cols if c not in self.index.columns]
+        if missing:
+            raise ShardError(f"{self.root}/index.csv has no {missing[0]} column (written by an older "
+                             f"version: rerun `radacx cohort` and `radacx shards`)")
+        return self.index[cols].to_numpy(np.float32)
 
 
 def open_shards(path: str | Path, split: str | None = None) -> ShardSet:

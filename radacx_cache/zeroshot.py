@@ -77,15 +77,16 @@ def run_zeroshot(cfg: Config) -> dict:
     index = shards.index
     test = (index["split"] == "test").to_numpy()
     rows = index[test]
-    targets = rows[[f"target_{c}" for c in classes]].to_numpy(np.float32)
+    positives = shards.positives()[test]
     summary = {}
     for variant in IMAGE_VARIANTS:
         feats = FeatureCache(work.features(model.tag, variant),
                              cache_fingerprints(model, shards, variant))
+        feats.check_aligned(shards)
         proba = zeroshot_proba(feats.features[test], text, scale)
         meta = {"variant": "Baseline", "tested_on": variant, "model": model.spec,
                 "model_fingerprint": model.fingerprint, "feature_fingerprints": feats.fingerprints,
                 "shards_fingerprint": shards.fingerprint, "prompts": prompts, "logit_scale": scale}
         write_predictions(work.predictions("Baseline", variant), rows, proba, classes, meta)
-        summary[f"Baseline/{variant}"] = accuracy(proba, targets)
+        summary[f"Baseline/{variant}"] = accuracy(proba, positives)
     return summary

@@ -122,3 +122,42 @@ def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
     second = build_cohort(cfg, progress=False)
     assert second["inputs_fingerprint"] != first["inputs_fingerprint"]
     assert second["fingerprint"] == first["fingerprint"]  # ... to the same content: shards stay valid
+
+
+def small_tables(**chexmask_overrides):
+    """Archive tables without files: 4 patients, one frontal image each, masks of 10x10."""
+    from radacx_cache.cohort import ArchiveTables
+    from radacx_cache.sources.mimic import FINDINGS_ALL
+    ids = [f"img{i}" for i in range(4)]
+    meta = pd.DataFrame({"dicom_id": ids, "subject_id": [10000001, 10000002, 10000003, 10000004],
+                         "study_id": [50000001, 50000002, 50000003, 50000004], "ViewPosition": ["PA"] * 4,
+                         "Rows": [10] * 4, "Columns": [10] * 4})
+    labels = meta[["subject_id", "study_id"]].copy()
+    for c in FINDINGS_ALL:
+        labels[c] = np.nan
+    labels["Edema"] = [1.0, 1.0, 1.0, 1.0]
+    labels["Atelectasis"] = [-1.0, 0.0, 1.0, np.nan]  # uncertain, negative, positive, blank
+    split = meta[["dicom_id", "study_id", "subject_id"]].assign(split=["train", "train", "validate", "test"])
+    chexmask = pd.DataFrame({"dicom_id": ids, "quality_mean": [0.8] * 4, "quality_max": [0.9] * 4,
+                             "height": [10] * 4, "width": [10] * 4, "landmarks": [""] * 4,
+                             "right_lung": ["1 5"] * 4, "left_lung": ["7 3"] * 4, "heart": ["50 5"] * 4})
+    for col, (row, value) in chexmask_overrides.items():
+        chexmask.loc[row, col] = value
+    return ArchiveTables(meta, labels, split, chexmask)
+
+
+def test_select_cohort_is_pure_and_rejects_a_swapped_dice_row():
+    from radacx_cache.cohort import select_cohort
+    from radacx_cache.config import CohortConfig
+    cohort, rejects = select_cohort(small_tables(quality_mean=(1, 0.95)), CohortConfig(), seed=0)
+    assert set(cohort["dicom_id"]) == {"img0", "img2", "img3"}
+    assert rejects == [{"id": "img1", "stage": "cohort", "reason": "CheXmask Dice RCA (Mean) > (Max): the columns look swapped"}]
+    row = cohort.set_index("dicom_id")
+    assert row.loc["img0", "uncertain_Atelectasis"] == 1 and row.loc["img0", "positive_Atelectasis"] == 0
+    assert row.loc["img2", "positive_Atelectasis"] == 1 and row.loc["img3", "uncertain_Atelectasis"] == 0
+    ones, _ = select_cohort(small_tables(), CohortConfig(uncertain="ones"), seed=0)
+    assert ones.set_index("dicom_id").loc["img0", "positive_Atelectasis"] == 1  # under `ones`, -1 is positive
+    first, _ = select_cohort(small_tables(), CohortConfig(multi_positive="first"), seed=0)
+    r2 = first.set_index("dicom_id").loc["img2"]  # Atelectasis and Edema: the first in priority is trained ...
+    assert (r2["target_Atelectasis"], r2["target_Edema"]) == (1, 0)
+    assert (r2["positive_Atelectasis"], r2["positive_Edema"]) == (1, 1)  # ... but both are scored as positive

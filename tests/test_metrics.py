@@ -1,16 +1,65 @@
 import numpy as np
+import pytest
 
-from radacx_cache.metrics import accuracy, bootstrap_ci, evaluate, paired_bootstrap, per_class_auroc
+from radacx_cache.metrics import (accuracy, bootstrap_ci, evaluate, first_positive, format_p, paired_bootstrap,
+                                  paired_difference, per_class_auroc, per_class_f1, reference_correctness)
+
+# 4 images, 3 classes: a multi-positive row, single-positive rows, and a tie in the probabilities
+POSITIVES = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]], float)
+PROBA = np.array([[.2, .7, .1],    # predicts 1: among the positives, but not the first positive (0)
+                  [.2, .7, .1],    # predicts 1: correct under every reading
+                  [.4, .4, .2],    # a tie between 0 and 1: argmax takes 0 (the first), wrong everywhere
+                  [.1, .1, .8]])   # predicts 2: among the positives, not the first (0)
 
 
-def test_evaluate_with_an_absent_class_reports_nan_auroc():
-    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 1, 0]], float)
-    proba = np.array([[.7, .2, .1], [.2, .7, .1], [.1, .8, .1], [.6, .3, .1]])
-    m = evaluate(proba, targets)
-    assert m["accuracy"] == 0.75 and m["n_single"] == 3
-    assert np.isnan(m["auroc"][2]) and np.isfinite(m["macro_auroc"])
-    assert np.array(m["confusion_single"]).sum() == 3
-    assert np.isnan(per_class_auroc(proba, np.zeros_like(targets))).all()
+def test_the_three_accuracy_readings_on_hand_made_targets():
+    assert list(first_positive(POSITIVES)) == [0, 1, 2, 0]
+    assert accuracy(PROBA, POSITIVES) == 0.25  # argmax reading: only image 1
+    assert accuracy(PROBA, POSITIVES, "any") == 0.75  # images 0, 1 and 3
+    assert accuracy(PROBA, POSITIVES, "single") == 0.5  # images 1 and 2 are single-positive; 1 is right
+    with pytest.raises(ValueError, match="reading"):
+        accuracy(PROBA, POSITIVES, "top5")
+
+
+def test_uncertain_labels_are_left_out_under_ignore_and_negative_under_zeros():
+    rng = np.random.default_rng(0)
+    n = 200
+    positives = np.zeros((n, 2))
+    positives[:, 0] = rng.random(n) < 0.4
+    positives[:, 1] = 1 - positives[:, 0]
+    uncertain = np.zeros((n, 2))
+    uncertain[:40, 0] = 1  # uncertain for class 0: not positive (ignore / zeros) ...
+    positives[:40, 0] = 0
+    positives[:40, 1] = 1
+    proba = np.column_stack([positives[:, 0] * 0.6 + 0.2, 1 - (positives[:, 0] * 0.6 + 0.2)])
+    proba[:40] = [[0.9, 0.1]]  # ... but the model is confident they are class 0
+    ignore = per_class_auroc(proba, positives, uncertain, "ignore")
+    zeros = per_class_auroc(proba, positives, uncertain, "zeros")
+    assert ignore[0] == 1.0 and zeros[0] < 0.9  # ignore leaves the 40 out; zeros counts them as negatives
+    assert per_class_f1(proba, positives, uncertain, "ignore")[0] > per_class_f1(proba, positives, uncertain, "zeros")[0]
+    m_ignore, m_zeros = evaluate(proba, positives, uncertain, "ignore"), evaluate(proba, positives, uncertain, "zeros")
+    assert m_ignore["macro_auroc"] > m_zeros["macro_auroc"] and m_ignore["accuracy_argmax"] == m_zeros["accuracy_argmax"]
+
+
+def test_auroc_of_an_absent_class_is_nan():
+    m = evaluate(PROBA, POSITIVES)
+    assert np.isfinite(m["macro_auroc"]) and np.array(m["confusion"]).sum() == 4
+    assert np.isnan(per_class_auroc(PROBA, np.zeros_like(POSITIVES))).all()
+
+
+def test_reference_rows():
+    train = np.array([[1, 1, 0], [0, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1]], float)
+    ref = reference_correctness(train, POSITIVES, "argmax")
+    # train first positives: 0, 1, 1, 1, 2 -> majority class 1, prior (0.2, 0.6, 0.2)
+    assert ref["majority_class"] == 1
+    np.testing.assert_allclose(ref["chance"][0], 1 / 3)
+    np.testing.assert_allclose(ref["majority"][0], [0, 1, 0, 0])
+    np.testing.assert_allclose(ref["prior"][0], [0.2, 0.6, 0.2, 0.2])
+    any_ref = reference_correctness(train, POSITIVES, "any")
+    # class 1 is positive most often in train; it is among the positives of test images 0 and 1
+    assert any_ref["majority_class"] == 1
+    np.testing.assert_allclose(any_ref["majority"][0], [1, 1, 0, 0])
+    np.testing.assert_allclose(any_ref["chance"][0], [2 / 3, 1 / 3, 1 / 3, 2 / 3])
 
 
 def test_patient_bootstrap_ci_and_paired_difference():
@@ -25,9 +74,26 @@ def test_patient_bootstrap_ci_and_paired_difference():
     assert low < point < high and high - low < 0.2
     assert point == accuracy(good, targets)
     diff = paired_bootstrap(bad, good, targets, patients, n_boot=300)
-    assert diff["diff"] > 0.2 and diff["p_value"] < 0.01 and diff["low"] > 0
+    assert diff["diff"] > 0.2 and diff["p_value"] == 0 and diff["p_below"] and diff["low"] > 0
+    assert format_p(diff["p_value"], 300) == "< 1/300"
     same = paired_bootstrap(good, good, targets, patients, n_boot=100)
     assert same["diff"] == 0 and same["p_value"] == 1.0
+
+
+def test_paired_p_is_two_sided():
+    from radacx_cache.metrics import _replicates
+    rng = np.random.default_rng(3)
+    patients = np.arange(300)
+    a = (rng.random(300) < 0.5).astype(float)
+    b = np.where(rng.random(300) < 0.08, 1 - a, a)  # a few flips: a small, noisy difference
+    mask = np.ones(300, bool)
+    d = paired_difference(a, b, mask, patients, n_boot=2000, seed=1)
+    reps = _replicates(b - a, mask, patients, 2000, 1)
+    tail = min(np.mean(reps <= 0), np.mean(reps >= 0))
+    assert 0.01 < tail < 0.4  # a small, noisy difference: some replicates on the other side of 0
+    assert d["p_value"] == pytest.approx(2 * tail)  # both tails, not one
+    flipped = paired_difference(b, a, mask, patients, n_boot=2000, seed=1)
+    assert flipped["p_value"] == pytest.approx(d["p_value"]) and flipped["diff"] == pytest.approx(-d["diff"])
 
 
 def test_bootstrap_resamples_whole_patients():
@@ -38,3 +104,6 @@ def test_bootstrap_resamples_whole_patients():
     proba[:10] = np.eye(2)[np.ones(10, int)]
     _, low, high = bootstrap_ci(proba, targets, patients, n_boot=500)
     assert low <= 0.75 and high == 1.0
+    d = paired_bootstrap(targets, proba, targets, patients, n_boot=500)
+    # by patient, 1 patient in 10 is drawn 0 times about 35% of the time: the difference often hits 0
+    assert d["high"] == 0.0 and d["low"] <= -0.2

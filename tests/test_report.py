@@ -21,24 +21,93 @@ def reported(pipeline, features):
 def test_report_table_files_and_figures(reported):
     out = reported["cfg"].work / "results"
     table = pd.read_csv(out / "table1.csv")
-    assert list(table["variant"]) == ["Baseline", "V1", "V2"]  # V3/V4 appear once fine-tuned
-    for col in ("acc_original", "acc_masked", "accuracy_single_masked", "balanced_accuracy_single_original",
-                "macro_f1_masked"):
+    assert list(table["arm"]) == ["Baseline", "V1", "V2"]  # V3/V4 appear once fine-tuned
+    for col in ("acc_argmax_original", "acc_any_masked", "acc_single_original", "balanced_accuracy_masked",
+                "macro_f1_original", "macro_auroc_masked"):
         assert table[col].between(0, 1).all(), col
     per_class = pd.read_csv(out / "per_class_auroc.csv")
     assert len(per_class) == 3 * 2 * 5 and per_class["auroc"].dropna().between(0, 1).all()
-    md = (out / "table1.md").read_text()
-    assert "0.4460 / 0.4509" in md and "published" in md.lower()
-    assert r"\begin{tabular}" in (out / "table1.tex").read_text()
+    md, tex = (out / "table1.md").read_text(), (out / "table1.tex").read_text()
+    assert "0.4460 / 0.4509" in md and "Published" in md and "first positive finding" in md
+    assert "tiny model (random weights)" in md and "BiomedCLIP" not in md.split("Arm")[1].split("chance")[0]
+    for row in ("chance", "majority", "prior", "V2 − V1", "Balanced accuracy", "Top-1 among positives"):
+        assert row in md, row
+    assert r"\begin{tabular}" in tex
     data = json.loads((out / "table1.json").read_text())
+    for r in data["rows"]:  # every CI and p printed in markdown is in the LaTeX too
+        for v in ("original", "masked"):
+            cell = f"{r[f'acc_argmax_{v}']:.4f} [{r[f'acc_argmax_{v}_low']:.3f}, {r[f'acc_argmax_{v}_high']:.3f}]"
+            assert cell in md and cell in tex, cell
     assert data["provenance"]["shards_fingerprint"] == json.loads(
         (reported["cfg"].work / "shards" / "manifest.json").read_text())["fingerprint"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["variants"]["V1"]["original"]["auroc"]) == 5
-    assert 0 <= metrics["variants"]["V2"]["masked_minus_original"]["p_value"] <= 1
     for fig in reported["report"]["figures"]:
         im = Image.open(fig)
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_table1_recomputed_from_the_prediction_files(reported):
+    """Accuracies, CIs, paired differences and p, recomputed with the metric functions."""
+    import numpy as np
+    from radacx_cache.metrics import bootstrap_ci, paired_bootstrap
+    from radacx_cache.predictions import load_predictions
+    cfg = reported["cfg"]
+    work, n_boot = cfg.work, cfg.report.bootstrap
+    data = json.loads((work / "results" / "table1.json").read_text())
+    rows = {r["arm"]: r for r in data["rows"]}
+    loaded = {}
+    for arm in rows:
+        preds = {v: load_predictions(work / "predictions" / arm / f"{v}.csv") for v in ("original", "masked")}
+        loaded[arm] = preds
+        patients = preds["original"].patients
+        for v, p in preds.items():
+            point, low, high = bootstrap_ci(p.proba, p.positives, patients, n_boot=n_boot, seed=cfg.seed)
+            assert (rows[arm][f"acc_argmax_{v}"], rows[arm][f"acc_argmax_{v}_low"],
+                    rows[arm][f"acc_argmax_{v}_high"]) == pytest.approx((point, low, high)), (arm, v)
+            any_point = bootstrap_ci(p.proba, p.positives, patients, reading="any", n_boot=n_boot, seed=cfg.seed)[0]
+            assert rows[arm][f"acc_any_{v}"] == pytest.approx(any_point)
+        d = paired_bootstrap(preds["original"].proba, preds["masked"].proba, preds["original"].positives,
+                             patients, n_boot=n_boot, seed=cfg.seed)
+        assert rows[arm]["diff_masked_minus_original"] == pytest.approx(d["diff"])
+        assert (rows[arm]["diff_low"], rows[arm]["diff_high"], rows[arm]["p_value"]) == pytest.approx(
+            (d["low"], d["high"], d["p_value"]))
+    effects = {(e["comparison"], e["test_images"]): e for e in data["training_effects"]}
+    for v in ("original", "masked"):
+        d = paired_bootstrap(loaded["V1"][v].proba, loaded["V2"][v].proba, loaded["V1"][v].positives,
+                             loaded["V1"][v].patients, n_boot=n_boot, seed=cfg.seed)
+        e = effects[("V2 − V1", v)]
+        assert (e["diff"], e["low"], e["high"], e["p_value"]) == pytest.approx((d["diff"], d["low"], d["high"],
+                                                                                  d["p_value"]))
+    ref = data["reference"]["argmax"]
+    assert ref["chance"][0] == pytest.approx(0.2)
+    test = loaded["V1"]["original"].positives
+    majority = np.mean(np.argmax(test > 0, 1) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                                                   "Pleural Effusion"].index(ref["majority_class"]))
+    assert ref["majority"][0] == pytest.approx(majority)
+
+
+def test_incomplete_or_stale_predictions_are_refused(reported, tmp_path):
+    import shutil
+    from radacx_cache.config import load_config
+    from radacx_cache.predictions import PredictionError
+    from radacx_cache.report import build_report
+    work = reported["cfg"].work
+    for part in ("cohort", "shards", "predictions"):
+        shutil.copytree(work / part, tmp_path / part)
+    cfg = load_config(None, [f"workdir={tmp_path}", "seed=7", "report.bootstrap=20"])
+    victim = tmp_path / "predictions" / "V1" / "masked.csv"
+    df = pd.read_csv(victim, dtype={"dicom_id": str})
+    df.iloc[1:].to_csv(victim, index=False)  # one test image never predicted
+    with pytest.raises(PredictionError, match=f"no row for test image {df['dicom_id'].iloc[0]}"):
+        build_report(cfg)
+    df.to_csv(victim, index=False)
+    meta_path = tmp_path / "predictions" / "V2" / "original.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shards_fingerprint"] = "an-older-shard-set"  # e.g. made before the cohort changed
+    meta_path.write_text(json.dumps(meta))
+    result = build_report(cfg)
+    table = pd.read_csv(tmp_path / "results" / "table1.csv")
+    assert list(table["arm"]) == ["Baseline", "V1"]  # stale V2 left out, and said so
+    assert "V2 left out" in result["table"] and "an-older-shard-set" in result["table"]
 
 
 def test_predictions_trace_back_to_their_inputs(reported):
@@ -50,6 +119,7 @@ def test_predictions_trace_back_to_their_inputs(reported):
     probs = preds[[c for c in preds.columns if c.startswith("prob_")]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-5).all()
     assert set(preds["dicom_id"]) == set(pd.read_csv(work / "shards" / "index.csv").query("split == 'test'")["dicom_id"])
+    assert {"positive_Edema", "uncertain_Edema", "target_Edema"} <= set(preds.columns)
 
 
 def test_cli_reports_config_errors_with_the_key(caplog):
@@ -79,3 +149,22 @@ def test_probe_refuses_features_of_other_shards(reported, tmp_path):
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FeatureCacheError, match="shards: cache has"):
         run_probes(load_config(None, [f"workdir={tmp_path}", "seed=7"]))
+
+
+def test_zeroshot_predicts_each_test_variant_from_its_own_cache(reported):
+    import numpy as np
+    from radacx_cache.features import FeatureCache
+    from radacx_cache.models import load_model
+    from radacx_cache.predictions import load_predictions
+    from radacx_cache.shardset import open_shards
+    from radacx_cache.zeroshot import class_prompts, text_embeddings, zeroshot_proba
+    cfg = reported["cfg"]
+    shards = open_shards(cfg.work / "shards")
+    test = (shards.index["split"] == "test").to_numpy()
+    model = load_model("tiny", seed=cfg.seed)
+    text = text_embeddings(model, class_prompts(shards.target_names, cfg.zeroshot.template, {}))
+    scale = float(model.model.logit_scale.exp())
+    for variant in ("original", "masked"):
+        feats = FeatureCache(cfg.work / "features" / "tiny" / f"{variant}.h5").features[test]
+        got = load_predictions(cfg.work / "predictions" / "Baseline" / f"{variant}.csv").proba
+        np.testing.assert_allclose(got, zeroshot_proba(feats, text, scale), atol=1e-5)

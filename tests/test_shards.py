@@ -181,3 +181,25 @@ def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp
         embed_all(cfg, progress=False)
     with pytest.raises(ShardError, match="sha256"):
         open_shards(tmp_path / "shards").validate(checksum=True)
+
+
+def test_masked_images_are_the_overlay_of_the_originals_with_the_configured_colours(pipeline):
+    """Every masked image equals overlay(original, masks) with the run's colours; the patient's right
+    lung (its colour) lies on the image's left, the left lung on the image's right."""
+    from radacx_cache.render import overlay
+    cfg = pipeline["cfg"]
+    shards = open_shards(cfg.work / "shards")
+    colors = cfg.render.colors
+    right_x, left_x = [], []
+    for i in range(0, len(shards), max(1, len(shards) // 25)):
+        item = shards[i]
+        want = overlay(item["original"], item["masks"].astype(bool), cfg.render.overlay, colors=colors,
+                       line_width=cfg.render.line_width, alpha=cfg.render.fill_alpha)
+        np.testing.assert_array_equal(item["masked"], want, err_msg=item["dicom_id"])
+        for organ, xs in (("right_lung", right_x), ("left_lung", left_x)):
+            painted = np.all(item["masked"] == colors[organ], axis=2)
+            assert painted.sum() > 50, (item["dicom_id"], organ)
+            xs.append(np.nonzero(painted)[1].mean())
+        differ = np.any(item["masked"] != item["original"][..., None], axis=2).mean()
+        assert 0.01 < differ < 0.25  # the overlay changes a plausible share of the pixels
+    assert all(r < 112 < l for r, l in zip(right_x, left_x))
