@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -76,3 +78,54 @@ def remove_stale_tmp(folder: Path) -> int:
             p.unlink()
             n += 1
     return n
+
+
+class StageBusy(RuntimeError):
+    """Another process runs the same stage on the same workdir."""
+
+
+@contextlib.contextmanager
+def stage_lock(workdir: str | Path, stage: str):
+    """Hold an exclusive lock for ``stage`` on ``workdir`` (fcntl, released when the process ends).
+
+    A second run of the same stage on the same workdir is refused at once with the holder's pid,
+    instead of the two deleting each other's temporary files.
+    """
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".radacx-{stage}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise StageBusy(f"another `radacx {stage}` (pid {holder}) is running on {folder}; wait for it "
+                            f"to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+PERMISSION_UMASKS = {"group": 0o027, "private": 0o077}
+
+
+def apply_permissions(mode: str) -> None:
+    """Make every file and folder written from now on readable by the owner (``private``), the owner
+    and the group (``group``), or as the umask says (``umask``). Process-wide; workers inherit it."""
+    if mode in PERMISSION_UMASKS:
+        os.umask(PERMISSION_UMASKS[mode])
+    elif mode != "umask":
+        raise ValueError(f"permissions {mode!r}: expected umask, group or private")
+
+
+@contextlib.contextmanager
+def stage_run(workdir: str | Path, stage: str, permissions: str = "umask"):
+    """What every stage does first: the configured file permissions, then its workdir lock."""
+    apply_permissions(permissions)
+    with stage_lock(workdir, stage):
+        yield

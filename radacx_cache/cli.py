@@ -29,7 +29,9 @@ def _stage(name: str, cfg, args) -> dict | None:
                         seed=cfg.seed, faults=p.faults or args.faults)
     if name == "finetune":
         return run_finetune(cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
-    stages = {"cohort": build_cohort, "shards": build_shards, "embed": embed_all, "probe": run_probes,
+    if name == "shards":
+        return build_shards(cfg, rebuild=args.rebuild)
+    stages = {"cohort": build_cohort, "embed": embed_all, "probe": run_probes,
               "zeroshot": run_zeroshot, "report": build_report}
     return stages[name](cfg)
 
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
             p.add_argument("--faults", action="store_true", help="plant bad inputs (see docs)")
             p.add_argument("--full-resolution", action="store_true",
                            help="real MIMIC image sizes (~3000 px; slow, large) instead of phantom.long_side")
+        if name == "shards":
+            p.add_argument("--rebuild", action="store_true",
+                           help="replace finished shards that no longer match the plan (never done otherwise)")
         if name == "finetune":
             p.add_argument("--variant", action="append", choices=("original", "masked"))
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -85,6 +90,10 @@ def main(argv=None) -> int:
         return 0
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # permissions, a read-only or full disk: one line naming the file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        log.error("%s%s", exc.strerror or exc, where)
         return 2
 
 

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import file_sha256, read_json, stable_hash, write_csv, write_json
+from ._io import file_sha256, read_json, stable_hash, stage_run, write_csv, write_json
 from .cohort_files import write_rle
 from .config import CohortConfig, Config
 from .sources.chexmask import read_chexmask
-from .sources.mimic import FINDINGS_ALL, jpg_relpath, read_labels, read_metadata, read_split
+from .sources.mimic import FINDINGS_ALL, id_problem, jpg_relpath, read_labels, read_metadata, read_split
 from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 REJECT_COLUMNS = ["id", "stage", "reason"]
-COHORT_VERSION = 2  # 2: positive_* and uncertain_* columns
+COHORT_VERSION = 3  # 2: positive_* and uncertain_* columns; 3: validated ids, duplicates rejected
 
 
 def label_columns(classes) -> list[str]:
@@ -121,7 +121,8 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     mask quality and sizes, and splits by patient. Every image left out gets a reject row.
     """
     rejects: list[dict] = []
-    df = _frontal_with_labels(tables.metadata, tables.labels, policy, labeler, rejects)
+    meta = _valid_metadata(tables.metadata, rejects)
+    df = _frontal_with_labels(meta, tables.labels, policy, labeler, rejects)
     targets, status = apply_label_policy(df, policy.classes, policy.uncertain, policy.multi_positive,
                                          policy.priority)
     _reject(rejects, df.loc[status == 1, "dicom_id"],
@@ -132,10 +133,12 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     df = df[keep].copy()
     df[label_columns(policy.classes)] = np.hstack([targets[keep], positives[keep], uncertain[keep]])
 
-    df = df.merge(tables.split[["dicom_id", "split"]], on="dicom_id", how="left")
+    df = df.merge(_unique_rows(tables.split[["dicom_id", "split"]], "split table", df["dicom_id"], rejects),
+                  on="dicom_id", how="left", validate="many_to_one")
     _reject(rejects, df.loc[df["split"].isna(), "dicom_id"], "image has no row in the split table")
     df = df[df["split"].notna()]
     df = _with_masks(df, tables.chexmask, policy, rejects)
+    df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
 
     df["split"] = patient_split(df["subject_id"].to_numpy(), df["split"].to_numpy(), policy.split,
                                 policy.val_fraction, seed)
@@ -146,6 +149,27 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
 
 COHORT_COLUMNS = ["dicom_id", "subject_id", "study_id", "split", "ViewPosition", "Rows", "Columns", "path",
                   "quality_mean", "quality_max", *FINDINGS_ALL]
+
+
+def _valid_metadata(meta: pd.DataFrame, rejects: list) -> pd.DataFrame:
+    """Rows whose identifiers are MIMIC-CXR-JPG identifiers, with integer ids; the others rejected."""
+    problems = [id_problem(d, s, t) for d, s, t in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"])]
+    bad = np.array([p is not None for p in problems], bool)
+    rejects.extend({"id": str(i)[:80], "stage": "cohort", "reason": r}
+                   for i, r, b in zip(meta["dicom_id"], problems, bad) if b)
+    meta = meta[~bad].copy()
+    for col in ("subject_id", "study_id"):
+        meta[col] = pd.to_numeric(meta[col]).astype(np.int64)
+    return meta
+
+
+def _unique_rows(table: pd.DataFrame, what: str, wanted, rejects: list) -> pd.DataFrame:
+    """One row per dicom_id: identical duplicates collapse; conflicting ones are rejected (the image
+    is left out, with a reason), never silently resolved by taking the first."""
+    table = table[table["dicom_id"].isin(set(wanted))].drop_duplicates()
+    conflict = table["dicom_id"].duplicated(keep=False)
+    _reject(rejects, sorted(set(table.loc[conflict, "dicom_id"])), f"conflicting duplicate rows in the {what}")
+    return table[~conflict]
 
 
 def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: CohortConfig, labeler: str,
@@ -174,16 +198,17 @@ def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: Cohor
 
 def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, rejects: list) -> pd.DataFrame:
     """Join the CheXmask rows; reject images without a usable mask, one reason per image."""
-    masks = chexmask.drop_duplicates("dicom_id")
-    df = df.merge(masks, on="dicom_id", how="left", indicator=True)
+    masks = _unique_rows(chexmask, "CheXmask table", df["dicom_id"], rejects)
+    df = df.merge(masks, on="dicom_id", how="left", indicator=True, validate="many_to_one")
     reasons = pd.Series(None, index=df.index, dtype=object)
 
     def flag(cond, text):
         sel = cond.fillna(False).astype(bool) & reasons.isna()
         reasons[sel] = text if isinstance(text, str) else text[sel]
 
-    fmt = lambda col, spec: df[col].map(lambda v: format(v, spec))  # noqa: E731
+    fmt = lambda col, spec: df[col].map(lambda v: _fmt(v, spec)).astype(object)  # noqa: E731
     flag(df["_merge"] == "left_only", "no CheXmask row for this image")
+    flag(df["Rows"].isna() | df["Columns"].isna(), "metadata Rows x Columns is blank or not a number")
     flag(df["quality_mean"].isna(), "CheXmask Dice RCA (Mean) is blank")
     flag(df["quality_mean"] > df["quality_max"] + 1e-9,
          "CheXmask Dice RCA (Mean) > (Max): the columns look swapped")
@@ -191,16 +216,27 @@ def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, 
          "mask quality Dice RCA (Mean) " + fmt("quality_mean", ".3f") + f" < {policy.min_mask_quality}")
     flag((df["height"] != df["Rows"]) | (df["width"] != df["Columns"]),
          "CheXmask Height x Width " + fmt("height", ".0f") + "x" + fmt("width", ".0f")
-         + " != metadata Rows x Columns " + fmt("Rows", "d") + "x" + fmt("Columns", "d"))
+         + " != metadata Rows x Columns " + fmt("Rows", ".0f") + "x" + fmt("Columns", ".0f"))
     rejected = reasons.notna()
     rejects.extend({"id": i, "stage": "cohort", "reason": r}
                    for i, r in zip(df.loc[rejected, "dicom_id"], reasons[rejected]))
     return df[~rejected.to_numpy()].drop(columns="_merge")
 
 
+def _fmt(value, spec: str) -> str:
+    """A number for a reject reason; a blank or text cell never breaks the message."""
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def read_archive_tables(cfg: Config) -> ArchiveTables:
     """Read the MIMIC-CXR-JPG tables and the CheXmask rows of the archive's frontal images."""
     root = Path(cfg.archive.mimic_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"archive.mimic_root {root} is not a folder (unmounted, or a wrong path?); "
+                                f"nothing was rejected or written")
     meta = read_metadata(root)
     frontal_ids = meta.loc[meta["ViewPosition"].isin(cfg.cohort.views), "dicom_id"]
     return ArchiveTables(meta, read_labels(root, cfg.archive.labeler), read_split(root),
@@ -221,6 +257,11 @@ def is_phantom(mimic_root: str | Path) -> bool:
 
 def build_cohort(cfg: Config, progress: bool = True) -> dict:
     """Run the cohort stage; idempotent (a rerun with the same inputs and config is a no-op)."""
+    with stage_run(cfg.workdir, "cohort", cfg.permissions):
+        return _build_cohort(cfg)
+
+
+def _build_cohort(cfg: Config) -> dict:
     c = cfg.cohort
     work = Workdir(cfg.workdir)
     inputs_fp = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": cfg.to_dict()["archive"],

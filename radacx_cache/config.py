@@ -56,22 +56,40 @@ class CohortConfig:
     val_fraction: float = 1 / 6  # paper: train:val ~ 5:1
 
 
+_DEFAULT_COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
+
+
 @dataclass
 class RenderConfig:
     size: int = _at_least(224, 16)
     overlay: Literal["boundary", "fill", "crop"] = "boundary"
     line_width: int = _at_least(2, 1)
-    colors: dict = field(default_factory=lambda: {
-        "right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]})
+    colors: dict = field(default_factory=lambda: dict(_DEFAULT_COLORS))
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
     mask_supersample: int = _at_least(2, 1)
+
+    def __post_init__(self):
+        # a partial `colors` (e.g. only the heart) is merged with the defaults; each is an RGB triple
+        colors = {**_DEFAULT_COLORS, **(self.colors or {})}
+        unknown = sorted(set(colors) - set(_DEFAULT_COLORS))
+        if unknown:
+            raise ConfigError(f"config key 'render.colors': unknown structure {unknown[0]!r}; "
+                              f"valid: {', '.join(_DEFAULT_COLORS)}")
+        for name, rgb in colors.items():
+            if not (isinstance(rgb, (list, tuple)) and len(rgb) == 3
+                    and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
+                raise ConfigError(f"config key 'render.colors.{name}': {rgb!r} is not an RGB triple of 0-255 integers")
+        self.colors = {k: list(v) for k, v in colors.items()}
+        if not 0 < self.fill_alpha <= 1:
+            raise ConfigError(f"config key 'render.fill_alpha': {self.fill_alpha!r} is not in (0, 1]")
 
 
 @dataclass
 class ShardsConfig:
     rows_per_shard: int = _at_least(1024, 1)
     n_jobs: int = _at_least(2, 1)
+    max_reject_share: float = 0.05  # more of the cohort rejected than this: stop, reasons counted
     backend: Literal["loky", "dask", "sequential", "threading"] = "loky"
     dask_scheduler: str = ""  # address of a running Dask scheduler; empty: start a local cluster
 
@@ -147,6 +165,8 @@ class Config:
     config_version: int = CONFIG_VERSION
     seed: int = 0
     workdir: str = "runs/demo"
+    # who may read what the stages write (MIMIC-CXR is under a data use agreement): umask | group | private
+    permissions: Literal["umask", "group", "private"] = "umask"
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     cohort: CohortConfig = field(default_factory=CohortConfig)
@@ -272,14 +292,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load refuses to build it
+            raise ConfigError(f"config file {path}: not plain YAML data ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: not a plain value ({str(exc).splitlines()[0]})") from None
+        _set_dotted(data, key.strip(), value)
     version = data.get("config_version", CONFIG_VERSION)
     if version == 1:
         data = _migrate_v1(data)

@@ -7,6 +7,7 @@ file and rank 0 merges them (``merge_rank_partials``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._io import atomic_path
+from ._io import atomic_path, stage_run
 from .arms import IMAGE_VARIANTS
 from .config import Config
-from .features import FeatureCacheError, cache_fingerprints, check_fingerprints, create_partial
+from .features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
+                       create_partial)
 from .models import LoadedModel, load_model
 from .runtime import autocast, autocast_dtype, barrier, init_distributed
 from .shardset import ShardSet, open_shards
@@ -152,22 +154,66 @@ def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: st
     final.parent.mkdir(parents=True, exist_ok=True)
     fps = cache_fingerprints(model, shards, variant)
     if final.exists():
-        check_fingerprints(final, fps)
-        log.info("embed: %s is up to date", final)
-        return final
+        check_fingerprints(final, fps)  # another model or shard set: refused, never reused
+        try:
+            FeatureCache(final)  # checksum and rows verified
+            log.info("embed: %s is up to date", final)
+            return final
+        except FeatureCacheError as exc:  # damaged after commit: set aside (not deleted) and rebuilt
+            aside = final.with_name(f".{final.name}.damaged")
+            os.replace(final, aside)
+            log.warning("embed: %s failed verification (%s); moved to %s and rebuilt", final, exc, aside)
     partial = work.features_partial(model.tag, variant, rank, world)
     encoder = _Encoder(model, cfg, device or init_distributed(cfg.runtime.device)[1])
     row_done = open_or_resume(partial, fps, encoder, shards)
     runs = pending_runs(shards, row_done, batch_size=cfg.embed.batch_size, block_rows=cfg.embed.block_rows,
                         rank=rank, world=world)
-    _compute(partial, runs, encoder, shards, variant, cfg.embed.num_workers, progress)
+    _compute_or_explain(partial, runs, encoder, shards, variant, cfg.embed.num_workers, progress)
     if world > 1:
         return partial
-    with h5py.File(partial, "r") as f:
-        if not f["row_done"][:].all():
-            raise FeatureCacheError(f"{partial}: not every row was computed")
-    os.replace(partial, final)
+    redo = verify_partial(partial)
+    if len(redo):  # rows marked done that hold no embedding (a crash between write and flush): redone once
+        log.warning("embed: %d row(s) of %s were marked done but hold no embedding; recomputing them", len(redo), partial)
+        runs = pending_runs(shards, ~np.isin(np.arange(len(shards)), redo), batch_size=cfg.embed.batch_size,
+                            block_rows=cfg.embed.block_rows)
+        _compute_or_explain(partial, runs, encoder, shards, variant, cfg.embed.num_workers, progress)
+        if len(verify_partial(partial)):
+            raise FeatureCacheError(f"{partial}: rows still empty after recomputing them; not committed")
+    commit_cache(partial, final)
     return final
+
+
+def _compute_or_explain(partial: Path, runs, encoder, shards, variant, num_workers, progress) -> None:
+    try:
+        _compute(partial, runs, encoder, shards, variant, num_workers, progress)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC or "No space left" in str(exc):
+            raise FeatureCacheError(f"disk full while writing {partial}; free space and rerun `radacx embed`: the rows "
+                                    f"written and flushed so far are kept, nothing was committed") from None
+        raise
+
+
+def verify_partial(partial: Path) -> np.ndarray:
+    """Positions of rows that are not done, or done but empty / non-finite (all must be redone)."""
+    with h5py.File(partial, "r") as f:
+        done = f["row_done"][:]
+        bad = bad_rows(f["features"][:])
+    redo = np.flatnonzero(~done | bad)
+    with h5py.File(partial, "r+") as f:
+        f["row_done"][redo] = False
+    return redo
+
+
+def commit_cache(partial: Path, final: Path) -> None:
+    """Stamp the content checksum, flush, and rename into place: the commit point of a cache."""
+    with h5py.File(partial, "r+") as f:
+        ids = f["dicom_id"][:].astype(str)
+        pre = f["pre_projection"][:] if "pre_projection" in f else None
+        f.attrs["content_sha256"] = content_sha256(ids, f["features"][:], pre)
+        f.flush()
+    with open(partial, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(partial, final)
 
 
 def merge_rank_partials(work: Workdir, model_tag: str, variant: str, world: int) -> Path:
@@ -195,7 +241,12 @@ def merge_rank_partials(work: Workdir, model_tag: str, variant: str, world: int)
                         out[name][mine] = f[name][mine]
         if not done.all():
             raise FeatureCacheError(f"cannot merge {variant}: rows {np.flatnonzero(~done)[:10]} missing")
+        if bad_rows(out["features"][:]).any():
+            raise FeatureCacheError(f"cannot merge {variant}: rows {np.flatnonzero(bad_rows(out['features'][:]))[:10]} "
+                                    f"hold no embedding; rerun `radacx embed`")
         out.create_dataset("row_done", data=done)
+        pre = out["pre_projection"][:] if "pre_projection" in out else None
+        out.attrs["content_sha256"] = content_sha256(out["dicom_id"][:].astype(str), out["features"][:], pre)
     for p in parts:
         p.unlink()
     return final
@@ -204,6 +255,11 @@ def merge_rank_partials(work: Workdir, model_tag: str, variant: str, world: int)
 def embed_all(cfg: Config, variants=IMAGE_VARIANTS, progress: bool = True) -> dict:
     """The ``embed`` stage: both image variants, one model. Under torchrun each rank takes its blocks."""
     world, device = init_distributed(cfg.runtime.device)
+    with stage_run(cfg.workdir, f"embed.rank{world.rank}", cfg.permissions):
+        return _embed_all(cfg, variants, progress, world, device)
+
+
+def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
     work = Workdir(cfg.workdir)
     shards = open_shards(work.shards_dir)
     shards.validate()

@@ -7,6 +7,7 @@ preprocessing). Written by the embed stage; read by zeroshot and probe.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ._io import stable_hash
 from .shardset import ShardSet
 
 CACHE_SCHEMA = "radacx-features"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content_sha256, verified before commit and on open
 
 
 class FeatureCacheError(RuntimeError):
@@ -26,8 +27,8 @@ class FeatureCacheError(RuntimeError):
 
 def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
     """What a cache of ``model`` over ``shards``' ``variant`` images must record."""
-    return {"model": model.fingerprint, "model_spec": model.spec, "shards": shards.fingerprint,
-            "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
+    return {"model": model.fingerprint, "model_spec": model.spec, "weights_seed": model.weights_seed,
+            "shards": shards.fingerprint, "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
             "schema_version": CACHE_VERSION}
 
 
@@ -58,9 +59,16 @@ class FeatureCache:
             self.dicom_id = f["dicom_id"][:].astype(str)
             self.features = f["features"][:]
             self.pre_projection = f["pre_projection"][:] if "pre_projection" in f else None
+            stamped = f.attrs.get("content_sha256")
         if not np.isfinite(self.features).all():
             bad = int((~np.isfinite(self.features)).any(1).sum())
             raise FeatureCacheError(f"{self.path}: {bad} rows hold NaN/inf features")
+        if bad_rows(self.features).any():
+            raise FeatureCacheError(f"{self.path}: {int(bad_rows(self.features).sum())} rows hold no embedding "
+                                    f"(all zeros); delete it and run `radacx embed`")
+        if stamped != content_sha256(self.dicom_id, self.features, self.pre_projection):
+            raise FeatureCacheError(f"{self.path}: content does not match its checksum (changed after it was "
+                                    f"written, or an unfinished file); delete it and run `radacx embed`")
 
     def get(self, kind: str = "features") -> np.ndarray:
         if kind == "pre_projection" and self.pre_projection is None:
@@ -71,6 +79,21 @@ class FeatureCache:
         """Rows must be the shard index's rows, in its order."""
         if not np.array_equal(self.dicom_id, shards.index["dicom_id"].to_numpy().astype(str)):
             raise FeatureCacheError(f"{self.path}: rows are not aligned with {shards.root}/index.csv")
+
+
+def content_sha256(ids, features: np.ndarray, pre_projection: np.ndarray | None) -> str:
+    """Checksum of a cache's rows (ids, features, pre-projection features), stamped at commit."""
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, ids)).encode())
+    for arr in (features, pre_projection):
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def bad_rows(features: np.ndarray) -> np.ndarray:
+    """Rows that cannot be real embeddings: all zeros (never written) or non-finite."""
+    return ~np.isfinite(features).all(1) | ~features.any(1)
 
 
 def create_partial(path: Path, fingerprints: dict, model, shards: ShardSet, dim: int, pdim: int) -> None:
@@ -85,5 +108,5 @@ def create_partial(path: Path, fingerprints: dict, model, shards: ShardSet, dim:
         f.create_dataset("features", (n, dim), np.float32)
         if pdim:
             f.create_dataset("pre_projection", (n, pdim), np.float32)
-        f["dicom_id"] = shards.index["dicom_id"].to_numpy().astype("S44")
+        f["dicom_id"] = shards.index["dicom_id"].to_numpy().astype("S")  # never truncated
         f.create_dataset("row_done", (n,), bool)

@@ -28,7 +28,7 @@ import torch
 from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
-from ._io import atomic_path, stable_hash, write_json
+from ._io import atomic_path, stable_hash, stage_run, write_json
 from .arms import IMAGE_VARIANTS, arm_for
 from .augment import augment
 from .config import Config
@@ -378,4 +378,6 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
 
 
 def run_finetune(cfg: Config, variants=IMAGE_VARIANTS, resume: bool = False) -> dict:
-    return {arm_for("finetune", v).name: train_variant(cfg, v, resume=resume) for v in variants}
+    """The ``finetune`` stage: V3 (original) and V4 (masked)."""
+    with stage_run(cfg.workdir, f"finetune.rank{World.from_env().rank}", cfg.permissions):
+        return {arm_for("finetune", v).name: train_variant(cfg, v, resume=resume) for v in variants}

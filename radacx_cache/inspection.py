@@ -11,6 +11,10 @@ from .figures import montage
 def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) -> str:
     path = Path(path)
     lines = [str(path)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path}: not an HDF5 file (expected a shard or a feature cache)")
     with h5py.File(path, "r") as f:
         for key, value in sorted(f.attrs.items()):
             text = str(value)

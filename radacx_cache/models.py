@@ -53,6 +53,7 @@ class LoadedModel:
     spec: str
     tag: str  # filesystem-safe name for cache folders
     fingerprint: str  # weights hash + model config
+    weights_seed: int | None = None  # the seed of random weights; None for weights read from files
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std per channel, for float (B, 3, H, W) images in [0, 1]."""
@@ -149,6 +150,14 @@ def describe_spec(spec: str) -> str:
     return {"tiny": "tiny model (random weights)", "biomedclip-random": "BiomedCLIP architecture (random weights)",
             "hub": "BiomedCLIP" if ident == BIOMEDCLIP_HUB else ident,
             "dir": f"{Path(ident).name} (local weights)"}.get(kind, ident)
+
+
+def weights_seed(spec: str, seed: int) -> int | None:
+    """The seed that makes ``spec``'s weights (random-weight models), or None (weights from files)."""
+    kind, ident = parse_model_spec(spec)
+    if kind in ("tiny", "biomedclip-random") or (kind == "openclip" and "/" not in ident):
+        return seed
+    return None
 
 
 def model_tag(spec: str) -> str:
@@ -282,7 +291,8 @@ def load_model(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") 
                           "params": _param_digest(model) if pretrained else None})
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    return LoadedModel(model.to(device), tokenizer, tuple(mean), tuple(std), size, spec, model_tag(spec), fp)
+    return LoadedModel(model.to(device), tokenizer, tuple(mean), tuple(std), size, spec, model_tag(spec), fp,
+                       weights_seed(spec, seed))
 
 
 def _param_digest(model: torch.nn.Module) -> str:

@@ -11,12 +11,13 @@ import logging
 import numpy as np
 import pandas as pd
 
+from ._io import stage_run
 from .arms import IMAGE_VARIANTS, arm_for
 from .config import Config
 from .features import FeatureCache
 from .linear_probe import LinearProbe, fit_final, sweep_c
 from .metrics import accuracy
-from .models import model_tag
+from .models import model_tag, weights_seed
 from .predictions import write_predictions
 from .shardset import ShardSet, open_shards
 from .workdir import Workdir
@@ -52,16 +53,22 @@ def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tu
 
 def run_probes(cfg: Config) -> dict:
     """Train V1 (original) and V2 (masked) and predict both test image variants."""
+    with stage_run(cfg.workdir, "probe", cfg.permissions):
+        return _run_probes(cfg)
+
+
+def _run_probes(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
     shards = open_shards(work.shards_dir)
+    shards.validate()
     classes = shards.target_names
     # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
     # here the spec, the shard set, the variant and the seed of a random-weight model must match,
     # without loading the model again
     tag = model_tag(cfg.model.spec)
-    caches = {v: FeatureCache(work.features(tag, v),
-                              {"model_spec": cfg.model.spec, "shards": shards.fingerprint, "variant": v})
-              for v in IMAGE_VARIANTS}
+    expected = {"model_spec": cfg.model.spec, "weights_seed": weights_seed(cfg.model.spec, cfg.seed),
+                "shards": shards.fingerprint}
+    caches = {v: FeatureCache(work.features(tag, v), {**expected, "variant": v}) for v in IMAGE_VARIANTS}
     for cache in caches.values():
         cache.check_aligned(shards)
     summary = {}

@@ -51,19 +51,34 @@ def square_geometry(height: int, width: int, size: int, decode_reduce: int = 1) 
                     size / side, decode_reduce)
 
 
-def decode_grey(data: bytes, min_side: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+MAX_PIXELS = 64_000_000  # ~8000 x 8000: far above any radiograph, far below a decompression bomb
+MIN_OVERLAY_SHARE = 0.002  # an overlay that changes fewer pixels than this drew (almost) nothing
+
+
+def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, int] | None = None,
+                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int, tuple[int, int]]:
     """Decode an image to 8-bit grey, with libjpeg's DCT scaling when ``min_side`` allows it.
 
     With ``min_side`` the JPEG is decoded at the smallest 1/1, 1/2, 1/4 or 1/8 scale whose result
     still has at least ``min_side`` pixels on its long side, which is equivalent for a later
     antialiased resize to ``min_side`` and skips most of the inverse DCT work.
+    The size the header declares is checked against ``expected`` (height, width), e.g. the
+    metadata's Rows x Columns, and against ``max_pixels`` *before* anything is decoded, so a tiny file
+    declaring a huge image costs nothing. 16-bit images are windowed to 8 bit between their 0.5th
+    and 99.5th percentiles (a hot pixel cannot turn the image black).
     Returns the pixels, the reduction factor and the original (height, width).
     """
     if len(data) == 0:
         raise RenderError("file is empty (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))  # reads the header only
         height, width = im.height, im.width
+        if expected is not None and (height, width) != tuple(int(v) for v in expected):
+            raise RenderError(f"image is {height}x{width} but the metadata says {expected[0]}x{expected[1]}; "
+                              f"not decoded")
+        if height * width > max_pixels:
+            raise RenderError(f"image declares {height}x{width} pixels, more than the {max_pixels} allowed; "
+                              f"not decoded")
         if min_side and im.format == "JPEG":
             long_side = max(height, width)
             reduce = 1
@@ -78,9 +93,10 @@ def decode_grey(data: bytes, min_side: int | None = None) -> tuple[np.ndarray, i
         raise
     except Exception as exc:
         raise RenderError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
-    if im.mode != "L":  # 16-bit PNGs: scale to 8 bit
+    if im.mode != "L":  # 16-bit PNGs: a robust window to 8 bit
         arr = np.asarray(im, dtype=np.float32)
-        arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1.0)).astype(np.uint8)
+        lo, hi = np.percentile(arr, [0.5, 99.5])
+        arr = (255 * np.clip((arr - lo) / max(float(hi - lo), 1.0), 0, 1)).astype(np.uint8)
     else:
         arr = np.asarray(im)
     reduce = max(1, round(width / arr.shape[1]))
@@ -190,14 +206,22 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
 
 
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
-                 cfg: RenderConfig | None = None) -> dict:
-    """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason."""
+                 cfg: RenderConfig | None = None, expected: tuple[int, int] | None = None) -> dict:
+    """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason.
+
+    ``expected``: the image's (height, width) according to the archive's metadata, checked before
+    decoding.
+    """
     cfg = cfg or RenderConfig()
     size = cfg.size
-    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None)
+    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected)
     geom = square_geometry(height, width, size, reduce)
     masks = masks_at(rles, mask_shape, geom, size, cfg.mask_supersample)
     original = pad_resize(pixels, geom, size)
     masked = overlay(original, masks, cfg.overlay, colors=cfg.colors, line_width=cfg.line_width,
                      alpha=cfg.fill_alpha)
+    changed = float(np.any(masked != original[..., None], axis=2).mean())
+    if changed < MIN_OVERLAY_SHARE:
+        raise RenderError(f"the overlay changed {changed:.2%} of the pixels (expected >= {MIN_OVERLAY_SHARE:.1%}): "
+                          f"empty masks, or a render config that draws nothing")
     return {"original": original, "masked": masked, "masks": masks, "geometry": geom}

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, read_json, write_csv, write_json
+from ._io import atomic_path, read_json, stage_run, write_csv, write_json
 from .arms import ARMS, IMAGE_VARIANTS, Arm
 from .config import Config
 from .figures import report_figures
@@ -26,7 +26,7 @@ from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 REFERENCES = (("chance", "uniform random class"),
-              ("majority", "always the train split's most frequent target"),
+              ("majority", "the train split's most frequent target"),
               ("prior", "random class drawn with the train split's target frequencies"))
 POLICY_TEXT = {
     "uncertain": {"ignore": "uncertain (-1) labels are neither positive nor negative: they do not make an image "
@@ -176,6 +176,11 @@ def _footer(provenance: dict, n_boot: int) -> list[str]:
 
 def build_report(cfg: Config) -> dict:
     """The ``report`` stage: Table 1 and its companions from every arm's prediction files."""
+    with stage_run(cfg.workdir, "report", cfg.permissions):
+        return _build_report(cfg)
+
+
+def _build_report(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
     shards = open_shards(work.shards_dir)
     cohort = read_json(work.cohort_manifest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,14 +23,15 @@ import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from ._io import atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash, write_csv, write_json
+from ._io import (apply_permissions, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
+                  stage_lock, write_csv, write_json)
 from ._version import __version__
 from .cohort_files import load_cohort, read_rle_rows
 from .config import Config, RenderConfig
 from .render import GEOMETRY_FIELDS, RenderError, render_image
 from .shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
 from .sources.chexmask import MASK_NAMES
-from .sources.mimic import FINDINGS_ALL
+from .sources.mimic import FINDINGS_ALL, archive_path
 from .workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
         f["labels"] = np.array([[r[c] for c in FINDINGS_ALL] for r in records], np.float32).reshape(n, 14)
         f["targets"] = np.array([[r[f"target_{c}"] for c in classes] for r in records],
                                 np.float32).reshape(n, len(classes))
-        f["dicom_id"] = np.array([r["dicom_id"] for r in records], dtype="S44")
+        f["dicom_id"] = np.array([r["dicom_id"] for r in records], dtype="S")  # never truncated
         f["subject_id"] = np.array([r["subject_id"] for r in records], np.int64)
         f["study_id"] = np.array([r["study_id"] for r in records], np.int64)
         f["mask_quality"] = np.array([r["quality_mean"] for r in records], np.float32)
@@ -99,16 +101,23 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
     rles = read_rle_rows(Path(rle_path), task.rows)
     items, kept, rejects = [], [], []
     for rec in records:
-        path = Path(mimic_root) / rec["path"]
+        retry = False
         try:
             try:
-                data = path.read_bytes()
+                data = archive_path(mimic_root, rec["path"]).read_bytes()
+            except ValueError as exc:  # a path that would leave the archive: never read
+                raise RenderError(str(exc)) from None
             except FileNotFoundError:
+                retry = True
                 raise RenderError("JPEG not found") from None
+            except OSError as exc:
+                retry = True
+                raise RenderError(f"JPEG unreadable ({exc.strerror or exc})") from None
             mask = rles[rec["dicom_id"]]
-            item = render_image(data, mask, mask["shape"], render)
+            item = render_image(data, mask, mask["shape"], render, expected=(rec["Rows"], rec["Columns"]))
         except RenderError as exc:
-            rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})"})
+            rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})",
+                            "path": rec["path"], "retry": retry})
             continue
         items.append(item)
         kept.append(rec)
@@ -141,11 +150,56 @@ def _backend_context(cfg: Config):
     return None, parallel_config(backend=backend, n_jobs=cfg.shards.n_jobs)
 
 
-def build_shards(cfg: Config, progress: bool = True, on_written: WrittenHook | None = None) -> dict:
-    """Run (or resume) the shard stage for ``cfg``; returns the manifest."""
+def build_shards(cfg: Config, progress: bool = True, on_written: WrittenHook | None = None,
+                 rebuild: bool = False) -> dict:
+    """Run (or resume) the shard stage for ``cfg``; returns the manifest.
+
+    Finished shards are never deleted because the plan changed (another cohort, another
+    ``rows_per_shard``): the stage refuses and says so, unless ``rebuild`` (``radacx shards --rebuild``).
+    """
+    apply_permissions(cfg.permissions)
     work = Workdir(cfg.workdir)
+    with stage_lock(work.root, "shards"):
+        return _build(cfg, work, progress, on_written, rebuild)
+
+
+def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, list, list]:
+    """(finished sidecars, tasks to render, finished shards the plan no longer wants)."""
+    done, pending, obsolete = {}, [], []
+    for task in tasks:
+        sidecar_path = (out / task.name).with_suffix(".json")
+        if not sidecar_path.exists():
+            pending.append(task)
+            continue
+        sidecar = read_json(sidecar_path)
+        if sidecar.get("fingerprint") != task.fingerprint:
+            obsolete.append(task.name)
+            pending.append(task)
+            continue
+        try:
+            validate_shard(out / task.name, sidecar)
+        except ShardError as exc:  # broken, not finished: rebuilt without asking
+            log.warning("shards: rebuilding %s (%s)", task.name, exc)
+            pending.append(task)
+            continue
+        back = [r for r in sidecar["rejects"] if r.get("retry") and (root / r["path"]).exists()]
+        if back:  # an I/O reject whose file is back (a remounted disk, a restored file): retried
+            log.info("shards: re-rendering %s: %d image(s) that could not be read are back", task.name, len(back))
+            pending.append(task)
+            continue
+        done[task.name] = sidecar
+    planned = {t.name for t in tasks}
+    obsolete += sorted(p.name for p in out.glob("*.h5") if p.name not in planned)
+    return done, pending, obsolete
+
+
+def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook | None, rebuild: bool) -> dict:
     out = work.shards_dir
     cohort = load_cohort(work)  # raises unless the cohort stage finished
+    root = Path(cfg.archive.mimic_root)
+    if not root.is_dir():
+        raise ShardError(f"archive.mimic_root {root} is not a folder (unmounted, or a wrong path?); "
+                         f"nothing was rendered or rejected")
     cohort_fp = read_json(work.cohort_manifest)["fingerprint"]
     render_fp = render_fingerprint(cfg)
     _refuse_mixing(out, render_fp, cfg)
@@ -154,50 +208,57 @@ def build_shards(cfg: Config, progress: bool = True, on_written: WrittenHook | N
     if stale:
         log.warning("shards: removed %d temporary file(s) left by an interrupted run", stale)
     tasks = plan_shards(cohort, cfg.shards.rows_per_shard, render_fp, cohort_fp)
-    done, pending = {}, []
-    for task in tasks:
-        sidecar_path = (out / task.name).with_suffix(".json")
-        if sidecar_path.exists():
-            sidecar = read_json(sidecar_path)
-            try:
-                if sidecar.get("fingerprint") != task.fingerprint:
-                    raise ShardError(f"{task.name}: planned rows or config changed")
-                validate_shard(out / task.name, sidecar)
-                done[task.name] = sidecar
-                continue
-            except ShardError as exc:
-                log.warning("shards: rebuilding %s (%s)", task.name, exc)
-                sidecar_path.unlink()
-        pending.append(task)
-    for old in set(p.name for p in out.glob("*.h5")) - {t.name for t in tasks}:
-        log.warning("shards: %s is not in the plan; removing it", old)
-        (out / old).unlink()
-        (out / old).with_suffix(".json").unlink(missing_ok=True)
+    done, pending, obsolete = _sort_tasks(out, tasks, root)
+    if obsolete and not rebuild:
+        raise ShardError(f"{len(obsolete)} finished shard(s) in {out} no longer match the plan (the cohort or "
+                         f"shards.rows_per_shard changed), e.g. {obsolete[0]}. Refusing to replace them: use a "
+                         f"fresh workdir (--set workdir=...) or pass --rebuild to replace them.")
+    for name in obsolete:
+        if name not in {t.name for t in tasks}:
+            log.warning("shards: --rebuild: removing %s (not in the plan)", name)
+            (out / name).unlink()
+            (out / name).with_suffix(".json").unlink(missing_ok=True)
     log.info("shards: %d planned, %d complete, %d to render", len(tasks), len(done), len(pending))
     attrs = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "label_names": list(FINDINGS_ALL),
              "mask_names": list(MASK_NAMES), "target_names": list(cfg.cohort.classes),
              "geometry_fields": list(GEOMETRY_FIELDS), "render_config": cfg.to_dict()["render"],
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
              "size": cfg.render.size, "created_with": f"radacx-cache {__version__}"}
-    records = cohort.to_dict("records")
     if pending:
-        client, context = _backend_context(cfg)
-        try:
-            with context:
-                jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.mimic_root,
-                                              str(work.masks_rle), cfg.to_dict()["render"],
-                                              list(cfg.cohort.classes), str(out), attrs, on_written)
-                        for t in pending)
-                bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
-                           disable=not progress)
-                for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
-                    done[sidecar["name"]] = sidecar
-                    bar.update(sidecar["rows"] + len(sidecar["rejects"]))
-                bar.close()
-        finally:
-            if client is not None:
-                client.close()
+        _render(cfg, work, pending, cohort.to_dict("records"), attrs, done, progress, on_written)
+    _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
     return _commit(out, tasks, done, attrs, cohort)
+
+
+def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dict, done: dict, progress: bool,
+            on_written: WrittenHook | None) -> None:
+    client, context = _backend_context(cfg)
+    try:
+        with context:
+            jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.mimic_root,
+                                          str(work.masks_rle), cfg.to_dict()["render"],
+                                          list(cfg.cohort.classes), str(work.shards_dir), attrs, on_written)
+                    for t in pending)
+            bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", disable=not progress)
+            for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
+                done[sidecar["name"]] = sidecar
+                bar.update(sidecar["rows"] + len(sidecar["rejects"]))
+            bar.close()
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _check_reject_share(done: dict, n_cohort: int, limit: float) -> None:
+    """Stop before committing when more of the cohort was rejected than ``limit`` (a wrong archive
+    path, an unmounted disk, another render problem): the rejects are not the answer then."""
+    rejects = [r for sc in done.values() for r in sc["rejects"]]
+    if n_cohort and len(rejects) / n_cohort > limit:
+        counts = pd.Series([re.sub(r"\(.*\)$", "", r["reason"]).strip() for r in rejects]).value_counts()
+        top = "; ".join(f"{n} x {reason}" for reason, n in counts.head(5).items())
+        raise ShardError(f"{len(rejects)} of {n_cohort} images ({len(rejects) / n_cohort:.1%}) were rejected, more "
+                         f"than shards.max_reject_share={limit:.0%}: {top}. Nothing committed; fix the cause "
+                         f"and rerun (finished shards are kept).")
 
 
 def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
@@ -228,7 +289,7 @@ def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict, cohort: 
     index = index.merge(cohort[["dicom_id", "subject_id", "study_id", *label_cols]], on="dicom_id",
                         how="left", validate="one_to_one")
     write_csv(out / "index.csv", index)
-    write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason"]))
+    write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason", "retry"]))
     manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "shards": shards,
                 "rows": len(index), "rejects": len(rejects),
                 "render_config": attrs["render_config"], "render_fingerprint": attrs["render_fingerprint"],

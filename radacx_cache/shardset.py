@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ._io import file_sha256, read_json
+from ._io import file_sha256, read_json, write_json
 from .arms import IMAGE_VARIANTS
 
 SCHEMA, SCHEMA_VERSION = "radacx-shard", 1
@@ -98,22 +98,42 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.index)
 
-    def validate(self, checksum: bool = False) -> None:
+    def validate(self, checksum: bool = True) -> None:
         """Check every shard against the manifest before a long job reads it.
 
-        Size, schema and render config always (cheap); the sha256 too with ``checksum``. Raises
-        ShardError naming the shard and the reason (a truncated file, a shard of another render
-        config copied into the folder, ...).
+        Size, schema, render config and sha256. The sha256 is computed once per file and remembered
+        in ``.verified.json`` by (size, mtime), so later jobs pay only a stat. Raises ShardError
+        naming the shard and the reason (truncated, overwritten in place, another render config).
         """
+        verified = self._verified_cache()
         for entry in self.manifest["shards"]:
             path = self.root / entry["name"]
-            validate_shard(path, entry if checksum else {**entry, "sha256": None})
+            st = path.stat() if path.exists() else None
+            known = st is not None and verified.get(entry["name"]) == [st.st_size, st.st_mtime_ns, entry["sha256"]]
+            validate_shard(path, entry if checksum and not known else {**entry, "sha256": None})
+            if checksum and not known:
+                verified[entry["name"]] = [st.st_size, st.st_mtime_ns, entry["sha256"]]
             with h5py.File(path, "r") as f:
                 found = f.attrs.get("render_fingerprint")
             if found != self.manifest["render_fingerprint"]:
                 raise ShardError(f"{path}: rendered with render config {found}, the folder's manifest says "
                                  f"{self.manifest['render_fingerprint']}; shards of different configs are "
                                  f"never mixed (rebuild the folder)")
+        if checksum:
+            self._save_verified(verified)
+
+    def _verified_cache(self) -> dict:
+        path = self.root / ".verified.json"
+        try:
+            return read_json(path) if path.exists() else {}
+        except ValueError:
+            return {}
+
+    def _save_verified(self, verified: dict) -> None:
+        try:
+            write_json(self.root / ".verified.json", verified)
+        except OSError:  # a read-only shard folder: verified again next time, nothing else lost
+            pass
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import torch
 
-from ._io import atomic_path, stable_hash
+from ._io import atomic_path, stable_hash, stage_run
 from .arms import IMAGE_VARIANTS
 from .config import Config
 from .features import FeatureCache, cache_fingerprints
@@ -56,8 +56,15 @@ def zeroshot_proba(image_features: np.ndarray, text: np.ndarray, logit_scale: fl
 
 
 def run_zeroshot(cfg: Config) -> dict:
+    """The zero-shot baseline on both test image variants."""
+    with stage_run(cfg.workdir, "zeroshot", cfg.permissions):
+        return _run_zeroshot(cfg)
+
+
+def _run_zeroshot(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
     shards = open_shards(work.shards_dir)
+    shards.validate()
     model = load_model(cfg.model.spec, seed=cfg.seed)
     classes = shards.target_names
     prompts = class_prompts(classes, cfg.zeroshot.template, cfg.zeroshot.prompts)

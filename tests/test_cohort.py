@@ -12,7 +12,7 @@ FAULT_EXPECTATIONS = {
     "rle_odd_count": ("shards", "odd number"),
     "rle_decreasing_starts": ("shards", "not strictly increasing"),
     "rle_out_of_bounds": ("shards", "past the end"),
-    "jpeg_size_mismatch": ("shards", "does not match the image"),
+    "jpeg_size_mismatch": ("shards", "but the metadata says"),  # caught before decoding
     "mask_size_mismatch": ("cohort", "!= metadata Rows x Columns"),
     "missing_mask_row": ("cohort", "no CheXmask row"),
     "missing_label_row": ("cohort", "no row in chexpert labels"),
@@ -128,7 +128,7 @@ def small_tables(**chexmask_overrides):
     """Archive tables without files: 4 patients, one frontal image each, masks of 10x10."""
     from radacx_cache.cohort import ArchiveTables
     from radacx_cache.sources.mimic import FINDINGS_ALL
-    ids = [f"img{i}" for i in range(4)]
+    ids = [f"{i:08x}-00000000-00000000-00000000-0000000{i}" for i in range(4)]  # real-format dicom_ids
     meta = pd.DataFrame({"dicom_id": ids, "subject_id": [10000001, 10000002, 10000003, 10000004],
                          "study_id": [50000001, 50000002, 50000003, 50000004], "ViewPosition": ["PA"] * 4,
                          "Rows": [10] * 4, "Columns": [10] * 4})
@@ -150,14 +150,15 @@ def test_select_cohort_is_pure_and_rejects_a_swapped_dice_row():
     from radacx_cache.cohort import select_cohort
     from radacx_cache.config import CohortConfig
     cohort, rejects = select_cohort(small_tables(quality_mean=(1, 0.95)), CohortConfig(), seed=0)
-    assert set(cohort["dicom_id"]) == {"img0", "img2", "img3"}
-    assert rejects == [{"id": "img1", "stage": "cohort", "reason": "CheXmask Dice RCA (Mean) > (Max): the columns look swapped"}]
+    img = small_tables().metadata["dicom_id"].tolist()
+    assert set(cohort["dicom_id"]) == {img[0], img[2], img[3]}
+    assert rejects == [{"id": img[1], "stage": "cohort", "reason": "CheXmask Dice RCA (Mean) > (Max): the columns look swapped"}]
     row = cohort.set_index("dicom_id")
-    assert row.loc["img0", "uncertain_Atelectasis"] == 1 and row.loc["img0", "positive_Atelectasis"] == 0
-    assert row.loc["img2", "positive_Atelectasis"] == 1 and row.loc["img3", "uncertain_Atelectasis"] == 0
+    assert row.loc[img[0], "uncertain_Atelectasis"] == 1 and row.loc[img[0], "positive_Atelectasis"] == 0
+    assert row.loc[img[2], "positive_Atelectasis"] == 1 and row.loc[img[3], "uncertain_Atelectasis"] == 0
     ones, _ = select_cohort(small_tables(), CohortConfig(uncertain="ones"), seed=0)
-    assert ones.set_index("dicom_id").loc["img0", "positive_Atelectasis"] == 1  # under `ones`, -1 is positive
+    assert ones.set_index("dicom_id").loc[img[0], "positive_Atelectasis"] == 1  # under `ones`, -1 is positive
     first, _ = select_cohort(small_tables(), CohortConfig(multi_positive="first"), seed=0)
-    r2 = first.set_index("dicom_id").loc["img2"]  # Atelectasis and Edema: the first in priority is trained ...
+    r2 = first.set_index("dicom_id").loc[img[2]]  # Atelectasis and Edema: the first in priority is trained ...
     assert (r2["target_Atelectasis"], r2["target_Edema"]) == (1, 0)
     assert (r2["positive_Atelectasis"], r2["positive_Edema"]) == (1, 1)  # ... but both are scored as positive

@@ -53,9 +53,14 @@ def test_real_rows_right_lung_is_on_the_image_left():
     ("8 2 2 2", (3, 4), "not strictly increasing"),
     ("2 2 12 5", (3, 4), "past the end"),
     ("2 4 4 2", (3, 4), "overlap"),
-    ("2 x", (3, 4), "non-integer"),
+    ("2 x", (3, 4), "not a non-negative integer"),
     ("0 2", (3, 4), "1-based"),
     ("2 0", (3, 4), "non-positive length"),
+    (None, (3, 4), "blank cell"),  # a blank CSV cell
+    (float("nan"), (3, 4), "blank cell"),
+    ("99999999999999999999 5", (3, 4), "past the end of the 3x4 mask"),  # would overflow int64
+    ("--5 3", (3, 4), "not a non-negative integer"),
+    ("2 9223372036854775807 10 5", (3, 4), "past the end of the 3x4 mask"),  # would wrap int64 silently
 ])
 def test_malformed_rle_is_rejected_with_the_reason(text, shape, message):
     with pytest.raises(RLEError, match=message):

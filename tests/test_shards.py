@@ -175,12 +175,17 @@ def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["shards"]:
         if entry["name"] == victim.name:
-            entry["bytes"] = victim.stat().st_size  # a hand-edited manifest that hides the swap
+            entry["bytes"] = victim.stat().st_size  # a hand-edited manifest that hides the size change
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="render config 0123456789abcdef"):
+    with pytest.raises(ShardError, match="sha256"):  # ... the checksum still sees it
         embed_all(cfg, progress=False)
-    with pytest.raises(ShardError, match="sha256"):
-        open_shards(tmp_path / "shards").validate(checksum=True)
+    from radacx_cache._io import file_sha256
+    for entry in manifest["shards"]:
+        if entry["name"] == victim.name:
+            entry["sha256"] = file_sha256(victim)  # a fully forged manifest entry
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="render config 0123456789abcdef"):  # ... the render config still does
+        embed_all(cfg, progress=False)
 
 
 def test_masked_images_are_the_overlay_of_the_originals_with_the_configured_colours(pipeline):

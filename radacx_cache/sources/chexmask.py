@@ -19,6 +19,7 @@ MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack i
 LANDMARK_SPLIT = {"right_lung": (0, 44), "left_lung": (44, 94), "heart": (94, 120)}
 QUALITY_MEAN, QUALITY_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
 _INT = re.compile(r"-?\d+")
+_UINT = re.compile(r"[0-9]+")
 
 
 class RLEError(ValueError):
@@ -26,20 +27,32 @@ class RLEError(ValueError):
 
 
 def parse_rle(text: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Validate an RLE string and return 0-based (starts, ends) with ``ends`` exclusive."""
+    """Validate an RLE string and return 0-based (starts, ends) with ``ends`` exclusive.
+
+    Every field must be a plain non-negative decimal integer; starts and lengths are checked
+    against the mask size as Python integers *before* any int64 arithmetic, so no value can overflow
+    or wrap. Raises RLEError naming the offending field or run.
+    """
     height, width = shape
-    if text is None or (isinstance(text, float) and np.isnan(text)):
-        raise RLEError("RLE is empty (blank cell)")
-    fields = str(text).split()
+    if text is None or (isinstance(text, float) and np.isnan(text)) or not isinstance(text, str):
+        raise RLEError("RLE is empty (blank cell)" if text is None or isinstance(text, float)
+                       else f"RLE is not text ({type(text).__name__})")
+    fields = text.split()
     if not fields:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    try:
-        values = np.array(fields, dtype=np.int64)
-    except ValueError:
-        bad = next(f for f in fields if not f.lstrip("-").isdigit())
-        raise RLEError(f"RLE has a non-integer field {bad!r}") from None
-    if values.size % 2:
-        raise RLEError(f"RLE has an odd number of fields ({values.size}); expected start/length pairs")
+    joined = "".join(fields)
+    if not (joined.isascii() and joined.isdigit()):  # one C-level check for the common, valid case
+        bad = next(f for f in fields if not _UINT.fullmatch(f))
+        raise RLEError(f"RLE has a field {bad[:40]!r} that is not a non-negative integer")
+    if len(fields) % 2:
+        raise RLEError(f"RLE has an odd number of fields ({len(fields)}); expected start/length pairs")
+    size = height * width
+    longest = max(fields, key=len)
+    if len(longest) > 18:  # would not fit int64 arithmetic; no real mask is that large
+        raise RLEError(f"RLE value {longest[:40]} runs past the end of the {height}x{width} mask ({size} pixels)")
+    values = np.array(fields, dtype=np.int64)
+    if values.max() > size:  # checked before any addition, so starts + lengths cannot wrap
+        raise RLEError(f"RLE value {values.max()} runs past the end of the {height}x{width} mask ({size} pixels)")
     starts = values[0::2] - 1
     lengths = values[1::2]
     if starts[0] < 0:
@@ -52,9 +65,9 @@ def parse_rle(text: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
         raise RLEError(f"RLE starts not strictly increasing at run {i} "
                        f"({starts[i - 1] + 1} then {starts[i] + 1})")
     ends = starts + lengths
-    if ends[-1] > height * width:
+    if ends[-1] > size:
         raise RLEError(f"RLE runs past the end of a {height}x{width} mask "
-                       f"(last pixel {ends[-1]} > {height * width})")
+                       f"(last pixel {ends[-1]} > {size})")
     if np.any(ends[:-1] > starts[1:]):
         i = int(np.argmax(ends[:-1] > starts[1:]))
         raise RLEError(f"RLE runs {i} and {i + 1} overlap")

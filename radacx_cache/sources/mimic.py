@@ -1,6 +1,7 @@
 """Reader of the MIMIC-CXR-JPG tables and file tree (docs/archives.md)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,37 @@ def table_path(root: str | Path, name: str) -> Path:
         f"point archive.mimic_root at the folder holding files/ and the {PREFIX}-*.csv.gz tables")
 
 
-def _read(path: Path, columns) -> pd.DataFrame:
+def _read(path: Path, columns, ids_as_text: bool = False) -> pd.DataFrame:
     header = pd.read_csv(path, nrows=0).columns
     missing = [c for c in columns if c not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
-    return pd.read_csv(path, usecols=list(columns), dtype={"dicom_id": str})
+    dtype = {c: str for c in ("dicom_id", "subject_id", "study_id")} if ids_as_text else {"dicom_id": str}
+    return pd.read_csv(path, usecols=list(columns), dtype={k: v for k, v in dtype.items() if k in columns},
+                       keep_default_na=not ids_as_text, na_values=[""] if ids_as_text else None)
+
+
+def _numeric_ids(df: pd.DataFrame, path_name: str) -> pd.DataFrame:
+    """subject_id / study_id as int64; rows whose ids are not integers are dropped (they cannot join
+    any image; the images they were meant for are rejected as having no row here)."""
+    ids = {c: pd.to_numeric(df[c], errors="coerce") for c in ("subject_id", "study_id") if c in df}
+    ok = np.logical_and.reduce([v.notna().to_numpy() for v in ids.values()])
+    out = df[ok].copy()
+    for c, v in ids.items():
+        out[c] = v[ok].astype(np.int64)
+    return out
 
 
 def read_metadata(root) -> pd.DataFrame:
-    """One row per image: dicom_id, subject_id, study_id, ViewPosition, Rows, Columns."""
-    df = _read(table_path(root, "metadata"), METADATA_COLUMNS)
+    """One row per image: dicom_id, subject_id, study_id, ViewPosition, Rows, Columns.
+
+    Identifiers are returned as text, exactly as in the file (validate them with ``id_problem``);
+    Rows and Columns as floats (NaN where blank or not a number).
+    """
+    df = _read(table_path(root, "metadata"), METADATA_COLUMNS, ids_as_text=True)
     df["ViewPosition"] = df["ViewPosition"].astype(object).where(df["ViewPosition"].notna(), None)
+    for col in ("Rows", "Columns"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 
@@ -47,7 +67,7 @@ def read_labels(root, labeler: str = "chexpert") -> pd.DataFrame:
     """One row per study: subject_id, study_id and the 14 labels as floats (1, 0, -1, NaN)."""
     if labeler not in ("chexpert", "negbio"):
         raise ValueError(f"labeler {labeler!r}: expected 'chexpert' or 'negbio'")
-    df = _read(table_path(root, labeler), ("subject_id", "study_id", *FINDINGS_ALL))
+    df = _numeric_ids(_read(table_path(root, labeler), ("subject_id", "study_id", *FINDINGS_ALL)), labeler)
     for col in FINDINGS_ALL:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(np.float32)
     return df
@@ -55,14 +75,48 @@ def read_labels(root, labeler: str = "chexpert") -> pd.DataFrame:
 
 def read_split(root) -> pd.DataFrame:
     """One row per image: dicom_id, study_id, subject_id, split (train / validate / test)."""
-    df = _read(table_path(root, "split"), ("dicom_id", "study_id", "subject_id", "split"))
+    df = _numeric_ids(_read(table_path(root, "split"), ("dicom_id", "study_id", "subject_id", "split")), "split")
     bad = sorted(set(df["split"].dropna()) - set(SPLIT_VALUES))
     if bad:
         raise ValueError(f"split table: unknown split value(s) {bad}; expected {SPLIT_VALUES}")
     return df
 
 
+# identifier formats (MIT-LCP mimic-cxr overview): dicom_id 5 dash-separated groups of 8 hex digits;
+# subject_id 8 digits starting with 1; study_id 8 digits starting with 5
+_DICOM_ID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{8}){4}")
+_SUBJECT_ID = re.compile(r"1[0-9]{7}")
+_STUDY_ID = re.compile(r"5[0-9]{7}")
+
+
+def id_problem(dicom_id, subject_id, study_id) -> str | None:
+    """Why a row's identifiers are not MIMIC-CXR-JPG identifiers, or None when they are.
+
+    Paths are built only from identifiers that pass, so a table cannot point outside the archive.
+    """
+    for name, value, pattern, form in (
+            ("dicom_id", dicom_id, _DICOM_ID, "5 dash-separated groups of 8 hex digits"),
+            ("subject_id", subject_id, _SUBJECT_ID, "8 digits starting with 1"),
+            ("study_id", study_id, _STUDY_ID, "8 digits starting with 5")):
+        text = str(value).strip() if value is not None and value == value else ""
+        if name != "dicom_id" and text.endswith(".0"):  # an integer column pandas read as float
+            text = text[:-2]
+        if not pattern.fullmatch(text):
+            shown = text if len(text) <= 60 else text[:60] + "..."
+            return f"{name} {shown!r} is not a MIMIC-CXR-JPG {name} ({form})"
+    return None
+
+
 def jpg_relpath(subject_id: int, study_id: int, dicom_id: str) -> str:
     """``files/p10/p10000032/s50414267/<dicom_id>.jpg``: the real folder layout."""
     subject = f"p{int(subject_id)}"
     return f"files/{subject[:3]}/{subject}/s{int(study_id)}/{dicom_id}.jpg"
+
+
+def archive_path(root: str | Path, relpath: str) -> Path:
+    """``root / relpath``, refused (ValueError) unless it resolves to a file inside ``root``."""
+    base = Path(root).resolve()
+    path = (base / relpath).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"path {relpath!r} leaves the archive root {base}")
+    return path
