@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo demo-data cohort shards embed probes zeroshot finetune report test test-quick bench clean
+.PHONY: help install demo demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -28,6 +28,7 @@ demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-
 	$(call radacx,zeroshot)
 	$(call radacx,probe)
 	$(call radacx,finetune)
+	$(call radacx,saliency)
 	$(call radacx,report)
 
 demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout)
@@ -44,6 +45,8 @@ zeroshot: install ## zero-shot baseline from cached features
 	$(call radacx,zeroshot)
 finetune: install ## fine-tune encoder + head (V3 original, V4 masked), streaming from shards
 	$(call radacx,finetune)
+saliency: install ## where each trained arm looks: saliency metrics against the anatomy, panels
+	$(call radacx,saliency)
 report: install ## results table, confidence intervals and figures
 	$(call radacx,report)
 
@@ -58,6 +61,10 @@ bench: install ## throughput benchmarks (ratios against named baselines)
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/probe.py
 	$(PY) benchmarks/stream.py
+	$(PY) benchmarks/saliency.py
+
+bench-scale: install ## the cohort and shard plan at full MIMIC size (~11 GB of synthetic input, ~10 min)
+	$(PY) benchmarks/scale.py
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf runs data results

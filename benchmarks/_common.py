@@ -33,7 +33,7 @@ def full_resolution_items(n: int, seed: int = 0, size: tuple[int, int] = (3056, 
         h = int(size[0] * rng.uniform(0.92, 1.0))
         w = int(size[1] * rng.uniform(0.9, 1.05))
         anatomy = make_anatomy(h, w, rng, ctr=rng.uniform(0.38, 0.6))
-        pixels, masks = draw_frontal(h, w, anatomy, {"Pleural Effusion": float(i % 2)}, rng)
+        pixels, masks, _ = draw_frontal(h, w, anatomy, {"Pleural Effusion": float(i % 2)}, rng)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", quality=95)
         items.append((buf.getvalue(), {k: encode_rle(v) for k, v in masks.items()}, (h, w)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import fcntl
 import hashlib
 import json
@@ -10,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 from threadpoolctl import threadpool_limits
 
 
@@ -129,3 +132,10 @@ def stage_run(workdir: str | Path, stage: str, permissions: str = "umask"):
     apply_permissions(permissions)
     with stage_lock(workdir, stage):
         yield
+
+
+def jpeg_bytes(pixels: np.ndarray, quality: int = 95) -> bytes:
+    """A grey (H, W) uint8 image as JPEG bytes (the phantom's files are quality-95 JPEGs, as MIMIC's)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -15,11 +15,12 @@ from .inspection import inspect_path
 from .phantom import generate
 from .probe import run_probes
 from .report import build_report
+from .saliency import run_saliency
 from .shards import build_shards
 from .zeroshot import run_zeroshot
 
 log = logging.getLogger("radacx_cache")
-STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "report")
+STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "saliency", "report")
 
 
 def _stage(name: str, cfg, args) -> dict | None:
@@ -32,7 +33,7 @@ def _stage(name: str, cfg, args) -> dict | None:
     if name == "shards":
         return build_shards(cfg, rebuild=args.rebuild)
     stages = {"cohort": build_cohort, "embed": embed_all, "probe": run_probes,
-              "zeroshot": run_zeroshot, "report": build_report}
+              "zeroshot": run_zeroshot, "saliency": run_saliency, "report": build_report}
     return stages[name](cfg)
 
 
@@ -47,7 +48,7 @@ def _summary(name: str, result) -> str:
     if name == "shards":
         return (f"shards: {result['rows']} images in {len(result['shards'])} shards, "
                 f"{result['rejects']} rejected (see shards/rejects.csv)")
-    if name == "report" and isinstance(result, dict) and "table" in result:
+    if name in ("report", "saliency") and isinstance(result, dict) and "table" in result:
         return result["table"]
     return json.dumps(result, indent=2, default=str)[:4000] if result is not None else ""
 

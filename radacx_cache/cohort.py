@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import file_sha256, read_json, stable_hash, stage_run, write_csv, write_json
-from .cohort_files import write_rle
+from ._io import atomic_path, file_sha256, read_json, stable_hash, stage_run, write_csv, write_json
+from .cohort_files import RLEStore, rle_content_hash
 from .config import CohortConfig, Config
-from .sources.chexmask import read_chexmask
+from .sources.chexmask import iter_chexmask, read_chexmask
 from .sources.mimic import FINDINGS_ALL, id_problem, jpg_relpath, read_labels, read_metadata, read_split
 from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 REJECT_COLUMNS = ["id", "stage", "reason"]
-COHORT_VERSION = 3  # 2: positive_* and uncertain_* columns; 3: validated ids, duplicates rejected
+CHEXMASK_CHUNK_ROWS = 2000  # ~100 MB of RLE text per chunk at MIMIC resolution
+COHORT_VERSION = 4  # 2: positive/uncertain columns; 3: validated ids, duplicates; 4: rle_row, streamed masks
 
 
 def label_columns(classes) -> list[str]:
@@ -117,9 +118,18 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
                   labeler: str = "chexpert") -> tuple[pd.DataFrame, list[dict]]:
     """The cohort policy, pure: (cohort table, rejects) from the archive's tables.
 
-    Filters frontal views, applies the label policy, joins the split and the CheXmask rows, checks
-    mask quality and sizes, and splits by patient. Every image left out gets a reject row.
+    ``select_images`` (views, labels, label policy, split table) then ``attach_masks`` (CheXmask
+    rows, quality, sizes) and the patient-level split. Every image left out gets a reject row.
     """
+    df, rejects = select_images(tables, policy, labeler=labeler)
+    df, more = attach_masks(df, tables.chexmask, policy, seed=seed)
+    return df, rejects + more
+
+
+def select_images(tables: ArchiveTables, policy: CohortConfig, *, labeler: str = "chexpert"
+                  ) -> tuple[pd.DataFrame, list[dict]]:
+    """Images that pass every filter before CheXmask: valid ids, view, one label row, the label
+    policy, one split row. Their ids are the CheXmask rows the cohort needs."""
     rejects: list[dict] = []
     meta = _valid_metadata(tables.metadata, rejects)
     df = _frontal_with_labels(meta, tables.labels, policy, labeler, rejects)
@@ -132,14 +142,18 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     keep = status == 0
     df = df[keep].copy()
     df[label_columns(policy.classes)] = np.hstack([targets[keep], positives[keep], uncertain[keep]])
-
     df = df.merge(_unique_rows(tables.split[["dicom_id", "split"]], "split table", df["dicom_id"], rejects),
                   on="dicom_id", how="left", validate="many_to_one")
     _reject(rejects, df.loc[df["split"].isna(), "dicom_id"], "image has no row in the split table")
-    df = df[df["split"].notna()]
-    df = _with_masks(df, tables.chexmask, policy, rejects)
-    df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
+    return df[df["split"].notna()], rejects
 
+
+def attach_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, *, seed: int
+                 ) -> tuple[pd.DataFrame, list[dict]]:
+    """Join the CheXmask rows (quality and sizes checked), split by patient, build the JPEG paths."""
+    rejects: list[dict] = []
+    df = _with_masks(df, chexmask, policy, rejects)
+    df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
     df["split"] = patient_split(df["subject_id"].to_numpy(), df["split"].to_numpy(), policy.split,
                                 policy.val_fraction, seed)
     df["path"] = [jpg_relpath(s, t, d) for s, t, d in zip(df["subject_id"], df["study_id"], df["dicom_id"])]
@@ -166,7 +180,8 @@ def _valid_metadata(meta: pd.DataFrame, rejects: list) -> pd.DataFrame:
 def _unique_rows(table: pd.DataFrame, what: str, wanted, rejects: list) -> pd.DataFrame:
     """One row per dicom_id: identical duplicates collapse; conflicting ones are rejected (the image
     is left out, with a reason), never silently resolved by taking the first."""
-    table = table[table["dicom_id"].isin(set(wanted))].drop_duplicates()
+    content = [c for c in table.columns if c != "rle_row"]  # where a row is stored is not its content
+    table = table[table["dicom_id"].isin(set(wanted))].drop_duplicates(subset=content)
     conflict = table["dicom_id"].duplicated(keep=False)
     _reject(rejects, sorted(set(table.loc[conflict, "dicom_id"])), f"conflicting duplicate rows in the {what}")
     return table[~conflict]
@@ -231,16 +246,35 @@ def _fmt(value, spec: str) -> str:
         return repr(value)
 
 
-def read_archive_tables(cfg: Config) -> ArchiveTables:
-    """Read the MIMIC-CXR-JPG tables and the CheXmask rows of the archive's frontal images."""
+def read_archive_tables(cfg: Config, with_chexmask: bool = True) -> ArchiveTables:
+    """Read the MIMIC-CXR-JPG tables (and, for small archives and tests, the whole CheXmask table)."""
     root = Path(cfg.archive.mimic_root)
     if not root.is_dir():
         raise FileNotFoundError(f"archive.mimic_root {root} is not a folder (unmounted, or a wrong path?); "
                                 f"nothing was rejected or written")
     meta = read_metadata(root)
-    frontal_ids = meta.loc[meta["ViewPosition"].isin(cfg.cohort.views), "dicom_id"]
-    return ArchiveTables(meta, read_labels(root, cfg.archive.labeler), read_split(root),
-                         read_chexmask(cfg.archive.chexmask_csv, ids=frontal_ids))
+    chexmask = None
+    if with_chexmask:
+        frontal_ids = meta.loc[meta["ViewPosition"].isin(cfg.cohort.views), "dicom_id"]
+        chexmask = read_chexmask(cfg.archive.chexmask_csv, ids=frontal_ids)
+    return ArchiveTables(meta, read_labels(root, cfg.archive.labeler), read_split(root), chexmask)
+
+
+def stream_masks(chexmask_csv: str | Path, wanted, store_path: Path) -> pd.DataFrame:
+    """One pass over the CheXmask table: the wanted rows' RLE go to the store, chunk by chunk;
+    returns their small columns (ids, quality, sizes) with ``rle_row`` and ``rle_digest``."""
+    small = []
+    with atomic_path(store_path) as tmp:
+        store = RLEStore(tmp)
+        try:
+            for chunk in iter_chexmask(chexmask_csv, ids=wanted, chunksize=CHEXMASK_CHUNK_ROWS):
+                rows, digests = store.append(chunk)
+                small.append(chunk[["dicom_id", "quality_mean", "quality_max", "height", "width"]]
+                             .assign(rle_row=rows, rle_digest=[d.hex() for d in digests]))
+        finally:
+            store.close()
+    cols = ["dicom_id", "quality_mean", "quality_max", "height", "width", "rle_row", "rle_digest"]
+    return pd.concat(small, ignore_index=True) if small else pd.DataFrame(columns=cols)
 
 
 def is_phantom(mimic_root: str | Path) -> bool:
@@ -269,9 +303,12 @@ def _build_cohort(cfg: Config) -> dict:
     if work.cohort_manifest.exists() and read_json(work.cohort_manifest).get("inputs_fingerprint") == inputs_fp:
         log.info("cohort: %s is up to date", work.cohort_dir)
         return read_json(work.cohort_manifest)
-    df, rejects = select_cohort(read_archive_tables(cfg), c, seed=cfg.seed, labeler=cfg.archive.labeler)
-    cohort = df[COHORT_COLUMNS + label_columns(c.classes)]
-    rle_hash = write_rle(work.masks_rle, df)
+    images, rejects = select_images(read_archive_tables(cfg, with_chexmask=False), c, labeler=cfg.archive.labeler)
+    masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], work.masks_rle)
+    df, more = attach_masks(images, masks, c, seed=cfg.seed)
+    rejects += more
+    cohort = df[COHORT_COLUMNS + ["rle_row"] + label_columns(c.classes)]
+    rle_hash = rle_content_hash(bytes.fromhex(d) for d in df["rle_digest"])
     write_csv(work.cohort_csv, cohort)
     # the fingerprint later stages key on is of the *content*: re-running the cohort on touched but
     # unchanged inputs gives the same fingerprint, so no shard is rebuilt for nothing
@@ -282,7 +319,7 @@ def _build_cohort(cfg: Config) -> dict:
                   "patients": int(cohort.loc[cohort["split"] == s, "subject_id"].nunique()),
                   **{cl: int(cohort.loc[cohort["split"] == s, f"target_{cl}"].sum()) for cl in c.classes}}
               for s in ("train", "val", "test")}
-    manifest = {"fingerprint": fingerprint, "inputs_fingerprint": inputs_fp, "rows": len(cohort),
+    manifest = {"fingerprint": fingerprint, "inputs_fingerprint": inputs_fp, "rle_hash": rle_hash, "rows": len(cohort),
                 "rejects": len(rejects_df),
                 "reject_reasons": rejects_df["reason"].str.replace(r"[\d.]+", "N", regex=True)
                 .value_counts().to_dict(), "counts": counts, "classes": list(c.classes),

@@ -7,36 +7,90 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path
 from .sources.chexmask import MASK_NAMES
 from .workdir import Workdir
 
 
-def write_rle(path: Path, df: pd.DataFrame) -> str:
-    """The cohort's RLE strings, zlib-compressed, row-aligned with cohort.csv; returns their hash."""
-    digest = hashlib.sha256()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["dicom_id"] = df["dicom_id"].to_numpy().astype("S")
-        f["shape"] = df[["height", "width"]].to_numpy(np.int64)
+def row_digest(texts) -> bytes:
+    """The identity of one image's three RLE strings (right lung, left lung, heart)."""
+    return hashlib.sha256("\n".join(str(t) for t in texts).encode()).digest()
+
+
+def rle_content_hash(digests) -> str:
+    """The hash of a cohort's masks: its rows' digests, in cohort order."""
+    h = hashlib.sha256()
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+_BLANK = "\x00"  # a blank CSV cell, told apart from an empty mask ("")
+
+
+def _compress(text) -> np.ndarray:
+    text = _BLANK if text is None or (isinstance(text, float) and text != text) else str(text)
+    return np.frombuffer(zlib.compress(text.encode(), 1), np.uint8)
+
+
+def _decompress(blob: np.ndarray) -> str | None:
+    text = zlib.decompress(blob.tobytes()).decode()
+    return None if text == _BLANK else text
+
+
+class RLEStore:
+    """``masks-rle.h5`` written chunk by chunk: each appended row gets the next ``rle_row``.
+
+    Holds the zlib-compressed RLE text of every candidate image (in the order the CheXmask table
+    lists them; ``cohort.csv``'s ``rle_row`` points into it), so the shard workers never re-read
+    the multi-GB CheXmask CSV and the cohort stage never holds all of it in memory.
+    """
+
+    def __init__(self, path: Path, threads: int = 2):
+        self.file = h5py.File(path, "w")
+        self.n = 0
         vlen = h5py.vlen_dtype(np.uint8)
+        self.file.create_dataset("dicom_id", (0,), dtype=h5py.string_dtype("ascii"), maxshape=(None,), chunks=(4096,))
+        self.file.create_dataset("shape", (0, 2), dtype=np.int64, maxshape=(None, 2), chunks=(4096, 2))
         for name in MASK_NAMES:
-            ds = f.create_dataset(name, (len(df),), dtype=vlen)
-            for i, text in enumerate(df[name].astype(str)):
-                digest.update(text.encode() + b"\n")
-                ds[i] = np.frombuffer(zlib.compress(text.encode(), 1), np.uint8)
-    return digest.hexdigest()
+            self.file.create_dataset(name, (0,), dtype=vlen, maxshape=(None,), chunks=(1024,))
+        self.pool = ThreadPoolExecutor(threads)  # zlib releases the GIL: compression on every core
+
+    def append(self, chunk: pd.DataFrame) -> tuple[np.ndarray, list[bytes]]:
+        """Append a chunk's rows in one write per dataset; returns their rle_row numbers and digests."""
+        k = len(chunk)
+        rows = np.arange(self.n, self.n + k)
+        if k == 0:
+            return rows, []
+        texts = {name: chunk[name].tolist() for name in MASK_NAMES}
+        digests = [row_digest(t) for t in zip(*(texts[n] for n in MASK_NAMES))]
+        shape = chunk[["height", "width"]].to_numpy(float)
+        for name in ("dicom_id", "shape", *MASK_NAMES):
+            self.file[name].resize(self.n + k, axis=0)
+        self.file["dicom_id"][self.n:] = chunk["dicom_id"].astype(str).tolist()
+        self.file["shape"][self.n:] = np.nan_to_num(shape, nan=-1).astype(np.int64)
+        for name in MASK_NAMES:
+            blobs = np.empty(k, object)
+            blobs[:] = list(self.pool.map(_compress, texts[name]))
+            self.file[name][self.n:] = blobs
+        self.n += k
+        return rows, digests
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.file.close()
 
 
 def read_rle_rows(path: Path, rows) -> dict[str, dict]:
-    """RLE strings and mask shape of the given cohort rows, keyed by dicom_id."""
+    """RLE strings and mask shape of the given ``rle_row`` numbers, keyed by dicom_id."""
     out = {}
-    rows = np.asarray(rows)
+    rows = np.asarray(rows, dtype=np.int64)
     with h5py.File(path, "r") as f:
         order = np.argsort(rows)
         sel = rows[order]
@@ -44,8 +98,9 @@ def read_rle_rows(path: Path, rows) -> dict[str, dict]:
         shapes = f["shape"][sel]
         cols = {n: f[n][sel] for n in MASK_NAMES}
     for k in range(len(order)):
-        out[ids[k].decode()] = {"shape": tuple(int(v) for v in shapes[k]),
-                                **{n: zlib.decompress(cols[n][k].tobytes()).decode() for n in MASK_NAMES}}
+        key = ids[k].decode() if isinstance(ids[k], bytes) else str(ids[k])
+        out[key] = {"shape": tuple(int(v) for v in shapes[k]),
+                    **{n: _decompress(cols[n][k]) for n in MASK_NAMES}}
     return out
 
 

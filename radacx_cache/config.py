@@ -156,6 +156,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    methods: list = field(default_factory=lambda: ["gradcam", "integrated_gradients"])
+    images: int = _at_least(48, 2)  # seeded test images per arm (the same for every arm and variant)
+    ig_steps: int = _at_least(16, 2)  # Integrated Gradients path steps
+    batch_size: int = _at_least(16, 1)
+    panels: int = _at_least(4, 0)  # images per arm in the figure (half correct, half wrong)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.methods) - {"gradcam", "integrated_gradients"})
+        if unknown or not self.methods:
+            raise ConfigError(f"config key 'saliency.methods': {unknown or self.methods!r}; valid: gradcam, "
+                              f"integrated_gradients")
+
+
+@dataclass
 class ReportConfig:
     bootstrap: int = _at_least(1000, 10)
 
@@ -178,6 +193,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property

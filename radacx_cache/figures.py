@@ -112,3 +112,50 @@ def report_figures(out: Path, results: dict, refs: dict, classes, shards_dir: Pa
         montage(shard[0], out / "figure1_montage.png", n=6)
         paths.append(str(out / "figure1_montage.png"))
     return paths
+
+
+def saliency_panels(folder: Path, rows: list[dict], test, n: int, seed: int) -> list[str]:
+    """Per arm, ``n`` test images (half correct, half wrong on original images, seeded): each image
+    and, per method, its heat map with the anatomy contours, on original and masked images."""
+    if n <= 0:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 11])
+    paths = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        first = [r for r in mine if r["method"] == methods[0] and r["tested_on"] == "original"]
+        right = [r["position"] for r in first if r["correct"]]
+        wrong = [r["position"] for r in first if not r["correct"]]
+        pick = list(rng.permutation(right)[:(n + 1) // 2]) + list(rng.permutation(wrong)[:n // 2])
+        if not pick:
+            continue
+        maps = {(r["position"], r["method"], r["tested_on"]): r for r in mine}
+        cols = 2 * (1 + len(methods))
+        fig, axes = plt.subplots(len(pick), cols, figsize=(1.9 * cols, 2.0 * len(pick)), squeeze=False)
+        for i, pos in enumerate(pick):
+            item = test[int(pos)]
+            for j, variant in enumerate(("original", "masked")):
+                img = item[variant]
+                ax = axes[i, j * (1 + len(methods))]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+                r0 = maps[(pos, methods[0], variant)]
+                ax.set_title(f"{variant}: {r0['predicted'][:12]} ({'ok' if r0['correct'] else 'wrong'})", fontsize=6)
+                for k, method in enumerate(methods):
+                    ax = axes[i, j * (1 + len(methods)) + 1 + k]
+                    grey = img if img.ndim == 2 else img.mean(2)
+                    ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+                    ax.imshow(maps[(pos, method, variant)]["_map"], cmap="jet", alpha=0.45)
+                    for m, color in zip(item["masks"], ("r", "g", "b")):
+                        ax.contour(m.astype(float), levels=[0.5], colors=color, linewidths=0.5)
+                    ax.set_title(method.replace("integrated_gradients", "IG"), fontsize=6)
+        for ax in axes.ravel():
+            ax.axis("off")
+        fig.suptitle(f"{arm}: saliency (red right lung, green left lung, blue heart contours)", fontsize=8)
+        fig.tight_layout()
+        path = folder / f"{arm}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths

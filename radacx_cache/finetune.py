@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ._io import atomic_path, stable_hash, stage_run, write_json
 from .arms import IMAGE_VARIANTS, arm_for
 from .augment import augment
+from .classifier import Classifier, TrainingError, load_checkpoint
 from .config import Config
 from .metrics import accuracy
 from .models import LoadedModel, load_model, unit_pixels
@@ -41,22 +42,6 @@ from .stream import ShardStream, ordered_loader, ordered_runs
 from .workdir import Workdir
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, a checkpoint from another config, ...)."""
-
-
-class Classifier(torch.nn.Module):
-    """The model's vision tower + a randomly initialised linear head on its embedding."""
-
-    def __init__(self, visual: torch.nn.Module, embed_dim: int, n_classes: int):
-        super().__init__()
-        self.visual = visual
-        self.head = torch.nn.Linear(embed_dim, n_classes)
-
-    def forward(self, x):
-        return self.head(self.visual(x))
 
 
 def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,15 +85,6 @@ def _set_rng_state(state: dict) -> None:
                          state["numpy_has_gauss"], state["numpy_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, never unpickling code (a planted file cannot run anything)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingError(f"{path}: not a checkpoint this tool wrote, or damaged ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}). Delete it to train from the start.") from None
 
 
 @dataclass

@@ -15,7 +15,6 @@ plate-like band. Uncertain (-1) findings are drawn at half strength.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -23,23 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ._io import atomic_path, write_json
+from ._io import atomic_path, jpeg_bytes, write_json
 from .config import FINDINGS
 from .sources.chexmask import encode_rle, polygon_mask
 from .sources.mimic import FINDINGS_ALL, PREFIX, jpg_relpath
+from .phantom_faults import FAULTS, plant_faults  # noqa: F401  (FAULTS: what --faults plants)
+from .truth import TRUTH_FILE
 
 log = logging.getLogger(__name__)
 
 MIMIC_SUBDIR = "mimic-cxr-jpg/2.0.0"
 CHEXMASK_SUBDIR = "chexmask-cxr-segmentation-data/1.0.0/OriginalResolution"
-GENERATOR_VERSION = 1  # bump when the phantom's content changes
-FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
-          "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
-          "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view")
-
+GENERATOR_VERSION = 2  # bump when the phantom's content changes (2: truth/findings.csv.gz)
 
 @dataclass
 class Anatomy:
@@ -119,8 +116,12 @@ def _blur(arr: np.ndarray, radius: float) -> np.ndarray:
 
 
 def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, float],
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Render a frontal radiograph; ``findings`` maps a finding to its strength (0, 0.5 or 1)."""
+                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Render a frontal radiograph; ``findings`` maps a finding to its strength (0, 0.5 or 1).
+
+    Returns the pixels, the anatomy masks and, per drawn finding, the region it was drawn in (the
+    phantom's known truth).
+    """
     shape = (height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     masks = {name: polygon_mask(getattr(anatomy, name), shape) for name in ("right_lung", "left_lung", "heart")}
@@ -140,6 +141,13 @@ def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, 
     diaphragm = (yy > anatomy.base_right) & (xx < anatomy.cx) | (yy > anatomy.base_left) & (xx >= anatomy.cx)
     img[diaphragm & body & ~lungs] = np.maximum(img[diaphragm & body & ~lungs], 0.56)
     span = max(anatomy.base_right, anatomy.base_left) - anatomy.top
+    drawn: dict[str, np.ndarray] = {}
+
+    def mark(finding, region):
+        drawn[finding] = drawn.get(finding, np.zeros(shape, bool)) | region
+
+    if findings.get("Cardiomegaly", 0):
+        mark("Cardiomegaly", masks["heart"])  # the enlarged heart is the finding
     for side, name in enumerate(("right_lung", "left_lung")):
         m = masks[name]
         xs = np.flatnonzero(m.any(0))
@@ -155,6 +163,7 @@ def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, 
             level = base - depth + depth * 0.6 * (1 - np.abs(xx - lateral) / max(x1 - x0, 1))
             fluid = m & (yy > level - 0.4 * depth * (np.abs(xx - lateral) / max(x1 - x0, 1)) ** 2)
             img[fluid] = img[fluid] * (1 - 0.8 * s) + 0.62 * 0.8 * s
+            mark("Pleural Effusion", fluid)
         s = findings.get("Consolidation", 0) * (side == findings.get("_consolidation_side", 0))
         if s:
             cy = anatomy.top + span * rng.uniform(0.35, 0.7)
@@ -162,6 +171,7 @@ def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, 
             r = (x1 - x0) * rng.uniform(0.18, 0.28)
             patch = np.exp(-(((xx - ccx) ** 2 + ((yy - cy) * 1.3) ** 2) / (2 * r * r)) ** 2)
             img += 0.5 * s * patch * m
+            mark("Consolidation", m & (patch > 0.25))
         s = findings.get("Edema", 0)
         if s:
             hx = anatomy.cx + (-1 if side == 0 else 1) * (x1 - x0) * 0.35
@@ -169,15 +179,17 @@ def draw_frontal(height: int, width: int, anatomy: Anatomy, findings: dict[str, 
             r = (x1 - x0) * 0.45
             haze = np.exp(-((xx - hx) ** 2 + (yy - hy) ** 2) / (2 * r * r))
             img += 0.32 * s * haze * m
+            mark("Edema", m & (haze > 0.35))
         s = findings.get("Atelectasis", 0) * (side == findings.get("_atelectasis_side", 0))
         if s:
             by = base - span * rng.uniform(0.12, 0.22)
             band = (np.abs(yy - by - 0.08 * (xx - (x0 + x1) / 2)) < span * 0.018) & m
             band &= np.abs(xx - (x0 + x1) / 2) < (x1 - x0) * 0.35
             img[band] += 0.45 * s
+            mark("Atelectasis", band)
     img = _blur(np.clip(img, 0, 1), radius=max(1.0, width / 400))
     img += rng.normal(0, 0.025, shape).astype(np.float32)
-    return np.clip(img * 255, 0, 255).astype(np.uint8), masks
+    return np.clip(img * 255, 0, 255).astype(np.uint8), masks, drawn
 
 
 def draw_lateral(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -190,12 +202,6 @@ def draw_lateral(height: int, width: int, rng: np.random.Generator) -> np.ndarra
     img[np.abs(xx - width * 0.75) < width * 0.04] += 0.2
     img = _blur(np.clip(img, 0, 1), max(1.0, width / 400)) + rng.normal(0, 0.025, img.shape)
     return np.clip(img * 255, 0, 255).astype(np.uint8)
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
 
 
 def _dicom_id(rng) -> str:
@@ -253,7 +259,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     rng = np.random.default_rng(seed)
     mimic_root = out / MIMIC_SUBDIR
     chexmask_dir = out / CHEXMASK_SUBDIR
-    meta_rows, label_rows, split_rows, mask_rows = [], [], [], []
+    meta_rows, label_rows, split_rows, mask_rows, truth_rows = [], [], [], [], []
     subject_ids = rng.choice(np.arange(10_000_000, 20_000_000), n_patients, replace=False)
     study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), n_patients * 5, replace=False))
     images = []  # (row dict, pixels, masks, anatomy) kept only long enough to write
@@ -293,7 +299,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
         path.parent.mkdir(parents=True, exist_ok=True)
         height, width = row["Rows"], row["Columns"]
         if row["ViewPosition"] == "LATERAL":
-            path.write_bytes(_jpeg(draw_lateral(height, width, img_rng)))
+            path.write_bytes(jpeg_bytes(draw_lateral(height, width, img_rng)))
             continue
         strength = {k: (1.0 if labels[k] == 1 else 0.5 if labels[k] == -1 else 0.0) for k in FINDINGS}
         strength["_effusion_side"] = int(img_rng.integers(0, 2))
@@ -304,8 +310,10 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
             img_rng.uniform(0.49, 0.53) if strength["Cardiomegaly"] == 0.5 else img_rng.uniform(0.36, 0.46)
         anatomy = make_anatomy(height, width, img_rng, ctr=ctr,
                                atelectasis_side=strength["_atelectasis_side"] if strength["Atelectasis"] else None)
-        pixels, _ = draw_frontal(height, width, anatomy, strength, img_rng)
-        path.write_bytes(_jpeg(pixels))
+        pixels, _, drawn = draw_frontal(height, width, anatomy, strength, img_rng)
+        path.write_bytes(jpeg_bytes(pixels))
+        truth_rows += [{"dicom_id": row["dicom_id"], "finding": k, "Height": height, "Width": width,
+                        "RLE": encode_rle(v)} for k, v in drawn.items() if v.any()]
         if img_rng.random() < 0.03:  # CheXmask covers almost every frontal image, not all
             continue
         quality = float(np.clip(img_rng.normal(0.83, 0.05), 0.3, 0.93))
@@ -333,7 +341,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     masks_df = pd.DataFrame(mask_rows)
     planted = []
     if faults:
-        planted, meta, labels_df, masks_df = _plant_faults(mimic_root, meta, labels_df, masks_df, rng)
+        planted, meta, labels_df, masks_df = plant_faults(mimic_root, meta, labels_df, masks_df, rng)
     mimic_root.mkdir(parents=True, exist_ok=True)
     chexmask_dir.mkdir(parents=True, exist_ok=True)
     for name, df in (("metadata", meta), ("chexpert", labels_df), ("negbio", _negbio(labels_df, rng)),
@@ -343,6 +351,9 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                 df.to_csv(f, index=False)
     with atomic_path(chexmask_dir / "MIMIC-CXR-JPG.csv") as tmp:
         masks_df.to_csv(tmp, index=False)
+    with atomic_path(out / TRUTH_FILE) as tmp:  # outside the real-format tree: the phantom's own truth
+        pd.DataFrame(truth_rows, columns=["dicom_id", "finding", "Height", "Width", "RLE"]).to_csv(
+            tmp, index=False, compression="gzip")
     summary = {"mimic_root": str(mimic_root), "chexmask_csv": str(chexmask_dir / "MIMIC-CXR-JPG.csv"),
                **params, "studies": len(labels_df), "images": len(meta), "mask_rows": len(masks_df),
                "faults": bool(faults), "planted": planted}
@@ -357,53 +368,3 @@ def _negbio(labels: pd.DataFrame, rng) -> pd.DataFrame:
         flip = rng.random(len(out)) < 0.03
         out.loc[flip & (out[name] == -1), name] = 1.0
     return out
-
-
-def _plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng):
-    """Plant one of each bad input on otherwise-eligible images.
-
-    Returns what was planted where, and the (modified copies of the) three tables.
-    """
-    meta, labels, masks = meta.copy(), labels.copy(), masks.copy()
-    eligible = set(masks["dicom_id"][masks["Dice RCA (Mean)"] >= 0.7])
-    positive_studies = set(labels["study_id"][(labels[list(FINDINGS)] == 1).any(axis=1)])
-    # one image per study, so that each fault owns its study
-    meta_ok = meta[meta["dicom_id"].isin(eligible) & meta["study_id"].isin(positive_studies)
-                   & (meta["Rows"] != meta["Columns"])].drop_duplicates("study_id")
-    picks = meta_ok.sample(len(FAULTS), random_state=int(rng.integers(2 ** 31))).to_dict("records")
-    planted = []
-    for fault, row in zip(FAULTS, picks):
-        path = mimic_root / jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
-        m = masks.index[masks["dicom_id"] == row["dicom_id"]]
-        if fault == "missing_jpeg":
-            path.unlink()
-        elif fault == "empty_jpeg":
-            path.write_bytes(b"")
-        elif fault == "truncated_jpeg":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-        elif fault == "corrupt_jpeg":
-            path.write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(4000))
-        elif fault == "rle_odd_count":
-            masks.loc[m, "Heart"] = masks.loc[m, "Heart"].str.rsplit(" ", n=1).str[0]
-        elif fault == "rle_decreasing_starts":
-            v = masks.loc[m, "Left Lung"].iloc[0].split()
-            v[0:2], v[2:4] = v[2:4], v[0:2]
-            masks.loc[m, "Left Lung"] = " ".join(v)
-        elif fault == "rle_out_of_bounds":
-            masks.loc[m, "Right Lung"] += f" {row['Rows'] * row['Columns'] + 5} 10"
-        elif fault == "mask_size_mismatch":  # Height/Width swapped against the metadata
-            masks.loc[m, ["Height", "Width"]] = [row["Columns"], row["Rows"]]
-        elif fault == "jpeg_size_mismatch":  # the JPEG on disk is not the image the tables describe
-            with Image.open(path) as im:
-                small = im.resize((im.width - 7, im.height - 5))
-            path.write_bytes(_jpeg(np.asarray(small)))
-        elif fault == "missing_mask_row":
-            masks = masks.drop(index=m)
-        elif fault == "missing_label_row":
-            labels = labels[labels["study_id"] != row["study_id"]]
-        elif fault == "duplicate_label_row":
-            labels = pd.concat([labels, labels[labels["study_id"] == row["study_id"]]], ignore_index=True)
-        elif fault == "blank_view":
-            meta.loc[meta["dicom_id"] == row["dicom_id"], "ViewPosition"] = None
-        planted.append({"fault": fault, "dicom_id": row["dicom_id"], "study_id": int(row["study_id"])})
-    return planted, meta, labels, masks.reset_index(drop=True)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 
-from ._io import stage_run
+from ._io import atomic_path, stage_run
 from .arms import IMAGE_VARIANTS, arm_for
 from .config import Config
 from .features import FeatureCache
@@ -51,6 +50,15 @@ def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tu
     return final, result
 
 
+def save_probe(path, probe: LinearProbe, feature: str, shards_fingerprint: str) -> None:
+    """The fitted head as plain arrays (np.load(allow_pickle=False) reads it back)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, coef=probe.coef_, intercept=probe.intercept_, mean=probe.mean_.numpy(),
+                     scale=probe.scale_.numpy(), feature=np.array(feature), preprocess=np.array(probe.preprocess),
+                     shards_fingerprint=np.array(shards_fingerprint))
+
+
 def run_probes(cfg: Config) -> dict:
     """Train V1 (original) and V2 (masked) and predict both test image variants."""
     with stage_run(cfg.workdir, "probe", cfg.permissions):
@@ -76,6 +84,7 @@ def _run_probes(cfg: Config) -> dict:
     for train_variant in IMAGE_VARIANTS:
         name = arm_for("probe", train_variant).name
         final, result = _train_probe(caches[train_variant].get(p.feature), shards, p, cfg.seed, name)
+        save_probe(work.probe_weights(name), final, p.feature, shards.fingerprint)
         for test_variant in IMAGE_VARIANTS:
             Xte, _, Pte, rows = _split_arrays(caches[test_variant].get(p.feature), shards, "test")
             proba = final.predict_proba(Xte)

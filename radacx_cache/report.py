@@ -20,6 +20,7 @@ from .metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evalu
                       paired_difference, reference_correctness)
 from .models import describe_spec
 from .predictions import PredictionError, Predictions, check_complete, load_predictions
+from .saliency_table import saliency_section
 from .shardset import ShardSet, open_shards
 from .tables import Section, render_latex, render_markdown
 from .workdir import Workdir
@@ -163,6 +164,18 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
     return [t1, te, t2, other]
 
 
+def out_saliency(work: Workdir, fingerprint: str, notes: list) -> dict | None:
+    """The saliency stage's results, when present and made from the current shards."""
+    path = work.results_dir / "saliency.json"
+    if not path.exists():
+        return None
+    data = read_json(path)
+    if data.get("shards_fingerprint") != fingerprint:
+        notes.append("Saliency left out: it was computed on another shard set (rerun `radacx saliency`).")
+        return None
+    return data
+
+
 def _footer(provenance: dict, n_boot: int) -> list[str]:
     pol = provenance["label_policy"]
     return [f"CIs: percentile bootstrap over patients ({n_boot} resamples); p: paired patient bootstrap, "
@@ -203,6 +216,9 @@ def _build_report(cfg: Config) -> dict:
                   "archive": "synthetic phantom (MIMIC-CXR-JPG layout)" if synthetic else "MIMIC-CXR-JPG",
                   "accuracy": READING_TEXT["argmax"]}
     sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic)
+    saliency = out_saliency(work, shards.fingerprint, notes)
+    if saliency is not None:
+        sections.append(saliency_section(saliency, n_boot))
     footer = _footer(provenance, n_boot) + notes
     out = work.results_dir
     md = render_markdown(sections, footer)

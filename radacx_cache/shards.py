@@ -98,7 +98,7 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
     """Render one planned shard (runs in a worker): returns its sidecar record."""
     cap_threads(1)
     render = RenderConfig(**render_cfg)
-    rles = read_rle_rows(Path(rle_path), task.rows)
+    rles = read_rle_rows(Path(rle_path), [int(rec["rle_row"]) for rec in records])
     items, kept, rejects = [], [], []
     for rec in records:
         retry = False
@@ -191,6 +191,16 @@ def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, li
     planned = {t.name for t in tasks}
     obsolete += sorted(p.name for p in out.glob("*.h5") if p.name not in planned)
     return done, pending, obsolete
+
+
+def plan_render(cfg: Config) -> tuple[list[ShardTask], dict, list]:
+    """What a shards run would do, without doing it: (plan, finished shards, shards to render)."""
+    work = Workdir(cfg.workdir)
+    cohort = load_cohort(work)
+    tasks = plan_shards(cohort, cfg.shards.rows_per_shard, render_fingerprint(cfg),
+                        read_json(work.cohort_manifest)["fingerprint"])
+    done, pending, _ = _sort_tasks(work.shards_dir, tasks, Path(cfg.archive.mimic_root))
+    return tasks, done, pending
 
 
 def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook | None, rebuild: bool) -> dict:

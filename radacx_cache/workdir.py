@@ -8,7 +8,8 @@
     zeroshot/<model-tag>/text.npz
     finetune/<image-variant>/  last.pt  best.pt  summary.json  train_log.csv
     predictions/<arm>/<image-variant>.csv (+ .json provenance)
-    results/     table1.{md,csv,json,tex}  metrics.json  figures
+    probes/<arm>.npz                      the fitted linear heads (V1, V2)
+    results/     table1.{md,csv,json,tex}  metrics.json  figures  saliency.{md,csv,json}  saliency/
 """
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ class Workdir:
     def zeroshot_text(self, model_tag: str) -> Path:
         return self.root / "zeroshot" / model_tag / "text.npz"
 
+    # probes: the fitted linear heads (V1, V2), for saliency
+    def probe_weights(self, arm: str) -> Path:
+        return self.root / "probes" / f"{arm}.npz"
+
     # fine-tune
     def finetune_dir(self, image_variant: str) -> Path:
         return self.root / "finetune" / image_variant
@@ -86,3 +91,7 @@ class Workdir:
     @property
     def results_dir(self) -> Path:
         return self.root / "results"
+
+    @property
+    def saliency_dir(self) -> Path:
+        return self.results_dir / "saliency"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "radacx_cache"
-STAGES = {"cohort", "shards", "embed", "zeroshot", "probe", "finetune", "report"}
+STAGES = {"cohort", "shards", "embed", "zeroshot", "probe", "finetune", "saliency", "report"}
 LONG_ALLOWED = {("phantom", "generate")}  # the phantom generator reads as a script
 
 

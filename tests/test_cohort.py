@@ -162,3 +162,39 @@ def test_select_cohort_is_pure_and_rejects_a_swapped_dice_row():
     r2 = first.set_index("dicom_id").loc[img[2]]  # Atelectasis and Edema: the first in priority is trained ...
     assert (r2["target_Atelectasis"], r2["target_Edema"]) == (1, 0)
     assert (r2["positive_Atelectasis"], r2["positive_Edema"]) == (1, 1)  # ... but both are scored as positive
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_streamed_cohort_equals_the_in_memory_reference(pipeline, tmp_path, compressed, monkeypatch):
+    """The streaming cohort (CheXmask read chunk by chunk, RLE written as it goes) changes no result:
+    the same cohort.csv, the same masks (RLE content hash) and the same rejects as the whole table in
+    memory; a .csv.gz CheXmask table gives the same again."""
+    import gzip
+    import shutil
+    from conftest import make_config
+    from radacx_cache.cohort import build_cohort, read_archive_tables, select_cohort
+    from radacx_cache.cohort_files import read_rle_rows, rle_content_hash, row_digest
+    from radacx_cache import cohort as cohort_module
+    from radacx_cache.sources.chexmask import MASK_NAMES
+    monkeypatch.setattr(cohort_module, "CHEXMASK_CHUNK_ROWS", 37)  # many chunks, a ragged last one
+    cfg = pipeline["cfg"]
+    chexmask = cfg.archive.chexmask_csv
+    if compressed:
+        chexmask = str(tmp_path / "MIMIC-CXR-JPG.csv.gz")
+        with open(cfg.archive.chexmask_csv, "rb") as src, gzip.open(chexmask, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    phantom = {"mimic_root": cfg.archive.mimic_root, "chexmask_csv": chexmask}
+    streamed_cfg = make_config(phantom, tmp_path / "work")
+    manifest = build_cohort(streamed_cfg, progress=False)
+    ref, ref_rejects = select_cohort(read_archive_tables(cfg), cfg.cohort, seed=cfg.seed, labeler=cfg.archive.labeler)
+    cohort = pd.read_csv(tmp_path / "work" / "cohort" / "cohort.csv", dtype={"dicom_id": str})
+    cols = [c for c in cohort.columns if c != "rle_row"]
+    ref_csv = tmp_path / "ref.csv"
+    ref[cols].to_csv(ref_csv, index=False)
+    pd.testing.assert_frame_equal(cohort[cols], pd.read_csv(ref_csv, dtype={"dicom_id": str}))
+    ref_hash = rle_content_hash(row_digest(t) for t in zip(*(ref[n] for n in MASK_NAMES)))
+    assert manifest["rle_hash"] == ref_hash
+    stored = read_rle_rows(tmp_path / "work" / "cohort" / "masks-rle.h5", cohort["rle_row"])
+    assert rle_content_hash(row_digest([stored[d][n] for n in MASK_NAMES]) for d in cohort["dicom_id"]) == ref_hash
+    rejects = pd.read_csv(tmp_path / "work" / "cohort" / "rejects.csv")
+    assert sorted(zip(rejects["id"], rejects["reason"])) == sorted((r["id"], r["reason"]) for r in ref_rejects)

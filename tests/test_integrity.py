@@ -2,7 +2,6 @@
 attack or fault and asserts what must happen instead."""
 import errno
 import io
-import json
 import os
 import shutil
 import stat

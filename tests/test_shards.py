@@ -86,7 +86,7 @@ def test_shard_rows_equal_a_fresh_render(pipeline):
     shards = open_shards(cfg.work / "shards")
     cohort = load_cohort(Workdir(cfg.workdir))
     row = cohort[cohort["dicom_id"] == shards.index["dicom_id"].iloc[10]].iloc[0]
-    rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row.name])[row["dicom_id"]]
+    rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row["rle_row"]])[row["dicom_id"]]
     data = (cfg.archive.mimic_root + "/" + row["path"])
     out = render_image(open(data, "rb").read(), rle, rle["shape"])
     item = shards[10]

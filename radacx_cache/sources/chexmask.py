@@ -134,18 +134,7 @@ def _float_or_nan(series: pd.Series) -> pd.Series:
     return pd.to_numeric(series, errors="coerce")
 
 
-def read_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bool = True,
-                  ids=None, chunksize: int = 5000) -> pd.DataFrame:
-    """Read a CheXmask table (``.csv`` or ``.csv.gz``) by column name.
-
-    Columns are returned under canonical names: ``dicom_id``, ``quality_mean``, ``quality_max``,
-    ``height``, ``width``, ``landmarks`` and, with ``with_rle``, ``right_lung``, ``left_lung``,
-    ``heart``. ``ids`` keeps only those image ids, reading the (multi-GB) file in chunks so that
-    memory holds only the rows asked for.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CheXmask table {path} does not exist")
+def _chexmask_columns(path: Path, id_column: str, with_rle: bool) -> list[str]:
     wanted = [id_column, QUALITY_MEAN, QUALITY_MAX, "Height", "Width"]
     if with_rle:
         wanted += ["Landmarks", *MASK_COLUMNS.values()]
@@ -153,17 +142,42 @@ def read_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bo
     missing = [c for c in wanted if c not in header]
     if missing:
         raise ValueError(f"CheXmask table {path}: missing column(s) {missing}; found {list(header)}")
+    return wanted
+
+
+def iter_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bool = True, ids=None,
+                  chunksize: int = 2000):
+    """Stream a CheXmask table (``.csv`` or ``.csv.gz``) as DataFrames with canonical columns.
+
+    Only the rows whose id is in ``ids`` are yielded (all rows when None), chunk by chunk, so the
+    multi-GB file is never held in memory. Canonical columns: ``dicom_id``, ``quality_mean``,
+    ``quality_max``, ``height``, ``width`` and, with ``with_rle``, ``landmarks``, ``right_lung``,
+    ``left_lung``, ``heart``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CheXmask table {path} does not exist")
+    wanted = _chexmask_columns(path, id_column, with_rle)
     keep = None if ids is None else set(map(str, ids))
-    parts = []
-    for chunk in pd.read_csv(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize):
-        if keep is not None:
-            chunk = chunk[chunk[id_column].isin(keep)]
-        parts.append(chunk)
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=wanted)
     rename = {id_column: "dicom_id", QUALITY_MEAN: "quality_mean", QUALITY_MAX: "quality_max",
               "Height": "height", "Width": "width", "Landmarks": "landmarks"}
     rename.update({v: k for k, v in MASK_COLUMNS.items()})
-    df = df.rename(columns=rename)
-    for col in ("quality_mean", "quality_max", "height", "width"):
-        df[col] = _float_or_nan(df[col])
-    return df
+    # pandas' C parser reads these long rows at several hundred MB/s and has no field-size limit
+    for chunk in pd.read_csv(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize):
+        if keep is not None:
+            chunk = chunk[chunk[id_column].isin(keep)]
+        chunk = chunk.rename(columns=rename)
+        for col in ("quality_mean", "quality_max", "height", "width"):
+            chunk[col] = _float_or_nan(chunk[col])
+        yield chunk
+
+
+def read_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bool = True,
+                  ids=None, chunksize: int = 2000) -> pd.DataFrame:
+    """Read a CheXmask table (``.csv`` or ``.csv.gz``) by column name into memory (see ``iter_chexmask``
+    for the columns). For small tables and tests; the cohort stage streams the real one."""
+    parts = list(iter_chexmask(path, id_column=id_column, with_rle=with_rle, ids=ids, chunksize=chunksize))
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    cols = ["dicom_id", "quality_mean", "quality_max", "height", "width"]
+    return pd.DataFrame(columns=cols + (["landmarks", *MASK_NAMES] if with_rle else []))

@@ -1,0 +1,252 @@
+"""The saliency stage: where each trained arm looks, measured against the anatomy in the shards.
+
+Methods (``saliency.methods``), from maintained libraries: ``gradcam`` (pytorch-grad-cam's GradCAM
+on the last transformer block, with the ViT token -> grid reshape) and ``integrated_gradients``
+(captum, black-image baseline). For V1/V2 (frozen encoder + the fitted linear head) and V3/V4
+(fine-tuned encoder + head), on a seeded sample of test images, original and masked. Each map is
+made non-negative and normalised to sum 1; then, per image (docs/saliency.md):
+
+- ``anatomy``: saliency mass inside lungs + heart; ``organ``: inside the region relevant to the
+  predicted class (heart for Cardiomegaly, the lower third of each lung for Pleural Effusion, the
+  lungs otherwise); ``pointing``: is the map's maximum inside that region; ``ink``: mass on the
+  overlay's drawn boundary band (as rendered), so attention to ink is not mistaken for anatomy;
+- each beside its area baseline (what a uniform map scores);
+- on the phantom, ``truth``: mass inside the region where the generator drew the predicted finding.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from captum.attr import IntegratedGradients
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from tqdm import tqdm
+
+from ._io import atomic_path, read_json, stage_run, write_csv, write_json
+from .arms import ARMS, IMAGE_VARIANTS
+from .config import Config
+from .classifier import Classifier, load_checkpoint
+from .figures import saliency_panels
+from .metrics import bootstrap_mean, paired_difference
+from .models import LoadedModel, load_model
+from .render import Geometry, boundary
+from .saliency_table import saliency_markdown
+from .shardset import ShardSet, open_shards
+from .truth import read_truth, region_at, truth_path
+from .workdir import Workdir
+
+log = logging.getLogger(__name__)
+METHODS = ("gradcam", "integrated_gradients")
+METRICS = ("anatomy", "organ", "pointing", "ink", "truth", "truth_pointing")
+AREA = {"anatomy": "anatomy_area", "organ": "organ_area", "pointing": "organ_area", "ink": "ink_area",
+        "truth": "truth_area", "truth_pointing": "truth_area"}
+
+
+class ProbeHead(torch.nn.Module):
+    """Frozen vision tower + the probe's standardisation and linear head: V1/V2 as one network."""
+
+    def __init__(self, lm: LoadedModel, weights: dict):
+        super().__init__()
+        self.lm = lm
+        self.visual = lm.model.visual
+        self.register_buffer("mean", torch.as_tensor(weights["mean"]))
+        self.register_buffer("scale", torch.as_tensor(weights["scale"]))
+        self.head = torch.nn.Linear(weights["coef"].shape[1], weights["coef"].shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(torch.as_tensor(weights["coef"]))
+            self.head.bias.copy_(torch.as_tensor(weights["intercept"]))
+        self.pre = str(weights["feature"]) == "pre_projection"
+
+    def forward(self, x):
+        feats, pre = self.lm.encode_image_parts(x)
+        f = pre if self.pre else feats
+        return self.head((f - self.mean) / self.scale)
+
+
+def arm_model(arm: str, work: Workdir, cfg: Config, classes) -> torch.nn.Module:
+    """The trained network of an arm, in eval mode, on the CPU (weights never unpickled)."""
+    lm = load_model(cfg.model.spec, seed=cfg.seed)
+    spec = next(a for a in ARMS if a.name == arm)
+    if spec.method == "probe":
+        with np.load(work.probe_weights(arm), allow_pickle=False) as f:
+            model = ProbeHead(lm, {k: f[k] for k in f.files})
+    else:
+        with torch.no_grad():
+            width = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
+        model = Classifier(lm.model.visual, width, len(classes))
+        model.load_state_dict(load_checkpoint(work.finetune_dir(spec.trained_on) / "best.pt")["model"])
+    model.lm = lm
+    return model.eval()
+
+
+def _vit_reshape(trunk):
+    prefix = getattr(trunk, "num_prefix_tokens", 1)
+    grid = trunk.patch_embed.grid_size
+
+    def reshape(tokens):  # (B, prefix + h*w, C) -> (B, C, h, w), the layout a CAM expects
+        out = tokens[:, prefix:, :].reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2])
+        return out.permute(0, 3, 1, 2)
+    return reshape
+
+
+def saliency_maps(method: str, model: torch.nn.Module, x: torch.Tensor, targets: list[int], *,
+                  baseline: torch.Tensor | None = None, ig_steps: int = 16, cam_layer=None,
+                  reshape=None) -> np.ndarray:
+    """(B, H, W) non-negative maps of the model's evidence for ``targets`` at input resolution."""
+    if method == "gradcam":
+        if cam_layer is None:
+            trunk = model.visual.trunk
+            cam_layer, reshape = trunk.blocks[-1].norm1, _vit_reshape(trunk)
+        with GradCAM(model=model, target_layers=[cam_layer], reshape_transform=reshape) as cam:
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        return np.clip(np.asarray(maps, np.float64), 0, None)
+    if method == "integrated_gradients":
+        ig = IntegratedGradients(model)
+        attr = ig.attribute(x, baselines=baseline if baseline is not None else torch.zeros_like(x),
+                            target=torch.as_tensor(targets), n_steps=ig_steps, internal_batch_size=len(x) * 4)
+        return np.clip(attr.sum(1).detach().numpy().astype(np.float64), 0, None)
+    raise ValueError(f"saliency method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def regions(masks: np.ndarray, line_width: int) -> dict[str, np.ndarray]:
+    """The regions the metrics need, from one image's (3, H, W) masks (right lung, left lung, heart)."""
+    right, left, heart = (m.astype(bool) for m in masks)
+    lungs = right | left
+    lower = np.zeros_like(lungs)
+    for lung in (right, left):  # the lower third of each lung's height: where pleural fluid collects
+        rows = np.flatnonzero(lung.any(1))
+        if rows.size:
+            cut = rows[0] + 2 * (rows[-1] - rows[0]) // 3
+            lower[cut:] |= lung[cut:]
+    ink = boundary(right, line_width) | boundary(left, line_width) | boundary(heart, line_width)
+    return {"anatomy": lungs | heart, "lungs": lungs, "heart": heart, "lower_lungs": lower, "ink": ink}
+
+
+def relevant_region(finding: str, reg: dict) -> np.ndarray:
+    return {"Cardiomegaly": reg["heart"], "Pleural Effusion": reg["lower_lungs"]}.get(finding, reg["lungs"])
+
+
+def image_metrics(smap: np.ndarray, reg: dict, finding: str, truth: np.ndarray | None = None) -> dict:
+    """Per-image saliency metrics and their area baselines (the value of a uniform map)."""
+    total = smap.sum()
+    s = smap / total if total > 0 else np.full_like(smap, 1.0 / smap.size)
+    peak = np.unravel_index(np.argmax(smap), smap.shape)
+    organ = relevant_region(finding, reg)
+    out = {"anatomy": s[reg["anatomy"]].sum(), "anatomy_area": reg["anatomy"].mean(),
+           "organ": s[organ].sum(), "organ_area": organ.mean(), "pointing": float(organ[peak]),
+           "ink": s[reg["ink"]].sum(), "ink_area": reg["ink"].mean(),
+           "truth": np.nan, "truth_area": np.nan, "truth_pointing": np.nan}
+    if truth is not None and truth.any():
+        out.update(truth=s[truth].sum(), truth_area=truth.mean(), truth_pointing=float(truth[peak]))
+    return {k: float(v) for k, v in out.items()}
+
+
+def sample_images(test: ShardSet, n: int, seed: int) -> np.ndarray:
+    """A fixed, seeded sample of test positions (the same images for every arm and variant)."""
+    n = min(n, len(test))
+    return np.sort(np.random.default_rng([seed, 9]).choice(len(test), n, replace=False))
+
+
+def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
+    path = truth_path(cfg.archive.mimic_root)
+    if path is None:
+        return {}
+    ids = test.index["dicom_id"].to_numpy()[positions]
+    found = read_truth(path, ids)
+    out = {}
+    for i, d in zip(positions, ids):
+        if d in found:
+            geom = Geometry(*[float(v) for v in test[i]["geometry"]])
+            geom = Geometry(int(geom.height), int(geom.width), int(geom.side), int(geom.pad_top),
+                            int(geom.pad_left), geom.scale, int(geom.decode_reduce))
+            out[d] = {f: region_at(rle, found[d]["shape"], geom, cfg.render.size)
+                      for f, rle in found[d].items() if f in classes}
+    return out
+
+
+def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict) -> list[dict]:
+    """Per-image rows for one arm: every method on both test image variants of the sampled images."""
+    sc, rows = cfg.saliency, []
+    first_positive = np.argmax(test.positives() > 0, 1)  # the headline reading's target
+    lm = model.lm
+    baseline = lm.to_input(torch.zeros(1, lm.image_size, lm.image_size, dtype=torch.uint8))
+    for start in range(0, len(positions), sc.batch_size):
+        batch = positions[start:start + sc.batch_size]
+        items = [test[i] for i in batch]
+        for variant in IMAGE_VARIANTS:
+            x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
+            with torch.no_grad():
+                proba = torch.softmax(model(x), 1).numpy()
+            pred = proba.argmax(1)
+            for method in sc.methods:
+                maps = saliency_maps(method, model, x, pred.tolist(), baseline=baseline.expand_as(x),
+                                     ig_steps=sc.ig_steps)
+                for pos, it, smap, k in zip(batch, items, maps, pred):
+                    reg = regions(it["masks"], cfg.render.line_width)
+                    finding = classes[k]
+                    m = image_metrics(smap, reg, finding, truth.get(it["dicom_id"], {}).get(finding))
+                    rows.append({"arm": arm, "method": method, "tested_on": variant, "dicom_id": it["dicom_id"],
+                                 "subject_id": it["subject_id"], "position": int(pos), "predicted": finding,
+                                 "correct": bool(k == first_positive[pos]), **m, "_map": smap})
+    return rows
+
+
+def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
+    """Mean of each metric with its patient bootstrap CI and area baseline; paired masked - original."""
+    out = []
+    for (arm, method), grp in df.groupby(["arm", "method"], sort=False):
+        by = {v: grp[grp["tested_on"] == v].set_index("dicom_id") for v in IMAGE_VARIANTS}
+        common = by["original"].index.intersection(by["masked"].index)
+        for metric in METRICS:
+            rec = {"arm": arm, "method": method, "metric": metric}
+            for v in IMAGE_VARIANTS:
+                vals, area = by[v][metric].to_numpy(), by[v][AREA[metric]].to_numpy()
+                ok = np.isfinite(vals)
+                rec[v] = bootstrap_mean(np.nan_to_num(vals), ok, by[v]["subject_id"].to_numpy(), n_boot=n_boot,
+                                        seed=seed) if ok.any() else (np.nan, np.nan, np.nan)
+                rec[f"{v}_area"] = float(np.mean(area[ok])) if ok.any() else np.nan
+                rec[f"{v}_n"] = int(ok.sum())
+            a, b = by["original"].loc[common, metric].to_numpy(), by["masked"].loc[common, metric].to_numpy()
+            ok = np.isfinite(a) & np.isfinite(b)
+            rec["masked_minus_original"] = paired_difference(
+                np.nan_to_num(a), np.nan_to_num(b), ok, by["original"].loc[common, "subject_id"].to_numpy(),
+                n_boot=n_boot, seed=seed) if ok.sum() > 1 else None
+            out.append(rec)
+    return out
+
+
+def run_saliency(cfg: Config, progress: bool = True) -> dict:
+    """The ``saliency`` stage: every trained arm that has run, every configured method."""
+    with stage_run(cfg.workdir, "saliency", cfg.permissions):
+        return _run_saliency(cfg, progress)
+
+
+def _run_saliency(cfg: Config, progress: bool) -> dict:
+    work = Workdir(cfg.workdir)
+    shards = open_shards(work.shards_dir)
+    shards.validate()
+    test = shards.split("test")
+    classes = shards.target_names
+    positions = sample_images(test, cfg.saliency.images, cfg.seed)
+    truth = _truth_regions(cfg, test, positions, classes)
+    rows = []
+    arms = [a for a in ARMS if a.method != "zeroshot" and (
+        work.probe_weights(a.name).exists() if a.method == "probe" else (work.finetune_dir(a.trained_on) / "best.pt").exists())]
+    for arm in tqdm(arms, desc="saliency", disable=not progress):
+        rows += run_arm(arm.name, arm_model(arm.name, work, cfg, classes), test, positions, cfg, classes, truth)
+    if not rows:
+        raise FileNotFoundError(f"no trained arm in {work.root} (run probe and finetune first)")
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "_map"} for r in rows])
+    summary = summarise(df, cfg.report.bootstrap, cfg.seed)
+    out = work.results_dir
+    write_csv(out / "saliency.csv", df)
+    write_json(out / "saliency.json", {"summary": summary, "images": int(len(positions)), "methods": list(cfg.saliency.methods),
+                                        "phantom_truth": bool(truth), "shards_fingerprint": shards.fingerprint})
+    panels = saliency_panels(work.saliency_dir, rows, test, cfg.saliency.panels, cfg.seed)
+    md = saliency_markdown(read_json(out / "saliency.json"), cfg.report.bootstrap)
+    with atomic_path(out / "saliency.md") as tmp:
+        tmp.write_text(md)
+    return {"table": md, "panels": panels, "images": int(len(positions))}
