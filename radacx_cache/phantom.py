@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from ._io import atomic_path, jpeg_bytes, write_json
 from .config import FINDINGS
+from .phantom_faults import plant_faults
 from .sources.chexmask import encode_rle, polygon_mask
 from .sources.mimic import FINDINGS_ALL, PREFIX, jpg_relpath
-from .phantom_faults import FAULTS, plant_faults  # noqa: F401  (FAULTS: what --faults plants)
 from .truth import TRUTH_FILE
 
 log = logging.getLogger(__name__)
