@@ -38,6 +38,12 @@ class Geometry:
     def as_array(self) -> np.ndarray:
         return np.array([getattr(self, f) for f in GEOMETRY_FIELDS], np.float32)
 
+    @classmethod
+    def from_array(cls, values) -> "Geometry":
+        """The inverse of ``as_array`` (a shard's ``geometry`` row)."""
+        h, w, side, top, left, scale, reduce = (float(v) for v in values)
+        return cls(int(h), int(w), int(side), int(top), int(left), scale, int(reduce))
+
     def to_original(self, rows, cols):
         """Map output-pixel coordinates (centres) back to original pixel coordinates."""
         rows = (np.asarray(rows, float) + 0.5) / self.scale - self.pad_top - 0.5

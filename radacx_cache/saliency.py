@@ -159,9 +159,7 @@ def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
     out = {}
     for i, d in zip(positions, ids):
         if d in found:
-            geom = Geometry(*[float(v) for v in test[i]["geometry"]])
-            geom = Geometry(int(geom.height), int(geom.width), int(geom.side), int(geom.pad_top),
-                            int(geom.pad_left), geom.scale, int(geom.decode_reduce))
+            geom = Geometry.from_array(test[i]["geometry"])
             out[d] = {f: region_at(rle, found[d]["shape"], geom, cfg.render.size)
                       for f, rle in found[d].items() if f in classes}
     return out
@@ -218,6 +216,23 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
     return out
 
 
+def _current_arms(work: Workdir, fingerprint: str) -> list:
+    """The trained arms whose weights exist and whose outputs were made from the current shards."""
+    arms = []
+    for arm in ARMS:
+        if arm.method == "zeroshot":
+            continue
+        weights = work.probe_weights(arm.name) if arm.method == "probe" else work.finetune_dir(arm.trained_on) / "best.pt"
+        meta = work.predictions(arm.name, "original").with_suffix(".json")
+        if not weights.exists() or not meta.exists():
+            continue
+        if read_json(meta).get("shards_fingerprint") != fingerprint:
+            log.warning("saliency: %s left out: it was trained on another shard set (rerun its stage)", arm.name)
+            continue
+        arms.append(arm)
+    return arms
+
+
 def run_saliency(cfg: Config, progress: bool = True) -> dict:
     """The ``saliency`` stage: every trained arm that has run, every configured method."""
     with stage_run(cfg.workdir, "saliency", cfg.permissions):
@@ -233,8 +248,7 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     positions = sample_images(test, cfg.saliency.images, cfg.seed)
     truth = _truth_regions(cfg, test, positions, classes)
     rows = []
-    arms = [a for a in ARMS if a.method != "zeroshot" and (
-        work.probe_weights(a.name).exists() if a.method == "probe" else (work.finetune_dir(a.trained_on) / "best.pt").exists())]
+    arms = _current_arms(work, shards.fingerprint)
     for arm in tqdm(arms, desc="saliency", disable=not progress):
         rows += run_arm(arm.name, arm_model(arm.name, work, cfg, classes), test, positions, cfg, classes, truth)
     if not rows:

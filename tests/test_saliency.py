@@ -82,7 +82,7 @@ def test_truth_regions_align_with_the_shard_masks_under_padding(pipeline, item):
         if "Cardiomegaly" not in entry or it["mask_quality"] < 0.7:
             continue
         g = it["geometry"]
-        geom = Geometry(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), float(g[5]), int(g[6]))
+        geom = Geometry.from_array(g)
         drawn = region_at(entry["Cardiomegaly"], entry["shape"], geom, 224)
         heart = it["masks"][2].astype(bool)
         iou = (drawn & heart).sum() / (drawn | heart).sum()

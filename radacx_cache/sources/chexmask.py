@@ -7,6 +7,7 @@ return booleans.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +19,11 @@ MASK_COLUMNS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "
 MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack in this project
 LANDMARK_SPLIT = {"right_lung": (0, 44), "left_lung": (44, 94), "heart": (94, 120)}
 QUALITY_MEAN, QUALITY_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
+# the image-id column of each CheXmask file (its name without .csv / .csv.gz)
+ID_COLUMNS = {"MIMIC-CXR-JPG": "dicom_id", "ChestX-Ray8": "Image Index", "CheXpert": "Path",
+              "Padchest": "ImageID", "VinDr-CXR": "image_id", "CANDID-PTX": "ImageID"}
+SWAPPED_SHARE = 0.9  # Mean > Max on this share of a file's first rows: its header has the two swapped
+log = logging.getLogger(__name__)
 _INT = re.compile(r"-?\d+")
 _UINT = re.compile(r"[0-9]+")
 
@@ -145,25 +151,53 @@ def _chexmask_columns(path: Path, id_column: str, with_rle: bool) -> list[str]:
     return wanted
 
 
-def iter_chexmask(path: str | Path, *, id_column: str = "dicom_id", with_rle: bool = True, ids=None,
+def id_column_for(path: str | Path) -> str:
+    """The image-id column of a CheXmask file, from its name (``ChestX-Ray8.csv`` -> ``Image Index``)."""
+    name = Path(path).name.removesuffix(".gz").removesuffix(".csv")
+    if name not in ID_COLUMNS:
+        raise ValueError(f"{path}: not a CheXmask file name this reader knows ({', '.join(ID_COLUMNS)}); "
+                         f"pass id_column=")
+    return ID_COLUMNS[name]
+
+
+def dice_columns_swapped(chunk: pd.DataFrame) -> bool:
+    """True when nearly every row has Dice RCA (Mean) > (Max): the file's header swapped the two
+    (the mean of five values cannot exceed their maximum), as in CheXmask's PadChest sample."""
+    mean, top = _float_or_nan(chunk[QUALITY_MEAN]), _float_or_nan(chunk[QUALITY_MAX])
+    both = mean.notna() & top.notna()
+    return bool(both.sum() >= 10 and (mean[both] > top[both]).mean() >= SWAPPED_SHARE)
+
+
+def iter_chexmask(path: str | Path, *, id_column: str | None = "dicom_id", with_rle: bool = True, ids=None,
                   chunksize: int = 2000):
     """Stream a CheXmask table (``.csv`` or ``.csv.gz``) as DataFrames with canonical columns.
 
     Only the rows whose id is in ``ids`` are yielded (all rows when None), chunk by chunk, so the
     multi-GB file is never held in memory. Canonical columns: ``dicom_id``, ``quality_mean``,
     ``quality_max``, ``height``, ``width`` and, with ``with_rle``, ``landmarks``, ``right_lung``,
-    ``left_lung``, ``heart``.
+    ``left_lung``, ``heart``. ``id_column=None``: the file's own (``id_column_for``). A file whose
+    two Dice RCA columns are swapped in its header is detected on its first rows and corrected, with
+    a warning naming the file, instead of every row being rejected.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CheXmask table {path} does not exist")
+    id_column = id_column or id_column_for(path)
     wanted = _chexmask_columns(path, id_column, with_rle)
     keep = None if ids is None else set(map(str, ids))
     rename = {id_column: "dicom_id", QUALITY_MEAN: "quality_mean", QUALITY_MAX: "quality_max",
               "Height": "height", "Width": "width", "Landmarks": "landmarks"}
     rename.update({v: k for k, v in MASK_COLUMNS.items()})
     # pandas' C parser reads these long rows at several hundred MB/s and has no field-size limit
+    swapped = None
     for chunk in pd.read_csv(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize):
+        if swapped is None:
+            swapped = dice_columns_swapped(chunk)
+            if swapped:
+                log.warning("%s: Dice RCA (Mean) > (Max) on nearly every row: the two columns are swapped in "
+                            "this file's header; reading them the other way round", path)
+        if swapped:
+            chunk = chunk.rename(columns={QUALITY_MEAN: QUALITY_MAX, QUALITY_MAX: QUALITY_MEAN})
         if keep is not None:
             chunk = chunk[chunk[id_column].isin(keep)]
         chunk = chunk.rename(columns=rename)
