@@ -15,13 +15,14 @@ last: the commit point).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, file_sha256, read_json, stable_hash, stage_run, write_csv, write_json
+from ._io import file_sha256, read_json, stable_hash, stage_run, tmp_name, write_csv, write_json
 from .cohort_files import RLEStore, rle_content_hash
 from .config import CohortConfig, Config
 from .sources.chexmask import iter_chexmask, read_chexmask
@@ -261,18 +262,18 @@ def read_archive_tables(cfg: Config, with_chexmask: bool = True) -> ArchiveTable
 
 
 def stream_masks(chexmask_csv: str | Path, wanted, store_path: Path) -> pd.DataFrame:
-    """One pass over the CheXmask table: the wanted rows' RLE go to the store, chunk by chunk;
-    returns their small columns (ids, quality, sizes) with ``rle_row`` and ``rle_digest``."""
+    """One pass over the CheXmask table: the wanted rows' RLE go to the store at ``store_path``,
+    chunk by chunk; returns their small columns (ids, quality, sizes) with ``rle_row`` and
+    ``rle_digest``. The caller renames the store into place when it commits the cohort."""
     small = []
-    with atomic_path(store_path) as tmp:
-        store = RLEStore(tmp)
-        try:
-            for chunk in iter_chexmask(chexmask_csv, ids=wanted, chunksize=CHEXMASK_CHUNK_ROWS):
-                rows, digests = store.append(chunk)
-                small.append(chunk[["dicom_id", "quality_mean", "quality_max", "height", "width"]]
-                             .assign(rle_row=rows, rle_digest=[d.hex() for d in digests]))
-        finally:
-            store.close()
+    store = RLEStore(store_path)
+    try:
+        for chunk in iter_chexmask(chexmask_csv, ids=wanted, chunksize=CHEXMASK_CHUNK_ROWS):
+            rows, digests = store.append(chunk)
+            small.append(chunk[["dicom_id", "quality_mean", "quality_max", "height", "width"]]
+                         .assign(rle_row=rows, rle_digest=[d.hex() for d in digests]))
+    finally:
+        store.close()
     cols = ["dicom_id", "quality_mean", "quality_max", "height", "width", "rle_row", "rle_digest"]
     return pd.concat(small, ignore_index=True) if small else pd.DataFrame(columns=cols)
 
@@ -304,8 +305,17 @@ def _build_cohort(cfg: Config) -> dict:
         log.info("cohort: %s is up to date", work.cohort_dir)
         return read_json(work.cohort_manifest)
     images, rejects = select_images(read_archive_tables(cfg, with_chexmask=False), c, labeler=cfg.archive.labeler)
-    masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], work.masks_rle)
-    df, more = attach_masks(images, masks, c, seed=cfg.seed)
+    store = tmp_name(work.masks_rle)
+    work.cohort_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store)
+        df, more = attach_masks(images, masks, c, seed=cfg.seed)
+        # from here the old cohort is replaced: withdraw its commit first, so that no later stage
+        # reads a new masks-rle.h5 beside an old cohort.csv if this process dies half-way
+        work.cohort_manifest.unlink(missing_ok=True)
+        os.replace(store, work.masks_rle)
+    finally:
+        store.unlink(missing_ok=True)
     rejects += more
     cohort = df[COHORT_COLUMNS + ["rle_row"] + label_columns(c.classes)]
     rle_hash = rle_content_hash(bytes.fromhex(d) for d in df["rle_digest"])

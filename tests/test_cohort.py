@@ -198,3 +198,40 @@ def test_streamed_cohort_equals_the_in_memory_reference(pipeline, tmp_path, comp
     assert rle_content_hash(row_digest([stored[d][n] for n in MASK_NAMES]) for d in cohort["dicom_id"]) == ref_hash
     rejects = pd.read_csv(tmp_path / "work" / "cohort" / "rejects.csv")
     assert sorted(zip(rejects["id"], rejects["reason"])) == sorted((r["id"], r["reason"]) for r in ref_rejects)
+
+
+def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tmp_path, monkeypatch):
+    """The old cohort stays committed until the new one is ready; once outputs start to be replaced
+    the old commit is withdrawn, so later stages refuse instead of mixing old rows with new masks."""
+    import shutil
+    from radacx_cache import cohort as cohort_module
+    from radacx_cache.cohort_files import load_cohort
+    from radacx_cache.workdir import Workdir
+    from conftest import make_config
+    cfg = pipeline["cfg"]
+    work = tmp_path / "w"
+    shutil.copytree(cfg.work / "cohort", work / "cohort")
+    run = make_config({"mimic_root": cfg.archive.mimic_root, "chexmask_csv": cfg.archive.chexmask_csv}, work,
+                      "cohort.min_mask_quality=0.75")  # another policy: a rerun must replace the cohort
+    before = (work / "cohort" / "masks-rle.h5").read_bytes()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed while streaming")
+    monkeypatch.setattr(cohort_module, "iter_chexmask", dies)
+    with pytest.raises(KeyboardInterrupt):
+        cohort_module.build_cohort(run, progress=False)
+    assert (work / "cohort" / "masks-rle.h5").read_bytes() == before  # untouched: still the committed one
+    assert load_cohort(Workdir(work)) is not None
+    assert not list((work / "cohort").glob(".*.tmp"))
+    real_write_csv = cohort_module.write_csv
+    monkeypatch.undo()
+
+    def csv_then_die(path, df):
+        raise KeyboardInterrupt("killed while writing the tables")
+    monkeypatch.setattr(cohort_module, "write_csv", csv_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cohort_module.build_cohort(run, progress=False)
+    with pytest.raises(FileNotFoundError, match="no finished cohort"):
+        load_cohort(Workdir(work))  # withdrawn: nothing downstream can read a mix
+    monkeypatch.setattr(cohort_module, "write_csv", real_write_csv)
+    assert cohort_module.build_cohort(run, progress=False)["rows"] > 0
