@@ -19,7 +19,7 @@ from .figures import report_figures
 from .metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evaluate, format_p,
                       paired_difference, reference_correctness)
 from .models import describe_spec
-from .predictions import PredictionError, Predictions, check_complete, load_predictions
+from .predictions import Predictions, check_complete, load_predictions
 from .saliency_table import saliency_section
 from .shardset import ShardSet, open_shards
 from .tables import Section, render_latex, render_markdown
@@ -254,5 +254,3 @@ def _write_data(out, results, effects, refs, descriptions, classes, provenance) 
                               for n, r in results.items() for v in IMAGE_VARIANTS for k, c in enumerate(classes)])
     write_csv(out / "per_class_auroc.csv", per_class)
 
-
-__all__ = ["build_report", "PredictionError"]
