@@ -196,9 +196,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Q = self._targets(X, y)
         warm = self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (Q.shape[1], X.shape[1])
         if not warm or not hasattr(self, "mean_"):
-            self.mean_ = torch.as_tensor(X.mean(0))
-            self.scale_ = torch.as_tensor(X.std(0)).clamp_min(1e-6)
+            self._learn_scaling(X)
         return self._fit_problem(Problem(self._transform(X), torch.as_tensor(Q), seed=0))
+
+    def _learn_scaling(self, X: np.ndarray) -> None:
+        """The standardisation learnt on the training rows (used whatever ``preprocess`` says)."""
+        self.mean_ = torch.as_tensor(X.mean(0))
+        self.scale_ = torch.as_tensor(X.std(0)).clamp_min(1e-6)
 
     def _fit_problem(self, problem: Problem):
         """Fit on rows already preprocessed (``problem``): what ``fit`` and the C search call."""
@@ -256,8 +260,7 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
     template = LinearProbe(1.0, preprocess=preprocess, max_iter=max_iter, tol=tol)
     Xtr = np.asarray(X_train, np.float32)
     Q = template._targets(Xtr, Y_train)
-    template.mean_ = torch.as_tensor(Xtr.mean(0))
-    template.scale_ = torch.as_tensor(Xtr.std(0)).clamp_min(1e-6)
+    template._learn_scaling(Xtr)
     problem = Problem(template._transform(Xtr), torch.as_tensor(Q), seed=seed)
     Zva = template._transform(np.asarray(X_val, np.float32))  # standardised once for every fit
     fitted: dict[float, LinearProbe] = {}

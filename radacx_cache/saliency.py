@@ -159,7 +159,7 @@ def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
     out = {}
     for i, d in zip(positions, ids):
         if d in found:
-            geom = Geometry.from_array(test[i]["geometry"])
+            geom = Geometry.from_array(test.row(i, ("geometry",))["geometry"])
             out[d] = {f: region_at(rle, found[d]["shape"], geom, cfg.render.size)
                       for f, rle in found[d].items() if f in classes}
     return out

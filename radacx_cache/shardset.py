@@ -164,11 +164,15 @@ class ShardSet:
         return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest)
 
     def __getitem__(self, i: int) -> dict:
+        return self.row(i)
+
+    def row(self, i: int, fields=("original", "masked", "masks", "labels", "targets", "mask_quality",
+                                  "geometry")) -> dict:
+        """Position ``i``'s ids and the given datasets only (e.g. ``("geometry",)``: no image read)."""
         row = self.index.iloc[int(i)]
         f = self.file(row["shard"])
         r = int(row["row"])
-        out = {name: f[name][r] for name in ("original", "masked", "masks", "labels", "targets",
-                                              "mask_quality", "geometry")}
+        out = {name: f[name][r] for name in fields}
         out.update(dicom_id=row["dicom_id"], subject_id=int(row["subject_id"]),
                    study_id=int(row["study_id"]), split=row["split"])
         return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .render import sample_grid
 from .sources.chexmask import parse_rle, sample_rle
 
 TRUTH_FILE = Path("truth") / "findings.csv.gz"
@@ -38,7 +39,6 @@ def read_truth(path: Path, ids) -> dict[str, dict]:
 
 def region_at(rle: str, shape: tuple[int, int], geometry, size: int) -> np.ndarray:
     """A truth region sampled on the output grid (centre of each output pixel), like the masks."""
-    from .render import sample_grid  # the render geometry, so the region lands where the shards' masks do
     starts, ends = parse_rle(rle, shape)
     rows, cols = sample_grid(geometry, size, 1)
     return sample_rle(starts, ends, shape[1], rows, cols)
