@@ -1,5 +1,7 @@
 # radacx-cache: `make demo` (install + every stage on the phantom archive) and `make test`.
-CONFIG ?= pipelines/demo.yaml
+# ARCHIVE=nih or ARCHIVE=chexpert: the demo on a phantom in that archive's layout (pipelines/demo-*.yaml)
+ARCHIVE ?= mimic
+CONFIG ?= $(if $(filter mimic,$(ARCHIVE)),pipelines/demo.yaml,pipelines/demo-$(ARCHIVE).yaml)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,7 +33,7 @@ demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-
 	$(call radacx,saliency)
 	$(call radacx,report)
 
-demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout)
+demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout; ARCHIVE=nih|chexpert)
 	$(call radacx,demo-data)
 cohort: install ## filter, label policy and patient-level split
 	$(call radacx,cohort)

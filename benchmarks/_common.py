@@ -49,7 +49,7 @@ def small_pipeline(n_patients: int = 80, long_side: int = 256, seed: int = 0, wo
     root = Path(workdir or tempfile.mkdtemp(prefix="radacx-bench-"))
     summary = generate(root / "phantom", n_patients=n_patients, long_side=long_side, seed=seed,
                        faults=False, progress=False)
-    cfg = load_config(None, [f"workdir={root / 'work'}", f"archive.mimic_root={summary['mimic_root']}",
+    cfg = load_config(None, [f"workdir={root / 'work'}", f"archive.root={summary['root']}",
                              f"archive.chexmask_csv={summary['chexmask_csv']}", "shards.rows_per_shard=128"])
     build_cohort(cfg, progress=False)
     build_shards(cfg, progress=False)

@@ -98,7 +98,7 @@ def synthesise(out: Path, fraction: float, gzip_csv: bool, seed: int = 0) -> dic
     for name, df in (("metadata", meta), ("chexpert", labels), ("negbio", labels),
                      ("split", meta[["dicom_id", "study_id", "subject_id"]].assign(split=split))):
         df.to_csv(root / f"mimic-cxr-2.0.0-{name}.csv.gz", index=False, compression={"method": "gzip", "compresslevel": 1})
-    return {"mimic_root": str(root), "chexmask_csv": str(_chexmask(out, meta[views != "LATERAL"], rng, gzip_csv)),
+    return {"root": str(root), "chexmask_csv": str(_chexmask(out, meta[views != "LATERAL"], rng, gzip_csv)),
             "images": n_img, "frontal": int((views != "LATERAL").sum())}
 
 
@@ -167,7 +167,7 @@ def main():
         size = Path(data["chexmask_csv"]).stat().st_size
         print(f"inputs ({args.fraction:g} of MIMIC size): {data['images']:,} images, {data['frontal']:,} CheXmask rows, "
               f"CheXmask {'csv.gz' if args.gzip else 'csv'} {size / 1e9:.2f} GB (made in {time.perf_counter() - t0:.0f} s)")
-        ov = [f"workdir={tmp / 'work'}", f"archive.mimic_root={data['mimic_root']}",
+        ov = [f"workdir={tmp / 'work'}", f"archive.root={data['root']}",
               f"archive.chexmask_csv={data['chexmask_csv']}", "shards.rows_per_shard=1024"]
         goal = args.fraction >= 1
 

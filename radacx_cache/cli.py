@@ -27,7 +27,7 @@ def _stage(name: str, cfg, args) -> dict | None:
     if name == "demo-data":
         p = cfg.phantom
         return generate(p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
-                        seed=cfg.seed, faults=p.faults or args.faults)
+                        seed=cfg.seed, faults=p.faults or args.faults, layout=args.layout or p.layout)
     if name == "finetune":
         return run_finetune(cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
     if name == "shards":
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
                        help="override a config key, e.g. --set shards.n_jobs=4")
         if name == "demo-data":
             p.add_argument("--faults", action="store_true", help="plant bad inputs (see docs)")
+            p.add_argument("--layout", choices=("mimic", "nih", "chexpert"), default=None,
+                           help="the archive whose file and table layout the phantom takes (default: phantom.layout)")
             p.add_argument("--full-resolution", action="store_true",
                            help="real MIMIC image sizes (~3000 px; slow, large) instead of phantom.long_side")
         if name == "shards":

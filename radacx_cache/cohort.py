@@ -23,16 +23,20 @@ import numpy as np
 import pandas as pd
 
 from ._io import file_sha256, read_json, stable_hash, stage_run, tmp_name, write_csv, write_json
+from .archives import KINDS, ArchiveTables, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
 from .cohort_files import RLEStore, rle_content_hash
 from .config import CohortConfig, Config
-from .sources.chexmask import iter_chexmask, read_chexmask
-from .sources.mimic import FINDINGS_ALL, id_problem, jpg_relpath, read_labels, read_metadata, read_split
+from .sources.chexmask import iter_chexmask
+from .sources.mimic import FINDINGS_ALL
+from .truth import phantom_home
 from .workdir import Workdir
+
+__all__ = ["ArchiveTables", "build_cohort", "read_archive_tables", "select_cohort", "select_images", "attach_masks"]
 
 log = logging.getLogger(__name__)
 REJECT_COLUMNS = ["id", "stage", "reason"]
 CHEXMASK_CHUNK_ROWS = 2000  # ~100 MB of RLE text per chunk at MIMIC resolution
-COHORT_VERSION = 4  # 2: positive/uncertain columns; 3: validated ids, duplicates; 4: rle_row, streamed masks
+COHORT_VERSION = 5  # 2: positive/uncertain columns; 3: validated ids, duplicates; 4: rle_row, streamed masks; 5: archive kinds
 
 
 def label_columns(classes) -> list[str]:
@@ -90,6 +94,9 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
         bad = per_patient.index[per_patient > 1][0]
         raise ValueError(f"split table puts patient {bad} in several splits; refusing a leaky split")
     if mode == "official":
+        if not (df["official"] == "validate").any():
+            raise ValueError("cohort.split=official: this archive has no official validation split (NIH and "
+                             "CheXpert publish only train and test); use cohort.split=paper")
         return df["official"].replace({"validate": "val"}).to_numpy(object)
     out = np.where(df["official"] == "test", "test", "train").astype(object)
     pool = df.loc[out != "test", "subject"]
@@ -106,15 +113,6 @@ def _reject(rejects: list, ids, reason: str, stage: str = "cohort") -> None:
     rejects.extend({"id": i, "stage": stage, "reason": reason} for i in ids)
 
 
-@dataclass
-class ArchiveTables:
-    """The archive's tables with canonical columns, as the readers in ``sources`` return them."""
-    metadata: pd.DataFrame
-    labels: pd.DataFrame
-    split: pd.DataFrame
-    chexmask: pd.DataFrame
-
-
 def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
                   labeler: str = "chexpert") -> tuple[pd.DataFrame, list[dict]]:
     """The cohort policy, pure: (cohort table, rejects) from the archive's tables.
@@ -123,7 +121,7 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     rows, quality, sizes) and the patient-level split. Every image left out gets a reject row.
     """
     df, rejects = select_images(tables, policy, labeler=labeler)
-    df, more = attach_masks(df, tables.chexmask, policy, seed=seed)
+    df, more = attach_masks(df, tables.chexmask, policy, seed=seed, sizes_in_tables=KINDS[tables.kind].sizes_in_tables)
     return df, rejects + more
 
 
@@ -131,9 +129,10 @@ def select_images(tables: ArchiveTables, policy: CohortConfig, *, labeler: str =
                   ) -> tuple[pd.DataFrame, list[dict]]:
     """Images that pass every filter before CheXmask: valid ids, view, one label row, the label
     policy, one split row. Their ids are the CheXmask rows the cohort needs."""
-    rejects: list[dict] = []
-    meta = _valid_metadata(tables.metadata, rejects)
-    df = _frontal_with_labels(meta, tables.labels, policy, labeler, rejects)
+    rejects: list[dict] = list(tables.rejects)
+    names = {k: v.format(labeler=labeler) for k, v in KINDS[tables.kind].tables.items()}
+    meta = _valid_metadata(tables, rejects)
+    df = _frontal_with_labels(meta, tables.labels, policy, KINDS[tables.kind], names, rejects)
     targets, status = apply_label_policy(df, policy.classes, policy.uncertain, policy.multi_positive,
                                          policy.priority)
     _reject(rejects, df.loc[status == 1, "dicom_id"],
@@ -143,21 +142,29 @@ def select_images(tables: ArchiveTables, policy: CohortConfig, *, labeler: str =
     keep = status == 0
     df = df[keep].copy()
     df[label_columns(policy.classes)] = np.hstack([targets[keep], positives[keep], uncertain[keep]])
-    df = df.merge(_unique_rows(tables.split[["dicom_id", "split"]], "split table", df["dicom_id"], rejects),
+    df = df.drop(columns=["split"], errors="ignore").merge(
+        _unique_rows(tables.split[["dicom_id", "split"]], names["split"], df["dicom_id"], rejects),
                   on="dicom_id", how="left", validate="many_to_one")
-    _reject(rejects, df.loc[df["split"].isna(), "dicom_id"], "image has no row in the split table")
+    _reject(rejects, df.loc[df["split"].isna(), "dicom_id"], f"image has no row in the {names['split']}")
     return df[df["split"].notna()], rejects
 
 
-def attach_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, *, seed: int
-                 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Join the CheXmask rows (quality and sizes checked), split by patient, build the JPEG paths."""
+def attach_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, *, seed: int,
+                 sizes_in_tables: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """Join the CheXmask rows (quality and sizes checked), split by patient.
+
+    ``sizes_in_tables=False`` (NIH, CheXpert: no image size in the tables): Rows x Columns become
+    CheXmask's Height x Width, which the shard stage then checks against the image file itself.
+    """
     rejects: list[dict] = []
+    if not sizes_in_tables:
+        df = df.drop(columns=["Rows", "Columns"], errors="ignore").merge(
+            chexmask[["dicom_id", "height", "width"]].drop_duplicates("dicom_id").rename(
+                columns={"height": "Rows", "width": "Columns"}), on="dicom_id", how="left")
     df = _with_masks(df, chexmask, policy, rejects)
     df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
     df["split"] = patient_split(df["subject_id"].to_numpy(), df["split"].to_numpy(), policy.split,
                                 policy.val_fraction, seed)
-    df["path"] = [jpg_relpath(s, t, d) for s, t, d in zip(df["subject_id"], df["study_id"], df["dicom_id"])]
     df = df.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable").reset_index(drop=True)
     return df, rejects
 
@@ -166,15 +173,18 @@ COHORT_COLUMNS = ["dicom_id", "subject_id", "study_id", "split", "ViewPosition",
                   "quality_mean", "quality_max", *FINDINGS_ALL]
 
 
-def _valid_metadata(meta: pd.DataFrame, rejects: list) -> pd.DataFrame:
-    """Rows whose identifiers are MIMIC-CXR-JPG identifiers, with integer ids; the others rejected."""
-    problems = [id_problem(d, s, t) for d, s, t in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"])]
+def _valid_metadata(tables: ArchiveTables, rejects: list) -> pd.DataFrame:
+    """Rows whose identifiers are the archive's, with integer ids and their file path (built only
+    now, from validated ids); the others rejected with the reason."""
+    meta = tables.metadata
+    problems = [id_problem(tables.kind, row) for row in meta[["dicom_id", "subject_id", "study_id"]].to_dict("records")]
     bad = np.array([p is not None for p in problems], bool)
     rejects.extend({"id": str(i)[:80], "stage": "cohort", "reason": r}
                    for i, r, b in zip(meta["dicom_id"], problems, bad) if b)
     meta = meta[~bad].copy()
     for col in ("subject_id", "study_id"):
         meta[col] = pd.to_numeric(meta[col]).astype(np.int64)
+    meta["path"] = [relpath(tables, row) for row in meta.to_dict("records")]
     return meta
 
 
@@ -188,11 +198,11 @@ def _unique_rows(table: pd.DataFrame, what: str, wanted, rejects: list) -> pd.Da
     return table[~conflict]
 
 
-def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: CohortConfig, labeler: str,
-                         rejects: list) -> pd.DataFrame:
-    """Unique frontal images joined with exactly one label row of their study."""
+def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: CohortConfig, kind,
+                         names: dict, rejects: list) -> pd.DataFrame:
+    """Unique frontal images joined with exactly one label row of their study (or image)."""
     dup_images = meta["dicom_id"].duplicated(keep=False)
-    _reject(rejects, meta.loc[dup_images, "dicom_id"], "dicom_id appears several times in metadata")
+    _reject(rejects, meta.loc[dup_images, "dicom_id"].unique(), f"{kind.id_name} appears several times in {names['metadata']}")
     meta = meta[~dup_images]
     view = meta["ViewPosition"]
     frontal = view.isin(policy.views)
@@ -200,16 +210,25 @@ def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: Cohor
         _reject(rejects, ids, f"view {v} is not one of {'/'.join(policy.views)}")
     meta = meta[frontal]
 
-    key = ["subject_id", "study_id"]
+    key = list(kind.label_key)
+    what = "study" if "study_id" in key else "image"
+    if "label_problem" not in labels:
+        labels = labels.assign(label_problem=None)
+    labels = labels[[*key, *FINDINGS_ALL, "label_problem"]]
+    if "dicom_id" not in key:
+        labels = labels.assign(**{k: pd.to_numeric(labels[k], errors="coerce") for k in key})
     dup = labels.duplicated(key, keep=False)
-    dup_studies = set(labels.loc[dup, "study_id"])
+    dup_keys = set(map(tuple, labels.loc[dup, key].to_numpy().tolist()))
     labels = labels[~dup]
-    df = meta.merge(labels, on=key, how="left", indicator=True)
-    in_dup = df["study_id"].isin(dup_studies)
-    _reject(rejects, df.loc[in_dup, "dicom_id"], f"study has several rows in {labeler} labels (ambiguous labels)")
+    df = meta.drop(columns=[c for c in (*FINDINGS_ALL, "label_problem") if c in meta]).merge(labels, on=key, how="left", indicator=True)
+    in_dup = pd.Series([tuple(k) in dup_keys for k in df[key].to_numpy().tolist()], index=df.index, dtype=bool)
+    _reject(rejects, df.loc[in_dup, "dicom_id"], f"{what} has several rows in {names['labels']} (ambiguous labels)")
     no_label = (df["_merge"] == "left_only") & ~in_dup
-    _reject(rejects, df.loc[no_label, "dicom_id"], f"study has no row in {labeler} labels")
-    return df[df["_merge"] == "both"].drop(columns="_merge")
+    _reject(rejects, df.loc[no_label, "dicom_id"], f"{what} has no row in {names['labels']}")
+    unreadable = (df["_merge"] == "both") & df["label_problem"].notna()
+    rejects.extend({"id": i, "stage": "cohort", "reason": f"{what}'s row in {names['labels']}: {p}"}
+                   for i, p in zip(df.loc[unreadable, "dicom_id"], df.loc[unreadable, "label_problem"]))
+    return df[(df["_merge"] == "both") & ~unreadable].drop(columns=["_merge", "label_problem"])
 
 
 def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, rejects: list) -> pd.DataFrame:
@@ -247,28 +266,14 @@ def _fmt(value, spec: str) -> str:
         return repr(value)
 
 
-def read_archive_tables(cfg: Config, with_chexmask: bool = True) -> ArchiveTables:
-    """Read the MIMIC-CXR-JPG tables (and, for small archives and tests, the whole CheXmask table)."""
-    root = Path(cfg.archive.mimic_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"archive.mimic_root {root} is not a folder (unmounted, or a wrong path?); "
-                                f"nothing was rejected or written")
-    meta = read_metadata(root)
-    chexmask = None
-    if with_chexmask:
-        frontal_ids = meta.loc[meta["ViewPosition"].isin(cfg.cohort.views), "dicom_id"]
-        chexmask = read_chexmask(cfg.archive.chexmask_csv, ids=frontal_ids)
-    return ArchiveTables(meta, read_labels(root, cfg.archive.labeler), read_split(root), chexmask)
-
-
-def stream_masks(chexmask_csv: str | Path, wanted, store_path: Path) -> pd.DataFrame:
+def stream_masks(chexmask_csv: str | Path, wanted, store_path: Path, id_column: str = "dicom_id") -> pd.DataFrame:
     """One pass over the CheXmask table: the wanted rows' RLE go to the store at ``store_path``,
     chunk by chunk; returns their small columns (ids, quality, sizes) with ``rle_row`` and
     ``rle_digest``. The caller renames the store into place when it commits the cohort."""
     small = []
     store = RLEStore(store_path)
     try:
-        for chunk in iter_chexmask(chexmask_csv, ids=wanted, chunksize=CHEXMASK_CHUNK_ROWS):
+        for chunk in iter_chexmask(chexmask_csv, id_column=id_column, ids=wanted, chunksize=CHEXMASK_CHUNK_ROWS):
             rows, digests = store.append(chunk)
             small.append(chunk[["dicom_id", "quality_mean", "quality_max", "height", "width"]]
                          .assign(rle_row=rows, rle_digest=[d.hex() for d in digests]))
@@ -276,18 +281,6 @@ def stream_masks(chexmask_csv: str | Path, wanted, store_path: Path) -> pd.DataF
         store.close()
     cols = ["dicom_id", "quality_mean", "quality_max", "height", "width", "rle_row", "rle_digest"]
     return pd.concat(small, ignore_index=True) if small else pd.DataFrame(columns=cols)
-
-
-def is_phantom(mimic_root: str | Path) -> bool:
-    """True when the archive is the generated phantom (its phantom.json names this root)."""
-    root = Path(mimic_root).resolve()
-    marker = root.parents[1] / "phantom.json" if len(root.parents) > 1 else None
-    if marker is None or not marker.exists():
-        return False
-    try:
-        return Path(read_json(marker)["mimic_root"]).resolve() == root
-    except (ValueError, KeyError, TypeError):
-        return False
 
 
 def build_cohort(cfg: Config, progress: bool = True) -> dict:
@@ -308,8 +301,9 @@ def _build_cohort(cfg: Config) -> dict:
     store = tmp_name(work.masks_rle)
     work.cohort_dir.mkdir(parents=True, exist_ok=True)
     try:
-        masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store)
-        df, more = attach_masks(images, masks, c, seed=cfg.seed)
+        masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store, chexmask_id_column(cfg))
+        df, more = attach_masks(images, masks, c, seed=cfg.seed,
+                                sizes_in_tables=KINDS[cfg.archive.kind].sizes_in_tables)
         # from here the old cohort is replaced: withdraw its commit first, so that no later stage
         # reads a new masks-rle.h5 beside an old cohort.csv if this process dies half-way
         work.cohort_manifest.unlink(missing_ok=True)
@@ -331,21 +325,27 @@ def _build_cohort(cfg: Config) -> dict:
               for s in ("train", "val", "test")}
     manifest = {"fingerprint": fingerprint, "inputs_fingerprint": inputs_fp, "rle_hash": rle_hash, "rows": len(cohort),
                 "rejects": len(rejects_df),
-                "reject_reasons": rejects_df["reason"].str.replace(r"[\d.]+", "N", regex=True)
-                .value_counts().to_dict(), "counts": counts, "classes": list(c.classes),
+                "reject_reasons": reason_counts(rejects_df["reason"]), "counts": counts, "classes": list(c.classes),
                 "policy": {"uncertain": c.uncertain, "multi_positive": c.multi_positive,
                            "split": c.split, "min_mask_quality": c.min_mask_quality},
-                "synthetic_archive": is_phantom(cfg.archive.mimic_root)}
+                "archive": cfg.archive.kind, "archive_name": KINDS[cfg.archive.kind].name,
+                "synthetic_archive": phantom_home(cfg.archive.root) is not None}
     write_json(work.cohort_manifest, manifest)  # written last: the commit point
     return manifest
 
 
+def reason_counts(reasons: pd.Series) -> dict:
+    """Reject reasons with their numbers (sizes, scores) written N, counted: "mask quality ... N < N"."""
+    generic = (reasons.str.replace(r"\d+x\d+", "NxN", regex=True)
+               .str.replace(r"(?<![A-Za-z_\d])-?\d+(?:\.\d+)?(?![A-Za-z_\d])", "N", regex=True))
+    return generic.value_counts().to_dict()
+
+
 def _input_stamp(cfg: Config) -> dict:
     """Size and mtime of every input table: a changed archive invalidates the cohort."""
-    root = Path(cfg.archive.mimic_root)
     stamp = {}
-    for p in sorted(root.glob("mimic-cxr-2.0.0-*.csv*")) + [Path(cfg.archive.chexmask_csv)]:
+    for p in input_files(cfg):
         if p.exists():
             st = p.stat()
-            stamp[p.name] = [st.st_size, st.st_mtime_ns]
+            stamp[str(p.name)] = [st.st_size, st.st_mtime_ns]
     return stamp

@@ -16,7 +16,7 @@ import yaml
 
 from .sources.mimic import FINDINGS_ALL
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
@@ -31,14 +31,20 @@ def _at_least(default, minimum):
 
 @dataclass
 class ArchiveConfig:
-    mimic_root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
+    """Which archive the cohort reads (docs/archives.md): its kind, its root folder, its CheXmask file."""
+    kind: Literal["mimic", "nih", "chexpert"] = "mimic"
+    # mimic: the folder holding files/ and mimic-cxr-2.0.0-*.csv.gz; nih: the folder holding
+    # Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and images/; chexpert: the folder
+    # holding CheXpert-v1.0(-small)/ (the tables' Path column is relative to it)
+    root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
     chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
-    labeler: Literal["chexpert", "negbio"] = "chexpert"
+    labeler: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which of its two label tables
 
 
 @dataclass
 class PhantomConfig:
     out: str = "data/phantom"
+    layout: Literal["mimic", "nih", "chexpert"] = "mimic"  # which archive's file and table layout
     n_patients: int = _at_least(300, 1)
     long_side: int = _at_least(448, 64)  # scaled down for speed; real MIMIC images are ~3000 px
     faults: bool = True
@@ -286,13 +292,17 @@ _MOVED_IN_V2 = {"model": ("model", "spec"), "device": ("runtime", "device"),
                 "compile": ("runtime", "compile")}
 
 
-def _migrate_v1(data: dict) -> dict:
-    """A version-1 config with its ``embed.*`` model/runtime keys moved to their v2 sections."""
+def _migrate(data: dict, version: int) -> dict:
+    """An older config in the current version's shape: v1 kept the model and runtime keys in
+    ``embed``; v2 named the archive folder ``archive.root`` (MIMIC was the only kind)."""
     data = json.loads(json.dumps(data))
-    embed = data.get("embed") or {}
-    for old, (section, key) in _MOVED_IN_V2.items():
-        if old in embed:
-            data.setdefault(section, {})[key] = embed.pop(old)
+    if version < 2:
+        embed = data.get("embed") or {}
+        for old, (section, key) in _MOVED_IN_V2.items():
+            if old in embed:
+                data.setdefault(section, {})[key] = embed.pop(old)
+    if version < 3 and isinstance(data.get("archive"), dict) and "mimic_root" in data["archive"]:
+        data["archive"]["root"] = data["archive"].pop("mimic_root")
     data["config_version"] = CONFIG_VERSION
     return data
 
@@ -324,8 +334,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--set {item!r}: not a plain value ({str(exc).splitlines()[0]})") from None
         _set_dotted(data, key.strip(), value)
     version = data.get("config_version", CONFIG_VERSION)
-    if version == 1:
-        data = _migrate_v1(data)
+    if version in (1, 2):
+        data = _migrate(data, version)
     elif version != CONFIG_VERSION:
         raise ConfigError(
             f"config_version {version} is not supported (this radacx-cache reads version {CONFIG_VERSION})")
@@ -334,5 +344,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if unknown_classes:
         raise ConfigError(f"config key 'cohort.classes': unknown label {unknown_classes[0]!r}; "
                           f"valid: {', '.join(FINDINGS_ALL)}")
+    if cfg.archive.labeler != "chexpert" and cfg.archive.kind != "mimic":
+        raise ConfigError(f"config key 'archive.labeler': {cfg.archive.labeler!r} exists only for MIMIC-CXR-JPG; "
+                          f"{cfg.archive.kind} has one label table")
     return cfg
 

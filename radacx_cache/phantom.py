@@ -1,10 +1,11 @@
-"""Synthetic phantom archive in the exact MIMIC-CXR-JPG + CheXmask layout (the embedded default).
+"""Synthetic phantom archive in the exact layout of a real archive + its CheXmask file (the embedded default).
 
-Everything a reader sees is in the real format: the four ``mimic-cxr-2.0.0-*.csv.gz`` tables with
-their real columns, the ``files/pNN/pSUBJECT/sSTUDY/DICOM.jpg`` tree of quality-95 grey JPEGs, and
-a CheXmask ``OriginalResolution/MIMIC-CXR-JPG.csv`` with 1-based row-major RLE, 120 landmarks
-(right lung 44, left lung 50, heart 26, in NumPy-repr text as ``back_mimic.py`` wrote them) and
-Dice RCA columns. Masks are filled polygons of their own landmarks, as CheXmask's are.
+Everything a reader sees is in the real format (``phantom_layouts.py``). For MIMIC-CXR-JPG (the
+default): the four ``mimic-cxr-2.0.0-*.csv.gz`` tables with their real columns, the
+``files/pNN/pSUBJECT/sSTUDY/DICOM.jpg`` tree of quality-95 grey JPEGs, and a CheXmask
+``OriginalResolution/MIMIC-CXR-JPG.csv`` with 1-based row-major RLE, 120 landmarks (right lung 44,
+left lung 50, heart 26, in NumPy-repr text as ``back_mimic.py`` wrote them) and Dice RCA columns;
+NIH ChestX-ray14 and CheXpert in theirs. Masks are filled polygons of their own landmarks, as CheXmask's are.
 
 The five findings are drawn *inside the anatomy* so that a classifier can learn them and masks
 matter: Cardiomegaly widens the heart (cardiothoracic ratio > 0.5), Pleural Effusion fills the
@@ -14,7 +15,6 @@ plate-like band. Uncertain (-1) findings are drawn at half strength.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from dataclasses import dataclass
@@ -25,18 +25,17 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ._io import atomic_path, jpeg_bytes, write_json
+from ._io import atomic_path, stable_hash, write_json
 from .config import FINDINGS
 from .phantom_faults import plant_faults
+from .phantom_layouts import CHEXMASK_SUBDIR, LAYOUTS
 from .sources.chexmask import encode_rle, polygon_mask
-from .sources.mimic import FINDINGS_ALL, PREFIX, jpg_relpath
-from .truth import TRUTH_FILE
+from .sources.mimic import FINDINGS_ALL
+from .truth import phantom_file, truth_file
 
 log = logging.getLogger(__name__)
 
-MIMIC_SUBDIR = "mimic-cxr-jpg/2.0.0"
-CHEXMASK_SUBDIR = "chexmask-cxr-segmentation-data/1.0.0/OriginalResolution"
-GENERATOR_VERSION = 2  # bump when the phantom's content changes (2: truth/findings.csv.gz)
+GENERATOR_VERSION = 3  # bump when the phantom's content changes (2: truth/findings.csv.gz; 3: layouts)
 
 @dataclass
 class Anatomy:
@@ -204,15 +203,6 @@ def draw_lateral(height: int, width: int, rng: np.random.Generator) -> np.ndarra
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 
-def _dicom_id(rng) -> str:
-    return "-".join(f"{v:08x}" for v in rng.integers(0, 2 ** 32, 5))
-
-
-def _landmark_text(points: np.ndarray) -> str:
-    # the NumPy repr that pandas wrote for back_mimic.py's landmark arrays
-    return np.array2string(points, separator=" ", threshold=10 ** 6).replace("\n ", "\n ")
-
-
 def sample_study_findings(rng: np.random.Generator) -> dict[str, float]:
     """Study-level labels with realistic co-occurrence; values 1, 0, -1 or NaN."""
     labels = {name: np.nan for name in FINDINGS_ALL}
@@ -246,39 +236,42 @@ def sample_study_findings(rng: np.random.Generator) -> dict[str, float]:
 
 
 def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, seed: int = 0,
-             faults: bool = False, progress: bool = True) -> dict:
-    """Write the phantom archive under ``out``; returns a summary (paths, counts, planted faults)."""
+             faults: bool = False, progress: bool = True, layout: str = "mimic") -> dict:
+    """Write the phantom archive under ``out`` in ``layout`` (mimic | nih | chexpert: that archive's
+    real file and table layout, phantom_layouts.py); returns a summary (paths, counts, planted faults)."""
     out = Path(out)
+    lay = LAYOUTS[layout]
     params = {"patients": int(n_patients), "seed": seed, "long_side": long_side, "faults": bool(faults),
-              "generator_version": GENERATOR_VERSION}
-    if (out / "phantom.json").exists():
-        previous = json.loads((out / "phantom.json").read_text())
+              "generator_version": GENERATOR_VERSION, "layout": layout}
+    marker = out / phantom_file(layout)
+    if marker.exists():
+        previous = json.loads(marker.read_text())
         if all(previous.get(k) == v for k, v in params.items()):
             log.info("phantom: %s is up to date", out)
             return previous
     rng = np.random.default_rng(seed)
-    mimic_root = out / MIMIC_SUBDIR
+    root = out / lay.subdir
     chexmask_dir = out / CHEXMASK_SUBDIR
     meta_rows, label_rows, split_rows, mask_rows, truth_rows = [], [], [], [], []
-    subject_ids = rng.choice(np.arange(10_000_000, 20_000_000), n_patients, replace=False)
+    subject_ids = lay.subjects(rng, n_patients)
     study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), n_patients * 5, replace=False))
-    images = []  # (row dict, pixels, masks, anatomy) kept only long enough to write
+    images = []  # (row dict, labels) kept only long enough to write
     for subject in tqdm(subject_ids, desc="phantom patients", disable=not progress):
-        split = rng.choice(["train", "validate", "test"], p=[0.78, 0.07, 0.15])
+        split = lay.split(rng)
         date = 2100_00_00 + int(rng.integers(1, 80)) * 1_00_00 + 101
-        for _ in range(int(rng.integers(1, 5))):
-            study = int(next(study_pool))
+        for study_number in range(int(rng.integers(1, 5))):
+            study = int(next(study_pool)) if layout == "mimic" else study_number + (layout == "chexpert")
             labels = sample_study_findings(rng)
             label_rows.append({"subject_id": int(subject), "study_id": study, **labels})
             date += int(rng.integers(1, 400))
-            n_images = int(rng.choice([1, 2, 3], p=[0.35, 0.5, 0.15]))
+            n_images = 1 if lay.frontal_only else int(rng.choice([1, 2, 3], p=[0.35, 0.5, 0.15]))
             views = ["PA" if rng.random() < 0.45 else "AP"]
             views += ["LATERAL" if rng.random() < 0.8 else views[0] for _ in range(n_images - 1)]
-            for view in views:
-                dicom_id = _dicom_id(rng)
-                aspect = rng.uniform(0.8, 1.22)
-                height = int(long_side * rng.uniform(0.92, 1.0))
-                width = int(min(height * aspect, long_side * 1.05))
+            for view_number, view in enumerate(views):
+                dicom_id = lay.image_id(rng, int(subject), study, study_number, view_number, view, split)
+                aspect = 1.0 if lay.square else rng.uniform(0.8, 1.22)
+                height = long_side if lay.square else int(long_side * rng.uniform(0.92, 1.0))
+                width = height if lay.square else int(min(height * aspect, long_side * 1.05))
                 row = {"dicom_id": dicom_id, "subject_id": int(subject), "study_id": study,
                        "PerformedProcedureStepDescription": "CHEST (PA AND LAT)" if view != "AP"
                        else "CHEST (PORTABLE AP)", "ViewPosition": view, "Rows": height,
@@ -288,18 +281,20 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                        "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior",
                                                         "LATERAL": "lateral"}[view],
                        "PatientOrientationCodeSequence_CodeMeaning": "Erect"}
+                row["relpath"] = lay.relpath(row)
                 meta_rows.append(row)
                 split_rows.append({"dicom_id": dicom_id, "study_id": study, "subject_id": int(subject),
                                    "split": split})
                 images.append((row, labels))
-    log.info("phantom: %d patients, %d studies, %d images", n_patients, len(label_rows), len(images))
+    log.info("phantom (%s): %d patients, %d studies, %d images", layout, n_patients, len(label_rows), len(images))
     for row, labels in tqdm(images, desc="phantom images", disable=not progress):
-        img_rng = np.random.default_rng([seed, int(row["study_id"]), int(row["dicom_id"][:8], 16)])
-        path = mimic_root / jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
+        img_rng = np.random.default_rng([seed, int(row["study_id"]), int(stable_hash(row["dicom_id"])[:8], 16)]
+                                        if layout != "mimic" else [seed, int(row["study_id"]), int(row["dicom_id"][:8], 16)])
+        path = root / row["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)
         height, width = row["Rows"], row["Columns"]
         if row["ViewPosition"] == "LATERAL":
-            path.write_bytes(jpeg_bytes(draw_lateral(height, width, img_rng)))
+            path.write_bytes(lay.encode(draw_lateral(height, width, img_rng), img_rng))
             continue
         strength = {k: (1.0 if labels[k] == 1 else 0.5 if labels[k] == -1 else 0.0) for k in FINDINGS}
         strength["_effusion_side"] = int(img_rng.integers(0, 2))
@@ -311,7 +306,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
         anatomy = make_anatomy(height, width, img_rng, ctr=ctr,
                                atelectasis_side=strength["_atelectasis_side"] if strength["Atelectasis"] else None)
         pixels, _, drawn = draw_frontal(height, width, anatomy, strength, img_rng)
-        path.write_bytes(jpeg_bytes(pixels))
+        path.write_bytes(lay.encode(pixels, img_rng))
         truth_rows += [{"dicom_id": row["dicom_id"], "finding": k, "Height": height, "Width": width,
                         "RLE": encode_rle(v)} for k, v in drawn.items() if v.any()]
         if img_rng.random() < 0.03:  # CheXmask covers almost every frontal image, not all
@@ -330,7 +325,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
         mask_rows.append({
             "dicom_id": row["dicom_id"], "Dice RCA (Mean)": quality,
             "Dice RCA (Max)": min(0.97, quality + float(img_rng.uniform(0.02, 0.06))),
-            "Landmarks": _landmark_text(points),
+            "Landmarks": lay.landmark_text(points),
             "Left Lung": encode_rle(polygon_mask(mask_anatomy.left_lung, (height, width))),
             "Right Lung": encode_rle(polygon_mask(mask_anatomy.right_lung, (height, width))),
             "Heart": encode_rle(polygon_mask(mask_anatomy.heart, (height, width))),
@@ -341,30 +336,15 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     masks_df = pd.DataFrame(mask_rows)
     planted = []
     if faults:
-        planted, meta, labels_df, masks_df = plant_faults(mimic_root, meta, labels_df, masks_df, rng)
-    mimic_root.mkdir(parents=True, exist_ok=True)
-    chexmask_dir.mkdir(parents=True, exist_ok=True)
-    for name, df in (("metadata", meta), ("chexpert", labels_df), ("negbio", _negbio(labels_df, rng)),
-                     ("split", split_df)):
-        with atomic_path(mimic_root / f"{PREFIX}-{name}.csv.gz") as tmp:
-            with gzip.open(tmp, "wt") as f:
-                df.to_csv(f, index=False)
-    with atomic_path(chexmask_dir / "MIMIC-CXR-JPG.csv") as tmp:
-        masks_df.to_csv(tmp, index=False)
-    with atomic_path(out / TRUTH_FILE) as tmp:  # outside the real-format tree: the phantom's own truth
+        planted, meta, labels_df, masks_df = plant_faults(root, meta, labels_df, masks_df, rng, layout)
+    root.mkdir(parents=True, exist_ok=True)
+    lay.write_tables(root, meta, labels_df, split_df, rng)
+    chexmask_csv = lay.write_chexmask(chexmask_dir, masks_df)
+    with atomic_path(out / truth_file(layout)) as tmp:  # outside the real-format tree: the phantom's own truth
         pd.DataFrame(truth_rows, columns=["dicom_id", "finding", "Height", "Width", "RLE"]).to_csv(
             tmp, index=False, compression="gzip")
-    summary = {"mimic_root": str(mimic_root), "chexmask_csv": str(chexmask_dir / "MIMIC-CXR-JPG.csv"),
+    summary = {"root": str(root), "chexmask_csv": str(chexmask_csv), "kind": layout,
                **params, "studies": len(labels_df), "images": len(meta), "mask_rows": len(masks_df),
                "faults": bool(faults), "planted": planted}
-    write_json(out / "phantom.json", summary)
+    write_json(marker, summary)  # written last: the phantom is complete
     return summary
-
-
-def _negbio(labels: pd.DataFrame, rng) -> pd.DataFrame:
-    """NegBio disagrees with CheXpert on a few labels, as the real labelers do."""
-    out = labels.copy()
-    for name in FINDINGS:
-        flip = rng.random(len(out)) < 0.03
-        out.loc[flip & (out[name] == -1), name] = 1.0
-    return out

@@ -1,37 +1,43 @@
 """Faults the phantom plants (``--faults``), one of each bad input the pipeline must reject with a reason."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ._io import jpeg_bytes
 from .config import FINDINGS
-from .sources.mimic import jpg_relpath
-
 FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
           "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
-          "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view")
+          "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view", "bad_label_value")
+# CheXpert's table row *is* the image's only record: without it the image does not exist to reject
+NOT_IN_LAYOUT = {"chexpert": {"missing_label_row"}}
 
 
-def plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng):
-    """Plant one of each bad input on otherwise-eligible images.
+def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng,
+                 layout: str = "mimic"):
+    """Plant one of each bad input on otherwise-eligible images (files under ``root``, at each
+    row's ``relpath``; tables in the generator's internal model, which the layout then writes).
 
     Returns what was planted where, and the (modified copies of the) three tables.
     """
     meta, labels, masks = meta.copy(), labels.copy(), masks.copy()
+    labels[list(FINDINGS)] = labels[list(FINDINGS)].astype(object)  # room for a bad label value
     eligible = set(masks["dicom_id"][masks["Dice RCA (Mean)"] >= 0.7])
-    positive_studies = set(labels["study_id"][(labels[list(FINDINGS)] == 1).any(axis=1)])
+    positive = (labels[list(FINDINGS)] == 1).any(axis=1)
+    positive_keys = set(zip(labels.loc[positive, "subject_id"], labels.loc[positive, "study_id"]))
     # one image per study, so that each fault owns its study
-    meta_ok = meta[meta["dicom_id"].isin(eligible) & meta["study_id"].isin(positive_studies)
-                   & (meta["Rows"] != meta["Columns"])].drop_duplicates("study_id")
-    picks = meta_ok.sample(len(FAULTS), random_state=int(rng.integers(2 ** 31))).to_dict("records")
+    in_positive = [k in positive_keys for k in zip(meta["subject_id"], meta["study_id"])]
+    meta_ok = meta[meta["dicom_id"].isin(eligible) & pd.Series(in_positive, index=meta.index)
+                   & ((meta["Rows"] != meta["Columns"]) | (layout == "nih"))].drop_duplicates(["subject_id", "study_id"])
+    faults = [f for f in FAULTS if f not in NOT_IN_LAYOUT.get(layout, ())]
+    picks = meta_ok.sample(len(faults), random_state=int(rng.integers(2 ** 31))).to_dict("records")
     planted = []
-    for fault, row in zip(FAULTS, picks):
-        path = mimic_root / jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
+    for fault, row in zip(faults, picks):
+        path = root / row["relpath"]
         m = masks.index[masks["dicom_id"] == row["dicom_id"]]
+        study = (labels["subject_id"] == row["subject_id"]) & (labels["study_id"] == row["study_id"])
         if fault == "missing_jpeg":
             path.unlink()
         elif fault == "empty_jpeg":
@@ -48,19 +54,26 @@ def plant_faults(mimic_root: Path, meta: pd.DataFrame, labels: pd.DataFrame, mas
             masks.loc[m, "Left Lung"] = " ".join(v)
         elif fault == "rle_out_of_bounds":
             masks.loc[m, "Right Lung"] += f" {row['Rows'] * row['Columns'] + 5} 10"
-        elif fault == "mask_size_mismatch":  # Height/Width swapped against the metadata
-            masks.loc[m, ["Height", "Width"]] = [row["Columns"], row["Rows"]]
-        elif fault == "jpeg_size_mismatch":  # the JPEG on disk is not the image the tables describe
-            with Image.open(path) as im:
-                small = im.resize((im.width - 7, im.height - 5))
-            path.write_bytes(jpeg_bytes(np.asarray(small)))
+        elif fault == "mask_size_mismatch":  # Height/Width swapped against the image (taller: square images)
+            masks.loc[m, ["Height", "Width"]] = ([row["Columns"], row["Rows"]] if row["Rows"] != row["Columns"]
+                                                 else [row["Rows"] + 16, row["Columns"]])
+        elif fault == "jpeg_size_mismatch":  # the file on disk is not the image the tables describe
+            with Image.open(path) as im:  # another aspect ratio: not a downscaled copy either
+                small = im.convert("L").resize((im.width - max(7, im.width // 8), im.height - 5))
+            buf = io.BytesIO()
+            small.save(buf, im.format)
+            path.write_bytes(buf.getvalue())
         elif fault == "missing_mask_row":
             masks = masks.drop(index=m)
         elif fault == "missing_label_row":
-            labels = labels[labels["study_id"] != row["study_id"]]
+            labels = labels[~study]
         elif fault == "duplicate_label_row":
-            labels = pd.concat([labels, labels[labels["study_id"] == row["study_id"]]], ignore_index=True)
+            labels = pd.concat([labels, labels[study]], ignore_index=True)
         elif fault == "blank_view":
             meta.loc[meta["dicom_id"] == row["dicom_id"], "ViewPosition"] = None
-        planted.append({"fault": fault, "dicom_id": row["dicom_id"], "study_id": int(row["study_id"])})
+        elif fault == "bad_label_value":  # a label cell that is not 1, 0, -1 or blank
+            first = next(c for c in FINDINGS if (labels.loc[study, c] == 1).any())
+            labels.loc[study, first] = "yes"
+        planted.append({"fault": fault, "dicom_id": row["dicom_id"], "subject_id": int(row["subject_id"]),
+                        "study_id": int(row["study_id"])})
     return planted, meta, labels, masks.reset_index(drop=True)

@@ -5,6 +5,9 @@ Geometry convention (recorded per image in the shards, ``GEOMETRY_FIELDS``): the
 ``pad_top = (side - height) // 2`` and ``pad_left = (side - width) // 2`` (floor, as CheXmask's own
 preprocessing), then resized by ``scale = size / side``. An output pixel centre ``(i + .5, j + .5)``
 maps back to original pixel coordinates ``((i + .5) / scale - pad_top, (j + .5) / scale - pad_left)``.
+``mask_height x mask_width`` is the frame of the CheXmask masks: the image's own size, except for a
+downscaled copy of an archive (CheXpert-v1.0-small), whose masks are mapped from CheXmask's
+full-resolution frame (same aspect ratio; scale ``height / mask_height``) with ``mask_frame()``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from PIL import Image
 from .config import RenderConfig
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
 
-GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce")
+GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce",
+                   "mask_height", "mask_width")
 
 
 class RenderError(ValueError):
@@ -34,15 +38,30 @@ class Geometry:
     pad_left: int
     scale: float
     decode_reduce: int = 1
+    mask_height: int = 0  # 0: the image's own size
+    mask_width: int = 0
+
+    def __post_init__(self):
+        if not self.mask_height:
+            object.__setattr__(self, "mask_height", self.height)
+            object.__setattr__(self, "mask_width", self.width)
 
     def as_array(self) -> np.ndarray:
         return np.array([getattr(self, f) for f in GEOMETRY_FIELDS], np.float32)
 
     @classmethod
     def from_array(cls, values) -> "Geometry":
-        """The inverse of ``as_array`` (a shard's ``geometry`` row)."""
-        h, w, side, top, left, scale, reduce = (float(v) for v in values)
-        return cls(int(h), int(w), int(side), int(top), int(left), scale, int(reduce))
+        """The inverse of ``as_array`` (a shard's ``geometry`` row; 7 values in schema v1)."""
+        values = [float(v) for v in values]
+        h, w, side, top, left, scale, reduce = values[:7]
+        mask_h, mask_w = values[7:9] if len(values) >= 9 else (h, w)
+        return cls(int(h), int(w), int(side), int(top), int(left), scale, int(reduce), int(mask_h), int(mask_w))
+
+    def mask_frame(self) -> "Geometry":
+        """The same square padding and output grid, in the masks' frame (itself unless downscaled)."""
+        if (self.mask_height, self.mask_width) == (self.height, self.width):
+            return self
+        return square_geometry(self.mask_height, self.mask_width, round(self.scale * self.side))
 
     def to_original(self, rows, cols):
         """Map output-pixel coordinates (centres) back to original pixel coordinates."""
@@ -51,10 +70,22 @@ class Geometry:
         return rows, cols
 
 
-def square_geometry(height: int, width: int, size: int, decode_reduce: int = 1) -> Geometry:
+def square_geometry(height: int, width: int, size: int, decode_reduce: int = 1,
+                    mask_shape: tuple[int, int] | None = None) -> Geometry:
     side = max(height, width)
+    mask_h, mask_w = mask_shape or (height, width)
     return Geometry(height, width, side, (side - height) // 2, (side - width) // 2,
-                    size / side, decode_reduce)
+                    size / side, decode_reduce, int(mask_h), int(mask_w))
+
+
+def same_aspect(small: tuple[int, int], full: tuple[int, int]) -> bool:
+    """True when ``small`` is ``full`` scaled down by one factor, up to the rounding of each side to
+    whole pixels (CheXpert-v1.0-small against CheXmask's full-resolution frame)."""
+    (h, w), (big_h, big_w) = small, full
+    if not (0 < h <= big_h and 0 < w <= big_w):
+        return False
+    # h = s * big_h + e1, w = s * big_w + e2 with |e| < 1: |h * big_w - w * big_h| < big_w + big_h
+    return abs(h * big_w - w * big_h) < big_w + big_h
 
 
 MAX_PIXELS = 64_000_000  # ~8000 x 8000: far above any radiograph, far below a decompression bomb
@@ -62,7 +93,7 @@ MIN_OVERLAY_SHARE = 0.002  # an overlay that changes fewer pixels than this drew
 
 
 def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, int] | None = None,
-                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int, tuple[int, int]]:
+                max_pixels: int = MAX_PIXELS, scaled_ok: bool = False) -> tuple[np.ndarray, int, tuple[int, int]]:
     """Decode an image to 8-bit grey, with libjpeg's DCT scaling when ``min_side`` allows it.
 
     With ``min_side`` the JPEG is decoded at the smallest 1/1, 1/2, 1/4 or 1/8 scale whose result
@@ -70,7 +101,8 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
     antialiased resize to ``min_side`` and skips most of the inverse DCT work.
     The size the header declares is checked against ``expected`` (height, width), e.g. the
     metadata's Rows x Columns, and against ``max_pixels`` *before* anything is decoded, so a tiny file
-    declaring a huge image costs nothing. 16-bit images are windowed to 8 bit between their 0.5th
+    declaring a huge image costs nothing; with ``scaled_ok`` a smaller image of the same aspect ratio
+    (a downscaled copy) passes too. 16-bit images are windowed to 8 bit between their 0.5th
     and 99.5th percentiles (a hot pixel cannot turn the image black).
     Returns the pixels, the reduction factor and the original (height, width).
     """
@@ -80,8 +112,13 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
         im = Image.open(io.BytesIO(data))  # reads the header only
         height, width = im.height, im.width
         if expected is not None and (height, width) != tuple(int(v) for v in expected):
-            raise RenderError(f"image is {height}x{width} but the metadata says {expected[0]}x{expected[1]}; "
-                              f"not decoded")
+            want = tuple(int(v) for v in expected)
+            if not (scaled_ok and same_aspect((height, width), want)):
+                if scaled_ok:
+                    raise RenderError(f"image is {height}x{width}: neither the {want[0]}x{want[1]} of CheXmask nor a "
+                                      f"downscaled copy of the same aspect ratio; not decoded")
+                raise RenderError(f"image is {height}x{width} but the tables / CheXmask say {want[0]}x{want[1]}; "
+                                  f"not decoded")
         if height * width > max_pixels:
             raise RenderError(f"image declares {height}x{width} pixels, more than the {max_pixels} allowed; "
                               f"not decoded")
@@ -141,9 +178,10 @@ def masks_at(rles: dict[str, str], mask_shape: tuple[int, int], geom: Geometry, 
     Samples the RLE directly at ``supersample**2`` points per output pixel (majority vote), so
     the full-resolution mask is never materialised.
     """
-    if tuple(mask_shape) != (geom.height, geom.width):
+    if tuple(mask_shape) != (geom.mask_height, geom.mask_width):
         raise RenderError(f"mask Height x Width {mask_shape[0]}x{mask_shape[1]} does not match the "
-                          f"image's {geom.height}x{geom.width}")
+                          f"image's {geom.mask_height}x{geom.mask_width}")
+    geom = geom.mask_frame()
     rows, cols = sample_grid(geom, size, supersample)
     k = max(1, int(supersample))
     out = np.zeros((len(MASK_NAMES), size, size), bool)
@@ -152,7 +190,7 @@ def masks_at(rles: dict[str, str], mask_shape: tuple[int, int], geom: Geometry, 
             starts, ends = parse_rle(rles[name], mask_shape)
         except ValueError as exc:
             raise RenderError(f"{name} mask: {exc}") from None
-        hits = sample_rle(starts, ends, geom.width, rows, cols)
+        hits = sample_rle(starts, ends, geom.width, rows, cols)  # geom is in the mask frame here
         if k > 1:
             hits = hits.reshape(size, k, size, k).mean(axis=(1, 3)) >= 0.5
         out[i] = hits
@@ -212,16 +250,21 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
 
 
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
-                 cfg: RenderConfig | None = None, expected: tuple[int, int] | None = None) -> dict:
+                 cfg: RenderConfig | None = None, expected: tuple[int, int] | None = None,
+                 scaled_ok: bool = False) -> dict:
     """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason.
 
     ``expected``: the image's (height, width) according to the archive's metadata, checked before
-    decoding.
+    decoding. ``scaled_ok``: a downscaled copy (same aspect ratio as ``mask_shape``) is accepted and
+    the masks are mapped onto it from their own frame.
     """
     cfg = cfg or RenderConfig()
     size = cfg.size
-    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected)
-    geom = square_geometry(height, width, size, reduce)
+    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected, scaled_ok=scaled_ok)
+    if (height, width) != tuple(mask_shape) and not (scaled_ok and same_aspect((height, width), tuple(mask_shape))):
+        raise RenderError(f"mask Height x Width {mask_shape[0]}x{mask_shape[1]} does not match the "
+                          f"image's {height}x{width}")
+    geom = square_geometry(height, width, size, reduce, mask_shape=tuple(mask_shape))
     masks = masks_at(rles, mask_shape, geom, size, cfg.mask_supersample)
     original = pad_resize(pixels, geom, size)
     masked = overlay(original, masks, cfg.overlay, colors=cfg.colors, line_width=cfg.line_width,

@@ -124,9 +124,9 @@ def references(shards: ShardSet, classes, n_boot: int, seed: int) -> dict:
     return out
 
 
-def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic) -> list[Section]:
+def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive) -> list[Section]:
     pub_head = "Published orig. / masked (MIMIC-CXR)"
-    t1 = Section("Table 1: accuracy on original vs masked test images",
+    t1 = Section(f"Table 1: accuracy on original vs masked test images — {archive}",
                  ["Arm", "Description", "Original [95% CI]", "Masked [95% CI]", "Masked − original [95% CI]",
                   "p", pub_head])
     for arm in ARMS:
@@ -144,6 +144,9 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
     if synthetic:
         t1.notes.append("Synthetic phantom archive: the published MIMIC-CXR numbers are shown for reference "
                         "only and are not comparable.")
+    elif "MIMIC" not in archive:
+        t1.notes.append(f"The published numbers are MIMIC-CXR's; this table is {archive}: compare the "
+                        f"direction of the effects, not the values.")
     te = Section("Training-image effect: masked-trained minus original-trained arm (same test images)",
                  ["Comparison", "Test images", "Difference [95% CI]", "p"],
                  [[e["comparison"], e["test_images"], _diff(e), format_p(e["p_value"], n_boot)] for e in effects])
@@ -207,15 +210,17 @@ def _build_report(cfg: Config) -> dict:
     effects = training_effects(arms, shards, n_boot, cfg.seed)
     refs = references(shards, classes, n_boot, cfg.seed)
     synthetic = bool(cohort.get("synthetic_archive"))
+    name = cohort.get("archive_name", "MIMIC-CXR-JPG")
+    archive = f"synthetic phantom in the {name} layout" if synthetic else name
     model = describe_spec(cfg.model.spec)
     descriptions = {a.name: f"{a.description}, {model}" for a in ARMS}
     n_test = len(shards.split("test"))
     provenance = {"cohort_fingerprint": cohort["fingerprint"], "shards_fingerprint": shards.fingerprint,
                   "render_fingerprint": shards.manifest["render_fingerprint"], "model": cfg.model.spec,
                   "label_policy": policy, "n_bootstrap": n_boot, "seed": cfg.seed,
-                  "archive": "synthetic phantom (MIMIC-CXR-JPG layout)" if synthetic else "MIMIC-CXR-JPG",
+                  "archive": archive,
                   "accuracy": READING_TEXT["argmax"]}
-    sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic)
+    sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive)
     saliency = out_saliency(work, shards.fingerprint, notes)
     if saliency is not None:
         sections.append(saliency_section(saliency, n_boot))

@@ -151,7 +151,7 @@ def sample_images(test: ShardSet, n: int, seed: int) -> np.ndarray:
 
 
 def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
-    path = truth_path(cfg.archive.mimic_root)
+    path = truth_path(cfg.archive.root)
     if path is None:
         return {}
     ids = test.index["dicom_id"].to_numpy()[positions]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ._io import (apply_permissions, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
                   stage_lock, write_csv, write_json)
 from ._version import __version__
+from .archives import KINDS
 from .cohort_files import load_cohort, read_rle_rows
 from .config import Config, RenderConfig
 from .render import GEOMETRY_FIELDS, RenderError, render_image
@@ -92,7 +93,7 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
                                  ).reshape(n, len(GEOMETRY_FIELDS))
 
 
-def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path: str,
+def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
                  render_cfg: dict, classes: list, out_dir: str, attrs: dict,
                  on_written: WrittenHook | None = None) -> dict:
     """Render one planned shard (runs in a worker): returns its sidecar record."""
@@ -104,17 +105,18 @@ def render_shard(task: ShardTask, records: list[dict], mimic_root: str, rle_path
         retry = False
         try:
             try:
-                data = archive_path(mimic_root, rec["path"]).read_bytes()
+                data = archive_path(root, rec["path"]).read_bytes()
             except ValueError as exc:  # a path that would leave the archive: never read
                 raise RenderError(str(exc)) from None
             except FileNotFoundError:
                 retry = True
-                raise RenderError("JPEG not found") from None
+                raise RenderError("image file not found") from None
             except OSError as exc:
                 retry = True
-                raise RenderError(f"JPEG unreadable ({exc.strerror or exc})") from None
+                raise RenderError(f"image file unreadable ({exc.strerror or exc})") from None
             mask = rles[rec["dicom_id"]]
-            item = render_image(data, mask, mask["shape"], render, expected=(rec["Rows"], rec["Columns"]))
+            item = render_image(data, mask, mask["shape"], render, expected=(rec["Rows"], rec["Columns"]),
+                                scaled_ok=bool(attrs.get("scaled_copies")))
         except RenderError as exc:
             rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})",
                             "path": rec["path"], "retry": retry})
@@ -199,16 +201,16 @@ def plan_render(cfg: Config) -> tuple[list[ShardTask], dict, list]:
     cohort = load_cohort(work)
     tasks = plan_shards(cohort, cfg.shards.rows_per_shard, render_fingerprint(cfg),
                         read_json(work.cohort_manifest)["fingerprint"])
-    done, pending, _ = _sort_tasks(work.shards_dir, tasks, Path(cfg.archive.mimic_root))
+    done, pending, _ = _sort_tasks(work.shards_dir, tasks, Path(cfg.archive.root))
     return tasks, done, pending
 
 
 def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook | None, rebuild: bool) -> dict:
     out = work.shards_dir
     cohort = load_cohort(work)  # raises unless the cohort stage finished
-    root = Path(cfg.archive.mimic_root)
+    root = Path(cfg.archive.root)
     if not root.is_dir():
-        raise ShardError(f"archive.mimic_root {root} is not a folder (unmounted, or a wrong path?); "
+        raise ShardError(f"archive.root {root} is not a folder (unmounted, or a wrong path?); "
                          f"nothing was rendered or rejected")
     cohort_fp = read_json(work.cohort_manifest)["fingerprint"]
     render_fp = render_fingerprint(cfg)
@@ -233,7 +235,8 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
              "mask_names": list(MASK_NAMES), "target_names": list(cfg.cohort.classes),
              "geometry_fields": list(GEOMETRY_FIELDS), "render_config": cfg.to_dict()["render"],
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
-             "size": cfg.render.size, "created_with": f"radacx-cache {__version__}"}
+             "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
+             "archive": cfg.archive.kind, "scaled_copies": KINDS[cfg.archive.kind].scaled_copies}
     if pending:
         _render(cfg, work, pending, cohort.to_dict("records"), attrs, done, progress, on_written)
     _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
@@ -245,7 +248,7 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
     client, context = _backend_context(cfg)
     try:
         with context:
-            jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.mimic_root,
+            jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.root,
                                           str(work.masks_rle), cfg.to_dict()["render"],
                                           list(cfg.cohort.classes), str(work.shards_dir), attrs, on_written)
                     for t in pending)

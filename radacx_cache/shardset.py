@@ -17,7 +17,7 @@ import pandas as pd
 from ._io import file_sha256, read_json, write_json
 from .arms import IMAGE_VARIANTS
 
-SCHEMA, SCHEMA_VERSION = "radacx-shard", 1
+SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
 
 

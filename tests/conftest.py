@@ -34,7 +34,7 @@ def phantom(tmp_path_factory):
 
 def make_config(phantom, workdir, *extra):
     from radacx_cache.config import load_config
-    return load_config(None, [f"workdir={workdir}", f"archive.mimic_root={phantom['mimic_root']}",
+    return load_config(None, [f"workdir={workdir}", f"archive.root={phantom['root']}",
                               f"archive.chexmask_csv={phantom['chexmask_csv']}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", "embed.batch_size=32",
                               "embed.block_rows=96", "report.bootstrap=200", *extra])

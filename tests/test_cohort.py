@@ -5,19 +5,20 @@ import pytest
 from radacx_cache.cohort import apply_label_policy, patient_split
 
 FAULT_EXPECTATIONS = {
-    "missing_jpeg": ("shards", "JPEG not found"),
+    "missing_jpeg": ("shards", "image file not found"),
     "empty_jpeg": ("shards", "empty"),
     "truncated_jpeg": ("shards", "cannot decode"),
     "corrupt_jpeg": ("shards", "cannot decode"),
     "rle_odd_count": ("shards", "odd number"),
     "rle_decreasing_starts": ("shards", "not strictly increasing"),
     "rle_out_of_bounds": ("shards", "past the end"),
-    "jpeg_size_mismatch": ("shards", "but the metadata says"),  # caught before decoding
+    "jpeg_size_mismatch": ("shards", "but the tables / CheXmask say"),  # caught before decoding
     "mask_size_mismatch": ("cohort", "!= metadata Rows x Columns"),
     "missing_mask_row": ("cohort", "no CheXmask row"),
     "missing_label_row": ("cohort", "no row in chexpert labels"),
     "duplicate_label_row": ("cohort", "several rows in chexpert"),
     "blank_view": ("cohort", "view <blank>"),
+    "bad_label_value": ("cohort", "= 'yes' is not 1, 0, -1 or blank"),
 }
 CLASSES = ["A", "B", "C"]
 
@@ -76,7 +77,7 @@ def test_every_planted_fault_is_rejected_with_its_reason(pipeline, phantom):
         stage, reason = FAULT_EXPECTATIONS[fault["fault"]]
         if fault["fault"] in ("missing_label_row", "duplicate_label_row"):
             cohort = pd.read_csv(work / "cohort" / "cohort.csv")
-            assert not (cohort["study_id"] == fault["study_id"]).any()
+            assert not ((cohort["study_id"] == fault["study_id"]) & (cohort["subject_id"] == fault["subject_id"])).any()
             hits = rejects[rejects["reason"].str.contains(reason, regex=False)]
             assert len(hits), fault
             continue
@@ -113,7 +114,7 @@ def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
     from radacx_cache.cohort import build_cohort
     from radacx_cache.phantom import generate
     from conftest import make_config
-    root = os.path.dirname(os.path.dirname(phantom["mimic_root"]))  # <out>/mimic-cxr-jpg/2.0.0
+    root = os.path.dirname(os.path.dirname(phantom["root"]))  # <out>/mimic-cxr-jpg/2.0.0
     again = generate(root, n_patients=400, long_side=256, seed=7, faults=True, progress=False)
     assert again == phantom  # up to date: nothing regenerated
     cfg = make_config(phantom, tmp_path)
@@ -183,7 +184,7 @@ def test_streamed_cohort_equals_the_in_memory_reference(pipeline, tmp_path, comp
         chexmask = str(tmp_path / "MIMIC-CXR-JPG.csv.gz")
         with open(cfg.archive.chexmask_csv, "rb") as src, gzip.open(chexmask, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    phantom = {"mimic_root": cfg.archive.mimic_root, "chexmask_csv": chexmask}
+    phantom = {"root": cfg.archive.root, "chexmask_csv": chexmask}
     streamed_cfg = make_config(phantom, tmp_path / "work")
     manifest = build_cohort(streamed_cfg, progress=False)
     ref, ref_rejects = select_cohort(read_archive_tables(cfg), cfg.cohort, seed=cfg.seed, labeler=cfg.archive.labeler)
@@ -211,7 +212,7 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
     cfg = pipeline["cfg"]
     work = tmp_path / "w"
     shutil.copytree(cfg.work / "cohort", work / "cohort")
-    run = make_config({"mimic_root": cfg.archive.mimic_root, "chexmask_csv": cfg.archive.chexmask_csv}, work,
+    run = make_config({"root": cfg.archive.root, "chexmask_csv": cfg.archive.chexmask_csv}, work,
                       "cohort.min_mask_quality=0.75")  # another policy: a rerun must replace the cohort
     before = (work / "cohort" / "masks-rle.h5").read_bytes()
 

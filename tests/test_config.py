@@ -16,7 +16,9 @@ def test_defaults_and_overrides(tmp_path):
     ("render.overlay=glow", "'render.overlay'"),
     ("shards.n_jobs=two", "'shards.n_jobs': expected an integer"),
     ("cohort.classes=Edema,Flu", "'cohort.classes'"),
-    ("config_version=3", "config_version 3"),
+    ("config_version=4", "config_version 4"),
+    ("archive.kind=padchest", "'archive.kind'"),
+    ("archive.mimic_root=/x", "unknown config key 'archive.mimic_root'"),  # a v3 file spells it archive.root
     ("shards.rows_per_shard=0", "'shards.rows_per_shard': 0 is below its minimum 1"),
     ("render.line_width=-2", "'render.line_width'"),
     ("seed", "expected key=value"),
@@ -38,3 +40,14 @@ def test_version_1_configs_are_migrated_to_the_model_and_runtime_sections(tmp_pa
     cfg = load_config(path)
     assert (cfg.model.spec, cfg.runtime.device, cfg.runtime.precision, cfg.embed.batch_size) == (
         "biomedclip", "cpu", "bf16", 7)
+
+
+def test_version_2_configs_are_migrated_to_archive_root(tmp_path):
+    """v2 named the archive folder archive.mimic_root (MIMIC was the only kind): read as archive.root,
+    kind mimic; a label table only MIMIC has is refused for another kind."""
+    path = tmp_path / "v2.yaml"
+    path.write_text("config_version: 2\narchive:\n  mimic_root: /data/mimic\n  labeler: negbio\n")
+    cfg = load_config(path)
+    assert (cfg.archive.kind, cfg.archive.root, cfg.archive.labeler) == ("mimic", "/data/mimic", "negbio")
+    with pytest.raises(ConfigError, match="archive.labeler"):
+        load_config(path, ["archive.kind=nih"])

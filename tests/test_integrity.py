@@ -28,7 +28,7 @@ def copy_work(pipeline, tmp_path, *parts, extra=()):
     cfg = pipeline["cfg"]
     for part in parts:
         shutil.copytree(cfg.work / part, tmp_path / part)
-    return load_config(None, [f"workdir={tmp_path}", f"archive.mimic_root={cfg.archive.mimic_root}",
+    return load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg.archive.root}",
                               f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", "embed.batch_size=32",
                               "embed.block_rows=96", *extra])
@@ -100,7 +100,7 @@ def test_a_path_leaving_the_archive_is_never_read(tmp_path):
 def test_hostile_metadata_rows_become_rejects_not_tracebacks(pipeline, tmp_path):
     """Traversal, text and non-ASCII ids, and a blank Rows cell, in a copy of the phantom's tables."""
     from radacx_cache.cohort import build_cohort
-    src = Path(pipeline["cfg"].archive.mimic_root)
+    src = Path(pipeline["cfg"].archive.root)
     root = tmp_path / "mimic"
     root.mkdir()
     for p in src.glob("mimic-cxr-2.0.0-*.csv.gz"):
@@ -115,7 +115,7 @@ def test_hostile_metadata_rows_become_rejects_not_tracebacks(pipeline, tmp_path)
     meta.loc[lateral, "Rows"] = ""  # a blank cell made the whole column float and broke a message
     meta.loc[frontal[3], "Rows"] = ""
     meta.to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
-    cfg = copy_work(pipeline, tmp_path, extra=(f"archive.mimic_root={root}",))
+    cfg = copy_work(pipeline, tmp_path, extra=(f"archive.root={root}",))
     manifest = build_cohort(cfg, progress=False)
     rejects = pd.read_csv(tmp_path / "cohort" / "rejects.csv")
     reasons = " | ".join(rejects["reason"])
@@ -223,18 +223,18 @@ def test_a_config_value_never_deletes_finished_shards(pipeline, tmp_path):
 
 def test_a_missing_archive_is_an_error_and_missing_images_are_retried(pipeline, tmp_path):
     from radacx_cache.shards import build_shards
-    cfg = copy_work(pipeline, tmp_path, "cohort", extra=(f"archive.mimic_root={tmp_path / 'unmounted'}",))
+    cfg = copy_work(pipeline, tmp_path, "cohort", extra=(f"archive.root={tmp_path / 'unmounted'}",))
     with pytest.raises(ShardError, match="not a folder"):
         build_shards(cfg, progress=False)
     assert not (tmp_path / "shards" / "manifest.json").exists()
     # one JPEG moved away, then back: a reject the first time, in the shards after the rerun
-    src = Path(pipeline["cfg"].archive.mimic_root)
+    src = Path(pipeline["cfg"].archive.root)
     root = tmp_path / "mimic"
     shutil.copytree(src, root)
     cohort = pd.read_csv(tmp_path / "cohort" / "cohort.csv", dtype={"dicom_id": str})
     moved = root / cohort["path"].iloc[5]
     shutil.move(moved, tmp_path / "aside.jpg")
-    cfg = copy_work(pipeline, tmp_path / "w", "cohort", extra=(f"archive.mimic_root={root}",))
+    cfg = copy_work(pipeline, tmp_path / "w", "cohort", extra=(f"archive.root={root}",))
     build_shards(cfg, progress=False)
     assert cohort["dicom_id"].iloc[5] not in set(open_shards(tmp_path / "w" / "shards").index["dicom_id"])
     shutil.move(tmp_path / "aside.jpg", moved)
@@ -244,7 +244,7 @@ def test_a_missing_archive_is_an_error_and_missing_images_are_retried(pipeline, 
     shutil.rmtree(root / "files" / sorted(os.listdir(root / "files"))[0])
     for d in sorted(os.listdir(root / "files"))[:6]:
         shutil.rmtree(root / "files" / d, ignore_errors=True)
-    cfg = copy_work(pipeline, tmp_path / "x", "cohort", extra=(f"archive.mimic_root={root}",))
+    cfg = copy_work(pipeline, tmp_path / "x", "cohort", extra=(f"archive.root={root}",))
     with pytest.raises(ShardError, match="max_reject_share"):
         build_shards(cfg, progress=False)
     assert not (tmp_path / "x" / "shards" / "manifest.json").exists()
@@ -279,7 +279,7 @@ def test_memory_bombs_are_refused_before_decoding_and_16_bit_images_windowed():
     Image.new("L", (6000, 6000)).save(buf, format="PNG")  # ~35 KB on disk, 36 Mpx declared
     data = buf.getvalue()
     assert len(data) < 100_000
-    with pytest.raises(RenderError, match="metadata says 3000x2500; not decoded"):
+    with pytest.raises(RenderError, match="CheXmask say 3000x2500; not decoded"):
         decode_grey(data, 224, expected=(3000, 2500))
     with pytest.raises(RenderError, match="more than the 1000000 allowed"):
         decode_grey(data, 224, max_pixels=1_000_000)
@@ -314,7 +314,7 @@ def test_cli_prints_one_clear_line_and_exits_non_zero(pipeline, tmp_path, caplog
     (ro / "cohort").mkdir()
     os.chmod(ro / "cohort", 0o500)
     try:
-        code = main(["cohort", "--set", f"workdir={ro}", "--set", f"archive.mimic_root={cfg.archive.mimic_root}",
+        code = main(["cohort", "--set", f"workdir={ro}", "--set", f"archive.root={cfg.archive.root}",
                      "--set", f"archive.chexmask_csv={cfg.archive.chexmask_csv}"])
     finally:
         os.chmod(ro / "cohort", 0o700)
@@ -322,6 +322,6 @@ def test_cli_prints_one_clear_line_and_exits_non_zero(pipeline, tmp_path, caplog
         assert code == 2 and "Permission denied" in caplog.text
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # a workdir that cannot be created, even by root
-    code = main(["cohort", "--set", f"workdir={blocker / 'run'}", "--set", f"archive.mimic_root={cfg.archive.mimic_root}",
+    code = main(["cohort", "--set", f"workdir={blocker / 'run'}", "--set", f"archive.root={cfg.archive.root}",
                  "--set", f"archive.chexmask_csv={cfg.archive.chexmask_csv}"])
     assert code == 2 and "Not a directory" in caplog.text and str(blocker) in caplog.text

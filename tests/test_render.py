@@ -150,3 +150,37 @@ def test_sample_grid_marks_padding_as_outside():
     g = square_geometry(100, 50, 20)
     rows, cols = sample_grid(g, 20)
     assert (rows >= 0).all() and (cols[:4] == -1).all() and (cols[-4:] == -1).all()
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.1371])  # 0.137: about CheXpert-v1.0-small against full resolution
+def test_a_downscaled_copy_gets_the_full_resolution_masks_scaled_onto_it(factor):
+    """CheXmask's frame is the full-resolution image; the -small copy of it (same aspect ratio) gets the
+    same masks at 224 as the full image, with both sizes recorded in the geometry; a copy of another
+    aspect ratio, or a smaller image where no downscaled copy is expected, is refused."""
+    data, masks = wikimedia()
+    shape = masks["heart"].shape
+    rles = {k: encode_rle(v) for k, v in masks.items()}
+    full = render_image(data, rles, shape, RenderConfig(), expected=shape)
+    with Image.open(io.BytesIO(data)) as im:
+        small_size = (round(im.width * factor), round(im.height * factor))
+        small = jpeg_bytes(np.asarray(im.convert("L").resize(small_size, Image.Resampling.LANCZOS)))
+    got = render_image(small, rles, shape, RenderConfig(), expected=shape, scaled_ok=True)
+    g = got["geometry"]
+    assert (g.height, g.width, g.mask_height, g.mask_width) == (small_size[1], small_size[0], *shape)
+    for i in range(3):
+        iou = (full["masks"][i] & got["masks"][i]).sum() / (full["masks"][i] | got["masks"][i]).sum()
+        assert iou > 0.97
+    diff = np.abs(full["original"].astype(int) - got["original"].astype(int))
+    assert np.median(diff) < 6  # the same picture, at the same place
+    with pytest.raises(RenderError, match="but the tables / CheXmask say"):
+        render_image(small, rles, shape, RenderConfig(), expected=shape)  # MIMIC / NIH: exact sizes only
+    with Image.open(io.BytesIO(data)) as im:
+        squashed = jpeg_bytes(np.asarray(im.convert("L").resize((small_size[0], small_size[1] * 3 // 4))))
+    with pytest.raises(RenderError, match="nor a downscaled copy"):
+        render_image(squashed, rles, shape, RenderConfig(), expected=shape, scaled_ok=True)
+
+
+def test_geometry_rows_of_schema_1_shards_still_read():
+    from radacx_cache.render import Geometry
+    g = Geometry.from_array([300, 200, 300, 0, 50, 224 / 300, 1])
+    assert (g.mask_height, g.mask_width) == (300, 200) and g.mask_frame() is g

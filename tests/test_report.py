@@ -129,7 +129,7 @@ def test_cli_reports_config_errors_with_the_key(caplog):
 
 def test_cli_cohort_summary(pipeline, capsys):
     cfg = pipeline["cfg"]
-    args = ["cohort", "--set", f"workdir={cfg.work}", "--set", f"archive.mimic_root={cfg.archive.mimic_root}",
+    args = ["cohort", "--set", f"workdir={cfg.work}", "--set", f"archive.root={cfg.archive.root}",
             "--set", f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "--set", "seed=7"]
     assert main(args) == 0
     out = capsys.readouterr().out

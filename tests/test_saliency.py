@@ -71,7 +71,7 @@ def test_truth_regions_align_with_the_shard_masks_under_padding(pipeline, item):
     """The phantom's drawn heart (Cardiomegaly) and the CheXmask heart come from one polygon: mapped
     through the same geometry onto the 224 grid, they must coincide, padding and all."""
     cfg = pipeline["cfg"]
-    path = truth_path(cfg.archive.mimic_root)
+    path = truth_path(cfg.archive.root)
     assert path is not None
     test = open_shards(cfg.work / "shards").split("test")
     truth = read_truth(path, test.index["dicom_id"])
@@ -98,7 +98,7 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     from radacx_cache.saliency import run_saliency
     cfg = pipeline["cfg"]
     (tmp_path / "shards").symlink_to(cfg.work / "shards")
-    run = load_config(None, [f"workdir={tmp_path}", "seed=7", f"archive.mimic_root={cfg.archive.mimic_root}",
+    run = load_config(None, [f"workdir={tmp_path}", "seed=7", f"archive.root={cfg.archive.root}",
                              "finetune.batch_size=16", "finetune.block_rows=32", "finetune.shuffle_buffer=64",
                              "finetune.lr_encoder=0.002", "finetune.lr_head=0.002", "finetune.warmup_steps=5",
                              "finetune.epochs=20", "finetune.patience=20", "finetune.checkpoint_every=0",

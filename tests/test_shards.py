@@ -24,7 +24,7 @@ def clone(pipeline, tmp_path, *overrides, with_shards=True):
     shutil.copytree(cfg.work / "cohort", tmp_path / "cohort")
     if with_shards:
         shutil.copytree(cfg.work / "shards", tmp_path / "shards")
-    return load_config(None, [f"workdir={tmp_path}", f"archive.mimic_root={cfg.archive.mimic_root}",
+    return load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg.archive.root}",
                               f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", *overrides])
 
@@ -87,7 +87,7 @@ def test_shard_rows_equal_a_fresh_render(pipeline):
     cohort = load_cohort(Workdir(cfg.workdir))
     row = cohort[cohort["dicom_id"] == shards.index["dicom_id"].iloc[10]].iloc[0]
     rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row["rle_row"]])[row["dicom_id"]]
-    data = (cfg.archive.mimic_root + "/" + row["path"])
+    data = (cfg.archive.root + "/" + row["path"])
     out = render_image(open(data, "rb").read(), rle, rle["shape"])
     item = shards[10]
     np.testing.assert_array_equal(out["original"], item["original"])

@@ -26,7 +26,7 @@ def table_path(root: str | Path, name: str) -> Path:
             return p
     raise FileNotFoundError(
         f"MIMIC-CXR-JPG table {PREFIX}-{name}.csv(.gz) not found in {root}; "
-        f"point archive.mimic_root at the folder holding files/ and the {PREFIX}-*.csv.gz tables")
+        f"point archive.root at the folder holding files/ and the {PREFIX}-*.csv.gz tables")
 
 
 def _read(path: Path, columns, ids_as_text: bool = False) -> pd.DataFrame:
@@ -64,13 +64,38 @@ def read_metadata(root) -> pd.DataFrame:
 
 
 def read_labels(root, labeler: str = "chexpert") -> pd.DataFrame:
-    """One row per study: subject_id, study_id and the 14 labels as floats (1, 0, -1, NaN)."""
+    """One row per study: subject_id, study_id, the 14 labels as floats (1, 0, -1, NaN) and
+    ``label_problem`` (None, or why a cell is not a label: the study's images are then rejected)."""
     if labeler not in ("chexpert", "negbio"):
         raise ValueError(f"labeler {labeler!r}: expected 'chexpert' or 'negbio'")
-    df = _numeric_ids(_read(table_path(root, labeler), ("subject_id", "study_id", *FINDINGS_ALL)), labeler)
-    for col in FINDINGS_ALL:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(np.float32)
-    return df
+    path = table_path(root, labeler)
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in ("subject_id", "study_id", *FINDINGS_ALL) if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+    raw = pd.read_csv(path, usecols=["subject_id", "study_id", *FINDINGS_ALL], dtype=str, keep_default_na=False)
+    df = _numeric_ids(raw, labeler)
+    values, problems = parse_label_cells(df, FINDINGS_ALL)
+    return df[["subject_id", "study_id"]].assign(**values, label_problem=problems)
+
+
+LABEL_VALUES = (1.0, 0.0, -1.0)
+
+
+def parse_label_cells(raw: pd.DataFrame, columns) -> tuple[dict, list]:
+    """Label cells (text) as float32 columns (1, 0, -1, NaN for blank) and, per row, the first cell
+    that is none of these (``"yes"``, ``"2"``), named, or None. The CheXpert labeler's tables (MIMIC's
+    and CheXpert's own) write 1.0 / 0.0 / -1.0 / blank."""
+    values, problems = {}, [None] * len(raw)
+    for col in columns:
+        text = raw[col].astype(str).str.strip()
+        number = pd.to_numeric(text.replace({"": None, "nan": None}), errors="coerce")
+        bad = (text != "") & (text != "nan") & ~number.isin(LABEL_VALUES)
+        for i in np.flatnonzero(bad.to_numpy()):
+            if problems[i] is None:
+                problems[i] = f"label {col} = {text.iloc[i][:20]!r} is not 1, 0, -1 or blank"
+        values[col] = number.where(~bad).astype(np.float32).to_numpy()
+    return values, problems
 
 
 def read_split(root) -> pd.DataFrame:

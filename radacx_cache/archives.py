@@ -1,0 +1,134 @@
+"""The archives the cohort reads, behind one contract (docs/archives.md).
+
+Each kind's reader (``sources/``) returns ``ArchiveTables`` with canonical columns, so the cohort
+policy (views, labels, masks, split) is written once:
+
+- ``metadata``: one row per image: ``dicom_id`` (the image's id in its archive and in CheXmask: a
+  MIMIC dicom_id, an NIH Image Index, a CheXpert path without its prefix), ``subject_id``,
+  ``study_id`` (text until validated), ``ViewPosition``, ``Rows``, ``Columns`` (NaN where the
+  archive's tables carry no image size) and what the kind needs to build the file path;
+- ``labels``: FINDINGS_ALL columns (1, 0, -1, NaN) keyed by ``ArchiveKind.label_key``, and
+  ``label_problem`` (None, or why the row's labels cannot be read);
+- ``split``: ``dicom_id, split`` (train / validate / test: the archive's official assignment);
+- ``rejects``: images the reader itself could not take, with their reasons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .config import Config
+from .sources import chexpert, mimic, nih
+from .sources.chexmask import ID_COLUMNS, read_chexmask
+
+
+@dataclass(frozen=True)
+class ArchiveKind:
+    name: str
+    chexmask_file: str  # the CheXmask file of this archive (its id column: sources.chexmask.ID_COLUMNS)
+    id_name: str  # what the archive calls an image's id, for reject reasons
+    tables: dict  # what each canonical table is in the archive, for reject reasons
+    label_key: tuple  # labels are per study (MIMIC) or per image
+    sizes_in_tables: bool  # False: CheXmask's Height x Width is checked against the image itself
+    scaled_copies: bool  # True: a downscaled copy of the archive is read when its aspect ratio agrees
+
+
+KINDS = {
+    "mimic": ArchiveKind("MIMIC-CXR-JPG", "MIMIC-CXR-JPG", "dicom_id",
+                         {"metadata": "metadata", "labels": "{labeler} labels", "split": "split table"},
+                         ("subject_id", "study_id"), True, False),
+    "nih": ArchiveKind("NIH ChestX-ray14", "ChestX-Ray8", "Image Index",
+                       {"metadata": "Data_Entry_2017_v2020.csv", "labels": "Data_Entry_2017_v2020.csv",
+                        "split": "train_val_list.txt / test_list.txt"}, ("dicom_id",), False, False),
+    "chexpert": ArchiveKind("CheXpert", "CheXpert", "Path",
+                            {"metadata": "train.csv / valid.csv", "labels": "train.csv / valid.csv",
+                             "split": "train.csv / valid.csv"}, ("dicom_id",), False, True),
+}
+
+
+@dataclass
+class ArchiveTables:
+    """An archive's tables with canonical columns, as the readers in ``sources`` return them."""
+    metadata: pd.DataFrame
+    labels: pd.DataFrame
+    split: pd.DataFrame
+    chexmask: pd.DataFrame | None = None
+    kind: str = "mimic"
+    rejects: list = field(default_factory=list)
+    image_folders: dict | None = None  # NIH Kaggle copy: the images_NNN/images folder of each file
+
+
+def id_problem(kind: str, row) -> str | None:
+    """Why a metadata row's identifiers are not this archive's, or None (then paths may be built)."""
+    check = {"mimic": mimic.id_problem, "nih": nih.id_problem, "chexpert": chexpert.id_problem}[kind]
+    return check(row["dicom_id"], row["subject_id"], row["study_id"])
+
+
+def chexmask_id_problem(kind: str, image_id: str) -> str | None:
+    """Why a CheXmask row's id is not an image id of this archive, or None."""
+    if kind == "nih":
+        parts = nih.parse_image_index(image_id)
+        return nih.id_problem(image_id, *parts) if parts else nih.id_problem(image_id, "", "")
+    if kind == "chexpert":
+        parsed = chexpert.parse_path(image_id)
+        return None if parsed and parsed[0] == image_id else chexpert.id_problem(image_id, "", "")
+    return mimic.id_problem(image_id, "10000000", "50000000")  # MIMIC's CheXmask rows carry only dicom_id
+
+
+def relpath(tables: ArchiveTables, row) -> str:
+    """The image file of a validated row, relative to ``archive.root``."""
+    if tables.kind == "mimic":
+        return mimic.jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
+    if tables.kind == "nih":
+        return nih.png_relpath(row["dicom_id"], tables.image_folders)
+    return chexpert.jpg_relpath(row["prefix"], row["dicom_id"])
+
+
+def read_archive_tables(cfg: Config, with_chexmask: bool = True) -> ArchiveTables:
+    """Read the archive's tables (and, for small archives and tests, the whole CheXmask table)."""
+    root = Path(cfg.archive.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"archive.root {root} is not a folder (unmounted, or a wrong path?); "
+                                f"nothing was rejected or written")
+    kind = cfg.archive.kind
+    if kind == "mimic":
+        tables = ArchiveTables(mimic.read_metadata(root), mimic.read_labels(root, cfg.archive.labeler),
+                               mimic.read_split(root))
+    elif kind == "nih":
+        tables = _nih_tables(root)
+    else:
+        entries = chexpert.read_tables(root)
+        tables = ArchiveTables(entries, entries, entries[["dicom_id", "split"]], kind="chexpert")
+    if with_chexmask:
+        frontal_ids = tables.metadata.loc[tables.metadata["ViewPosition"].isin(cfg.cohort.views), "dicom_id"]
+        tables.chexmask = read_chexmask(cfg.archive.chexmask_csv, id_column=chexmask_id_column(cfg), ids=frontal_ids)
+    return tables
+
+
+def _nih_tables(root: Path) -> ArchiveTables:
+    entries = nih.read_data_entry(root)
+    split = nih.read_split_lists(root)
+    unlisted = sorted(set(split["dicom_id"]) - set(entries["dicom_id"]))
+    rejects = [{"id": i[:80], "stage": "cohort", "reason": f"in the split lists but has no row in {nih.DATA_ENTRY_NAMES[0]}"}
+               for i in unlisted]
+    return ArchiveTables(entries, entries, split, kind="nih", rejects=rejects, image_folders=nih.image_folders(root))
+
+
+def chexmask_id_column(cfg: Config) -> str:
+    """The image-id column of this archive's CheXmask file (``Image Index`` for NIH, ...)."""
+    return ID_COLUMNS[KINDS[cfg.archive.kind].chexmask_file]
+
+
+def input_files(cfg: Config) -> list[Path]:
+    """Every table the cohort reads: a change to any of them (size, mtime) invalidates it."""
+    root = Path(cfg.archive.root)
+    if cfg.archive.kind == "mimic":
+        files = sorted(root.glob(f"{mimic.PREFIX}-*.csv*"))
+    elif cfg.archive.kind == "nih":
+        files = [p for p in (root / n for n in (*nih.DATA_ENTRY_NAMES, *nih.SPLIT_LISTS)) if p.exists()]
+        files += sorted(root.glob("Data_Entry_2017*.csv.gz"))
+    else:
+        files = [p for prefix in chexpert.PREFIXES for p in sorted((root / prefix).glob("*.csv*"))]
+    return files + [Path(cfg.archive.chexmask_csv)]

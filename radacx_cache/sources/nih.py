@@ -1,0 +1,139 @@
+"""Reader of the NIH ChestX-ray14 tables and file tree (docs/archives.md).
+
+The release (NIH Clinical Center, https://nihcc.app.box.com/v/ChestXray-NIHCC) holds
+``Data_Entry_2017_v2020.csv`` (one row per image), the patient-wise official split as two lists of
+file names, ``train_val_list.txt`` and ``test_list.txt``, and 112,120 PNGs, all resized by NIH to
+1024 x 1024, unpacked from ``images_001.tar.gz`` ... ``images_012.tar.gz`` into ``images/`` (the
+Kaggle copy keeps them in ``images_001/images/`` ...; both are read).
+
+Points that bite: the header ``OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]`` reads as
+four columns (``OriginalImage[Width``, ``Height]``, ...), and those are the sizes *before* NIH's
+resize, so they are never compared with anything; the labels are one ``|``-separated column
+(``No Finding`` when empty); "Effusion" is pleural effusion; there are no uncertain labels.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .mimic import FINDINGS_ALL
+
+DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+SPLIT_LISTS = {"train_val_list.txt": "train", "test_list.txt": "test"}
+COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position")
+# the 14 NIH labels and "No Finding"; the value is the column of FINDINGS_ALL it fills (None: no such column)
+NIH_LABELS = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+              "Edema": "Edema", "Effusion": "Pleural Effusion", "Pneumonia": "Pneumonia",
+              "Pneumothorax": "Pneumothorax", "No Finding": "No Finding", "Infiltration": None, "Mass": None,
+              "Nodule": None, "Emphysema": None, "Fibrosis": None, "Pleural_Thickening": None, "Hernia": None}
+_IMAGE_INDEX = re.compile(r"(\d{8})_(\d{3})\.png")
+
+
+def data_entry_path(root: str | Path) -> Path:
+    """``root/Data_Entry_2017_v2020.csv`` (or ``.csv.gz``, or the 2017 name), whichever exists."""
+    root = Path(root)
+    for name in DATA_ENTRY_NAMES:
+        for suffix in ("", ".gz"):
+            if (root / (name + suffix)).exists():
+                return root / (name + suffix)
+    raise FileNotFoundError(f"NIH ChestX-ray14 table {DATA_ENTRY_NAMES[0]}(.gz) not found in {root}; point "
+                            f"archive.root at the folder holding it, the two split lists and images/")
+
+
+def read_data_entry(root) -> pd.DataFrame:
+    """One row per image: the canonical columns (``dicom_id`` = Image Index, ``subject_id`` = Patient
+    ID, ``study_id`` = Follow-up #, all as text, ``ViewPosition``) and the labels as FINDINGS_ALL
+    columns: 1 where the finding is listed, 0 where it is not, NaN for the columns NIH does not label.
+    Rows whose labels cannot be read carry the reason in ``label_problem``."""
+    path = data_entry_path(root)
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+    raw = pd.read_csv(path, usecols=list(COLUMNS), dtype=str, keep_default_na=False)
+    df = pd.DataFrame({"dicom_id": raw["Image Index"].str.strip(), "subject_id": raw["Patient ID"].str.strip(),
+                       "study_id": raw["Follow-up #"].str.strip(),
+                       "ViewPosition": raw["View Position"].str.strip().replace("", None),
+                       "Rows": np.nan, "Columns": np.nan})  # the PNG's size is not in the table
+    labels, problems = finding_matrix(raw["Finding Labels"])
+    for col in FINDINGS_ALL:
+        df[col] = labels[col]
+    df["label_problem"] = problems
+    return df
+
+
+def finding_matrix(cells: pd.Series) -> tuple[dict, list]:
+    """The ``Finding Labels`` cells as FINDINGS_ALL columns, and a problem (or None) per row."""
+    mapped = [v for v in NIH_LABELS.values() if v]
+    out = {c: np.full(len(cells), np.nan if c not in mapped else 0.0, np.float32) for c in FINDINGS_ALL}
+    problems: list = [None] * len(cells)
+    for i, cell in enumerate(cells):
+        tokens = [t.strip() for t in str(cell).split("|")]
+        unknown = [t for t in tokens if t not in NIH_LABELS]
+        if unknown or not cell:
+            problems[i] = (f"Finding Labels {cell!r}: unknown label {unknown[0][:40]!r}" if unknown
+                           else "Finding Labels is blank (NIH writes 'No Finding')")
+            continue
+        for t in tokens:
+            if NIH_LABELS[t]:
+                out[NIH_LABELS[t]][i] = 1.0
+    return out, problems
+
+
+def read_split_lists(root) -> pd.DataFrame:
+    """``dicom_id, split`` (train / test) from ``train_val_list.txt`` and ``test_list.txt``; an image in
+    both lists appears twice (the cohort rejects it as conflicting)."""
+    root = Path(root)
+    parts = []
+    for name, split in SPLIT_LISTS.items():
+        path = root / name
+        if not path.exists():
+            raise FileNotFoundError(f"NIH ChestX-ray14 split list {path} not found (the official patient-wise "
+                                    f"split: train_val_list.txt and test_list.txt)")
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        parts.append(pd.DataFrame({"dicom_id": ids, "split": split}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def id_problem(image_index, patient_id, follow_up) -> str | None:
+    """Why a row's identifiers are not NIH identifiers (``00000001_000.png``, Patient ID 1, Follow-up #
+    0, the first two agreeing), or None. Paths are built only from rows that pass."""
+    name = str(image_index).strip() if image_index is not None else ""
+    m = _IMAGE_INDEX.fullmatch(name)
+    if not m:
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        return f"Image Index {shown!r} is not an NIH ChestX-ray14 file name (8 digits, '_', 3 digits, '.png')"
+    for what, value, expected in (("Patient ID", patient_id, int(m.group(1))),
+                                  ("Follow-up #", follow_up, int(m.group(2)))):
+        text = str(value).strip() if value is not None else ""
+        if not text.isdigit() or int(text) != expected:
+            return f"{what} {text[:20]!r} does not match Image Index {name} (expected {expected})"
+    return None
+
+
+def parse_image_index(image_index) -> tuple[int, int] | None:
+    """(Patient ID, Follow-up #) that an Image Index names, or None."""
+    m = _IMAGE_INDEX.fullmatch(str(image_index).strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def image_folders(root) -> dict[str, str] | None:
+    """None when the PNGs are in ``images/`` (the NIH release unpacked); for the Kaggle copy
+    (``images_001/images/`` ...), which folder holds each file."""
+    root = Path(root)
+    if (root / "images").is_dir():
+        return None
+    found = {}
+    for folder in sorted(root.glob("images_[0-9][0-9][0-9]/images")):
+        for p in folder.iterdir():
+            found[p.name] = str(folder.relative_to(root))
+    return found
+
+
+def png_relpath(image_index: str, folders: dict[str, str] | None = None) -> str:
+    """``images/00000001_000.png`` (or its Kaggle folder)."""
+    folder = "images" if folders is None else folders.get(image_index, "images")
+    return f"{folder}/{image_index}"

@@ -1,0 +1,218 @@
+"""NIH ChestX-ray14 and CheXpert: readers, phantoms in their layouts, the torchxrayvision peer,
+the real label tables torchxrayvision ships, and the same planted faults as the MIMIC phantom."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared_path
+from test_cohort import FAULT_EXPECTATIONS
+
+LAYOUTS = ("nih", "chexpert")
+# where NIH / CheXpert differ from MIMIC in how a planted fault shows (the fault is the same)
+LAYOUT_EXPECTATIONS = {
+    "nih": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # no sizes in NIH's tables:
+            "missing_label_row": ("cohort", "has no row in Data_Entry_2017_v2020.csv"),  # checked on the PNG
+            "duplicate_label_row": ("cohort", "Image Index appears several times in Data_Entry_2017_v2020.csv"),
+            "bad_label_value": ("cohort", "unknown label 'yes'")},
+    "chexpert": {"mask_size_mismatch": ("shards", "nor a downscaled copy of the same aspect ratio"),
+                 "jpeg_size_mismatch": ("shards", "nor a downscaled copy of the same aspect ratio"),
+                 "duplicate_label_row": ("cohort", "Path appears several times in train.csv / valid.csv"),
+                 "bad_label_value": ("cohort", "= 'yes' is not 1, 0, -1 or blank")},
+}
+
+
+def txv_data(name: str):
+    """A table torchxrayvision ships in its data/ folder (real NIH / CheXpert label tables)."""
+    txv = pytest.importorskip("torchxrayvision")
+    path = os.path.join(os.path.dirname(txv.__file__), "data", name)
+    if not os.path.exists(path):
+        pytest.skip(f"torchxrayvision {txv.__version__} does not ship {name}")
+    return path
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def archive(request, tmp_path_factory):
+    """A small phantom in the layout, with faults, through cohort and shards."""
+    from conftest import make_config
+    from radacx_cache.cohort import build_cohort
+    from radacx_cache.phantom import generate
+    from radacx_cache.shards import build_shards
+    layout = request.param
+    out = tmp_path_factory.mktemp(f"phantom-{layout}")
+    summary = generate(out, n_patients=110, long_side=160, seed=5, faults=True, progress=False, layout=layout)
+    cfg = make_config(summary, tmp_path_factory.mktemp(f"work-{layout}"), f"archive.kind={layout}",
+                      "shards.max_reject_share=0.2")
+    return {"layout": layout, "phantom": summary, "cfg": cfg, "cohort": build_cohort(cfg, progress=False),
+            "shards": build_shards(cfg, progress=False)}
+
+
+def test_every_planted_fault_is_rejected_with_its_reason(archive):
+    work, layout = archive["cfg"].work, archive["layout"]
+    rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"), pd.read_csv(work / "shards" / "rejects.csv")])
+    expected = {**FAULT_EXPECTATIONS, **LAYOUT_EXPECTATIONS[layout]}
+    planted = {f["fault"] for f in archive["phantom"]["planted"]}
+    assert planted == set(FAULT_EXPECTATIONS) - ({"missing_label_row"} if layout == "chexpert" else set())
+    for fault in archive["phantom"]["planted"]:
+        stage, reason = expected[fault["fault"]]
+        row = rejects[rejects["id"] == fault["dicom_id"]]
+        assert len(row) == 1, fault
+        assert row["stage"].iloc[0] == stage, (fault, row["reason"].iloc[0])
+        assert reason in row["reason"].iloc[0], (fault, row["reason"].iloc[0])
+
+
+def test_the_cohort_contract_holds_on_every_layout(archive):
+    cfg, layout = archive["cfg"], archive["layout"]
+    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv")
+    assert (cohort.groupby("subject_id")["split"].nunique() == 1).all()  # patient-disjoint
+    assert set(cohort["split"]) == {"train", "val", "test"}
+    assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
+    assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) == 1).all()
+    assert archive["cohort"]["archive_name"] == {"nih": "NIH ChestX-ray14", "chexpert": "CheXpert"}[layout]
+    if layout == "nih":  # NIH has no uncertain labels, and its Rows x Columns come from CheXmask
+        assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() == 0
+        assert cohort["path"].str.fullmatch(r"images/\d{8}_\d{3}\.png").all()
+    else:
+        assert cohort["path"].str.startswith("CheXpert-v1.0-small/").all()
+        test_tables = cohort.loc[cohort["split"] == "test", "path"]
+        assert test_tables.str.contains("/valid/").all()  # the official held-out table stays the test split
+
+
+def test_downscaled_copies_keep_their_masks_on_the_anatomy(archive):
+    """CheXpert-v1.0-small: the JPEG is smaller than CheXmask's frame; the shard records both sizes and
+    the masks land where the phantom drew the anatomy (its truth file is in CheXmask's frame)."""
+    from radacx_cache.shardset import ShardSet
+    if archive["layout"] != "chexpert":
+        pytest.skip("only CheXpert has a downscaled copy")
+    shards = ShardSet(archive["cfg"].work / "shards")
+    geometry = shards.split("train").row(0, ("geometry",))["geometry"]
+    height, width, mask_height, mask_width = geometry[0], geometry[1], geometry[7], geometry[8]
+    assert (height, width) == (round(mask_height * 0.75), round(mask_width * 0.75))
+    item = shards.split("train").row(0, ("original", "masks"))
+    lungs = item["masks"][:2].any(0)
+    # inside the lungs the phantom is darker than outside the body outline's bright mediastinum/bone
+    assert item["original"][lungs].mean() < item["original"][~lungs & (item["original"] > 0)].mean()
+
+
+def test_torchxrayvision_reads_the_phantom_layout(archive):
+    """A peer reader nobody here wrote: torchxrayvision's own dataset class for the archive reads the
+    phantom's tables and frontal images, with the same labels, and images of the size CheXmask says
+    (NIH) or the -small copy of it (CheXpert)."""
+    xrv = pytest.importorskip("torchxrayvision")
+    layout, summary = archive["layout"], archive["phantom"]
+    work = archive["cfg"].work
+    cohort = pd.read_csv(work / "cohort" / "cohort.csv")
+    broken = set(pd.read_csv(work / "shards" / "rejects.csv")["id"])  # the planted bad files
+    cohort = cohort[~cohort["dicom_id"].isin(broken)].set_index("path")
+    chexmask = pd.read_csv(summary["chexmask_csv"], usecols=lambda c: c in ("Image Index", "Path", "Height", "Width"))
+    root = summary["root"]
+    if layout == "nih":
+        ds = xrv.datasets.NIH_Dataset(imgpath=os.path.join(root, "images"),
+                                      csvpath=os.path.join(root, "Data_Entry_2017_v2020.csv"),
+                                      views=["PA", "AP"], unique_patients=False)
+        rel = "images/" + ds.csv["Image Index"]
+        effusion = ds.pathologies.index("Effusion")
+        sizes = chexmask.set_index("Image Index")
+        keys = ds.csv["Image Index"]
+    else:
+        ds = xrv.datasets.CheX_Dataset(imgpath=os.path.join(root, "CheXpert-v1.0-small"),
+                                       csvpath=os.path.join(root, "CheXpert-v1.0-small", "train.csv"),
+                                       views=["PA", "AP"], unique_patients=False)
+        rel = ds.csv["Path"]
+        effusion = ds.pathologies.index("Effusion")
+        sizes = chexmask.set_index("Path")
+        keys = ds.csv["Path"].str.replace("CheXpert-v1.0-small/", "", regex=False)
+    shared = [i for i, p in enumerate(rel) if p in cohort.index][:12]
+    assert len(shared) >= 8
+    checked = 0
+    for i in shared:
+        ours = cohort.loc[rel.iloc[i]]
+        # "Effusion" is pleural effusion; torchxrayvision writes NaN for blank and uncertain labels
+        assert (ds.labels[i, effusion] == 1) == (ours["positive_Pleural Effusion"] == 1)
+        img = ds[i]["img"]  # (1, H, W), read with skimage by torchxrayvision
+        h, w = sizes.loc[keys.iloc[i], ["Height", "Width"]]
+        want = (h, w) if layout == "nih" else (round(h * 0.75), round(w * 0.75))
+        assert img.shape[1:] == want
+        checked += 1
+    assert checked == len(shared)
+
+
+def test_nih_reader_on_the_real_data_entry_table(tmp_path):
+    """The real Data_Entry_2017_v2020.csv (shipped by torchxrayvision): its bracketed header reads as
+    four columns we never use; labels agree with torchxrayvision's for every mapped finding."""
+    from radacx_cache.sources.nih import NIH_LABELS, read_data_entry
+    src = txv_data("Data_Entry_2017_v2020.csv.gz")
+    shutil.copy(src, tmp_path / "Data_Entry_2017_v2020.csv.gz")
+    df = read_data_entry(tmp_path)
+    assert len(df) == 112_120 and df["label_problem"].isna().all()
+    raw = pd.read_csv(src)
+    assert {"OriginalImage[Width", "Height]"} <= set(raw.columns)
+    for nih_name, ours in NIH_LABELS.items():
+        if ours:
+            expected = raw["Finding Labels"].str.split("|").map(lambda t: nih_name in t).to_numpy()
+            assert (df[ours].to_numpy() == 1).tolist() == expected.tolist(), nih_name
+    assert int(df["Pleural Effusion"].sum()) == 13_317
+    assert df["Lung Opacity"].isna().all()  # NIH does not label it: unknown, not negative
+
+
+def test_chexpert_reader_on_the_real_train_table(tmp_path):
+    """The real CheXpert train table (shipped by torchxrayvision): views, the prefix, the labels as
+    written, and the count of frontal images with one of the five findings positive (123,801)."""
+    from radacx_cache.cohort import label_matrices
+    from radacx_cache.config import FINDINGS
+    from radacx_cache.sources.chexpert import read_tables
+    src = txv_data("chexpert_train.csv.gz")
+    (tmp_path / "CheXpert-v1.0-small").mkdir()
+    shutil.copy(src, tmp_path / "CheXpert-v1.0-small" / "train.csv.gz")
+    df = read_tables(tmp_path)
+    raw = pd.read_csv(src)
+    assert len(df) == len(raw) == 223_414 and df["label_problem"].isna().all()
+    assert set(df["prefix"]) == {"CheXpert-v1.0-small"}
+    assert not df["dicom_id"].str.startswith("CheXpert").any()
+    assert df["ViewPosition"].value_counts().to_dict() == {"AP": 161_590, "LATERAL": 32_387, "PA": 29_420,
+                                                           "LL": 16, "RL": 1}
+    np.testing.assert_array_equal(df["Edema"].to_numpy(), raw["Edema"].to_numpy(np.float32))
+    frontal = (raw["Frontal/Lateral"] == "Frontal").to_numpy()
+    positive = label_matrices(df, FINDINGS, "ignore")[0].any(axis=1)
+    assert int((frontal & positive).sum()) == 123_801
+
+
+def test_readers_refuse_ids_that_could_leave_the_archive(tmp_path):
+    from radacx_cache.sources import chexpert, nih
+    assert nih.id_problem("00000001_000.png", "1", "0") is None
+    assert "not an NIH" in nih.id_problem("../../etc/passwd", "1", "0")
+    assert "does not match" in nih.id_problem("00000001_000.png", "2", "0")
+    assert chexpert.parse_path("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")[1:] == (1, 1)
+    assert chexpert.parse_path("CheXpert-v1.0-small/../../etc/view1_frontal.jpg") is None
+    (tmp_path / "CheXpert-v1.0-small").mkdir()
+    pd.DataFrame({"Path": ["CheXpert-v1.0-small/train/../../x/view1_frontal.jpg"], "Sex": ["Male"], "Age": [50],
+                  "Frontal/Lateral": ["Frontal"], "AP/PA": ["PA"],
+                  **{c: [1.0] for c in chexpert.FINDINGS_ALL}}).to_csv(
+        tmp_path / "CheXpert-v1.0-small" / "train.csv", index=False)
+    row = chexpert.read_tables(tmp_path).iloc[0]
+    assert "not a CheXpert image path" in chexpert.id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+
+
+def test_nih_kaggle_folders_are_found(tmp_path):
+    from radacx_cache.sources.nih import image_folders, png_relpath
+    (tmp_path / "images_002" / "images").mkdir(parents=True)
+    (tmp_path / "images_002" / "images" / "00000001_000.png").write_bytes(b"")
+    folders = image_folders(tmp_path)
+    assert png_relpath("00000001_000.png", folders) == "images_002/images/00000001_000.png"
+    (tmp_path / "images").mkdir()
+    assert image_folders(tmp_path) is None
+
+
+@pytest.mark.parametrize("name,kind", [("ChestX-Ray8.csv", "nih"), ("CheXpert.csv", "chexpert")])
+def test_real_chexmask_rows_are_this_archives_ids(name, kind):
+    """The real CheXmask rows of NIH and CheXpert, read the way the cohort reads them: by the
+    archive's id column, every id one the archive's reader would accept and join."""
+    from radacx_cache.archives import KINDS, chexmask_id_problem
+    from radacx_cache.sources.chexmask import ID_COLUMNS, read_chexmask
+    df = read_chexmask(shared_path("chexmask-samples", name), id_column=ID_COLUMNS[KINDS[kind].chexmask_file])
+    assert len(df) >= 50
+    assert [chexmask_id_problem(kind, i) for i in df["dicom_id"]] == [None] * len(df)
