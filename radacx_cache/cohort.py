@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +183,8 @@ def _valid_metadata(tables: ArchiveTables, rejects: list) -> pd.DataFrame:
     meta = meta[~bad].copy()
     for col in ("subject_id", "study_id"):
         meta[col] = pd.to_numeric(meta[col]).astype(np.int64)
-    meta["path"] = [relpath(tables, row) for row in meta.to_dict("records")]
+    needed = [c for c in ("dicom_id", "subject_id", "study_id", "prefix") if c in meta]
+    meta["path"] = [relpath(tables, row) for row in meta[needed].to_dict("records")]
     return meta
 
 
