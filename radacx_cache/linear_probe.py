@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted
 from .metrics import accuracy_argmax
 
 _CHUNK = 4096  # rows per fused loss/gradient block: stays in cache between the two products
+_PRECONDITION_RANGE = 1e-6  # smallest / largest curvature the preconditioner scales by (float32-safe)
 _EIG_ROWS = 16384  # rows of the covariance estimate behind the preconditioner (it need not be exact)
 
 
@@ -81,7 +82,10 @@ class Problem:
     def preconditioner(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, P^-1) for the penalty ``lam``: P ~ H^-1/2 of the objective at W = 0."""
         s, U = self.eig
-        d = 1.0 / torch.sqrt(self.curvature * s + lam)
+        curvature = self.curvature * s + lam
+        # collinear features (zero eigenvalues) under a vanishing penalty would make P ~ lam^-1/2:
+        # float32 then overflows; any positive definite P gives the same optimum, so bound its range
+        d = 1.0 / torch.sqrt(curvature.clamp_min(_PRECONDITION_RANGE * float(curvature.max())))
         return (U * d) @ U.T, (U / d) @ U.T
 
 
@@ -125,14 +129,14 @@ def lbfgs(problem: Problem, W: torch.Tensor, b: torch.Tensor, lam: float, *, max
         while True:
             x_new = x + step * direction
             f_new, g_new, converged = f(x_new)
-            if f_new <= fx + 1e-4 * step * slope or step < 1e-8:
+            if (math.isfinite(f_new) and f_new <= fx + 1e-4 * step * slope) or step < 1e-8:
                 break
             step *= 0.5
         s, y = x_new - x, g_new - g
         sy = float(s @ y)
         if sy > 1e-12:
             hist = (hist + [(s, y, 1.0 / sy)])[-history:]
-        if f_new > fx:  # no decrease even at a tiny step: at the float32 floor
+        if not f_new <= fx:  # no decrease even at a tiny step (the float32 floor), or not finite
             break
         x, fx, g = x_new, f_new, g_new
     return (x[:k * d].view(k, d) @ P).contiguous(), x[k * d:] * pb, it

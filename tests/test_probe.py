@@ -111,3 +111,20 @@ def test_final_fit_uses_train_and_val_at_the_chosen_c():
     np.testing.assert_allclose(final.predict_proba(X[2600:]), cold.predict_proba(X[2600:]), atol=2e-3)
     train_only = LinearProbe(chosen, tol=1e-7, max_iter=2000).fit(Xtr, Ytr)
     assert np.abs(final.predict_proba(X[2600:]) - train_only.predict_proba(X[2600:])).max() > 5e-3
+
+
+def test_collinear_features_under_a_vanishing_penalty_stay_finite_and_fast():
+    """make_classification's redundant features are exact linear combinations: the covariance has
+    zero eigenvalues, and at C = 1e6 an unbounded preconditioner overflowed float32 and the search
+    crawled through NaN line searches (found on a second data seed of the probe benchmark)."""
+    from sklearn.datasets import make_classification
+    X, y = make_classification(n_samples=3000, n_features=40, n_informative=4, n_redundant=6, n_classes=3,
+                               n_clusters_per_class=1, class_sep=0.6, random_state=1)
+    X = X.astype(np.float32)
+    probe = LinearProbe(C=1e6, max_iter=200).fit(X, y)
+    assert np.isfinite(probe.coef_).all() and probe.n_iter_ < 200
+    ref = LogisticRegression(C=1e6, max_iter=5000).fit((X - X.mean(0)) / X.std(0), y)
+    assert abs((probe.predict(X) == y).mean() - ref.score((X - X.mean(0)) / X.std(0), y)) < 0.01
+    Y = np.eye(3, dtype=np.float32)[y]
+    result = sweep_c(X[:2000], Y[:2000], X[2000:], Y[2000:], max_iter=200)
+    assert all(np.isfinite(p.coef_).all() for p in [result["probe"]]) and result["passes"] < 400
