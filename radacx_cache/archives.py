@@ -66,17 +66,6 @@ def id_problem(kind: str, row) -> str | None:
     return check(row["dicom_id"], row["subject_id"], row["study_id"])
 
 
-def chexmask_id_problem(kind: str, image_id: str) -> str | None:
-    """Why a CheXmask row's id is not an image id of this archive, or None."""
-    if kind == "nih":
-        parts = nih.parse_image_index(image_id)
-        return nih.id_problem(image_id, *parts) if parts else nih.id_problem(image_id, "", "")
-    if kind == "chexpert":
-        parsed = chexpert.parse_path(image_id)
-        return None if parsed and parsed[0] == image_id else chexpert.id_problem(image_id, "", "")
-    return mimic.id_problem(image_id, "10000000", "50000000")  # MIMIC's CheXmask rows carry only dicom_id
-
-
 def relpath(tables: ArchiveTables, row) -> str:
     """The image file of a validated row, relative to ``archive.root``."""
     if tables.kind == "mimic":
@@ -124,11 +113,13 @@ def chexmask_id_column(cfg: Config) -> str:
 def input_files(cfg: Config) -> list[Path]:
     """Every table the cohort reads: a change to any of them (size, mtime) invalidates it."""
     root = Path(cfg.archive.root)
-    if cfg.archive.kind == "mimic":
-        files = sorted(root.glob(f"{mimic.PREFIX}-*.csv*"))
-    elif cfg.archive.kind == "nih":
-        files = [p for p in (root / n for n in (*nih.DATA_ENTRY_NAMES, *nih.SPLIT_LISTS)) if p.exists()]
-        files += sorted(root.glob("Data_Entry_2017*.csv.gz"))
-    else:
-        files = [p for prefix in chexpert.PREFIXES for p in sorted((root / prefix).glob("*.csv*"))]
+    try:
+        if cfg.archive.kind == "mimic":
+            files = sorted(root.glob(f"{mimic.PREFIX}-*.csv*"))
+        elif cfg.archive.kind == "nih":
+            files = [nih.data_entry_path(root), *(root / name for name in nih.SPLIT_LISTS)]
+        else:
+            files = list(chexpert.table_paths(root).values())
+    except FileNotFoundError:  # the readers say what is missing, and where, when they run
+        files = []
     return files + [Path(cfg.archive.chexmask_csv)]

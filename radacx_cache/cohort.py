@@ -156,11 +156,7 @@ def attach_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig,
     CheXmask's Height x Width, which the shard stage then checks against the image file itself.
     """
     rejects: list[dict] = []
-    if not sizes_in_tables:
-        df = df.drop(columns=["Rows", "Columns"], errors="ignore").merge(
-            chexmask[["dicom_id", "height", "width"]].drop_duplicates("dicom_id").rename(
-                columns={"height": "Rows", "width": "Columns"}), on="dicom_id", how="left")
-    df = _with_masks(df, chexmask, policy, rejects)
+    df = _with_masks(df, chexmask, policy, rejects, sizes_in_tables)
     df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
     df["split"] = patient_split(df["subject_id"].to_numpy(), df["split"].to_numpy(), policy.split,
                                 policy.val_fraction, seed)
@@ -215,8 +211,6 @@ def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: Cohor
     if "label_problem" not in labels:
         labels = labels.assign(label_problem=None)
     labels = labels[[*key, *FINDINGS_ALL, "label_problem"]]
-    if "dicom_id" not in key:
-        labels = labels.assign(**{k: pd.to_numeric(labels[k], errors="coerce") for k in key})
     dup = labels.duplicated(key, keep=False)
     dup_keys = set(map(tuple, labels.loc[dup, key].to_numpy().tolist()))
     labels = labels[~dup]
@@ -231,10 +225,13 @@ def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: Cohor
     return df[(df["_merge"] == "both") & ~unreadable].drop(columns=["_merge", "label_problem"])
 
 
-def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, rejects: list) -> pd.DataFrame:
+def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, rejects: list,
+                sizes_in_tables: bool = True) -> pd.DataFrame:
     """Join the CheXmask rows; reject images without a usable mask, one reason per image."""
     masks = _unique_rows(chexmask, "CheXmask table", df["dicom_id"], rejects)
     df = df.merge(masks, on="dicom_id", how="left", indicator=True, validate="many_to_one")
+    if not sizes_in_tables:  # the image's size is CheXmask's; the shard stage checks the file against it
+        df["Rows"], df["Columns"] = df["height"], df["width"]
     reasons = pd.Series(None, index=df.index, dtype=object)
 
     def flag(cond, text):

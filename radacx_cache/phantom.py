@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ._io import atomic_path, stable_hash, write_json
+from ._io import atomic_path, write_json
 from .config import FINDINGS
 from .phantom_faults import plant_faults
 from .phantom_layouts import CHEXMASK_SUBDIR, LAYOUTS
@@ -260,7 +260,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
         split = lay.split(rng)
         date = 2100_00_00 + int(rng.integers(1, 80)) * 1_00_00 + 101
         for study_number in range(int(rng.integers(1, 5))):
-            study = int(next(study_pool)) if layout == "mimic" else study_number + (layout == "chexpert")
+            study = lay.study_id(study_pool, study_number)
             labels = sample_study_findings(rng)
             label_rows.append({"subject_id": int(subject), "study_id": study, **labels})
             date += int(rng.integers(1, 400))
@@ -288,8 +288,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                 images.append((row, labels))
     log.info("phantom (%s): %d patients, %d studies, %d images", layout, n_patients, len(label_rows), len(images))
     for row, labels in tqdm(images, desc="phantom images", disable=not progress):
-        img_rng = np.random.default_rng([seed, int(row["study_id"]), int(stable_hash(row["dicom_id"])[:8], 16)]
-                                        if layout != "mimic" else [seed, int(row["study_id"]), int(row["dicom_id"][:8], 16)])
+        img_rng = np.random.default_rng([seed, int(row["study_id"]), lay.image_seed(row)])
         path = root / row["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)
         height, width = row["Rows"], row["Columns"]
@@ -336,7 +335,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     masks_df = pd.DataFrame(mask_rows)
     planted = []
     if faults:
-        planted, meta, labels_df, masks_df = plant_faults(root, meta, labels_df, masks_df, rng, layout)
+        planted, meta, labels_df, masks_df = plant_faults(root, meta, labels_df, masks_df, rng, lay)
     root.mkdir(parents=True, exist_ok=True)
     lay.write_tables(root, meta, labels_df, split_df, rng)
     chexmask_csv = lay.write_chexmask(chexmask_dir, masks_df)

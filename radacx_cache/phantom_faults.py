@@ -15,10 +15,10 @@ FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_o
 NOT_IN_LAYOUT = {"chexpert": {"missing_label_row"}}
 
 
-def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng,
-                 layout: str = "mimic"):
+def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng, layout):
     """Plant one of each bad input on otherwise-eligible images (files under ``root``, at each
-    row's ``relpath``; tables in the generator's internal model, which the layout then writes).
+    row's ``relpath``; tables in the generator's internal model, which ``layout``, a
+    ``phantom_layouts.Layout``, then writes).
 
     Returns what was planted where, and the (modified copies of the) three tables.
     """
@@ -30,8 +30,8 @@ def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd
     # one image per study, so that each fault owns its study
     in_positive = [k in positive_keys for k in zip(meta["subject_id"], meta["study_id"])]
     meta_ok = meta[meta["dicom_id"].isin(eligible) & pd.Series(in_positive, index=meta.index)
-                   & ((meta["Rows"] != meta["Columns"]) | (layout == "nih"))].drop_duplicates(["subject_id", "study_id"])
-    faults = [f for f in FAULTS if f not in NOT_IN_LAYOUT.get(layout, ())]
+                   & ((meta["Rows"] != meta["Columns"]) | layout.square)].drop_duplicates(["subject_id", "study_id"])
+    faults = [f for f in FAULTS if f not in NOT_IN_LAYOUT.get(layout.name, ())]
     picks = meta_ok.sample(len(faults), random_state=int(rng.integers(2 ** 31))).to_dict("records")
     planted = []
     for fault, row in zip(faults, picks):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ._io import atomic_path, jpeg_bytes
+from ._io import atomic_path, jpeg_bytes, stable_hash
 from .config import FINDINGS
 from .sources import chexpert, nih
 from .sources.chexmask import ID_COLUMNS
@@ -56,6 +56,14 @@ class Layout:
     def split(self, rng) -> str:
         return str(rng.choice(["train", "validate", "test"], p=[0.78, 0.07, 0.15]))
 
+    def study_id(self, study_pool, study_number: int) -> int:
+        """MIMIC's study ids are unique 8-digit numbers drawn from a pool."""
+        return int(next(study_pool))
+
+    def image_seed(self, row: dict) -> int:
+        """The seed of an image's own random stream (its pixels and mask do not depend on the others)."""
+        return int(row["dicom_id"][:8], 16)
+
     def image_id(self, rng, subject: int, study: int, study_number: int, view_number: int, view: str,
                  split: str) -> str:
         return "-".join(f"{v:08x}" for v in rng.integers(0, 2 ** 32, 5))
@@ -88,7 +96,21 @@ class Layout:
         return path
 
 
-class NIHLayout(Layout):
+class _OpenArchiveLayout(Layout):
+    """What NIH's and CheXpert's layouts share: patients numbered from 1, and the landmarks as the
+    flat comma-separated list their CheXmask files use (as in the real samples)."""
+
+    def subjects(self, rng, n: int) -> np.ndarray:
+        return np.arange(1, n + 1)
+
+    def image_seed(self, row: dict) -> int:
+        return int(stable_hash(row["dicom_id"])[:8], 16)
+
+    def landmark_text(self, points: np.ndarray) -> str:
+        return ",".join(str(int(v)) for v in points.reshape(-1))
+
+
+class NIHLayout(_OpenArchiveLayout):
     """``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt``, ``images/*.png``."""
     name = "nih"
     subdir = "ChestXray-NIHCC"
@@ -97,11 +119,11 @@ class NIHLayout(Layout):
     frontal_only = True
     rgba_share = 0.02  # a few released PNGs are RGBA
 
-    def subjects(self, rng, n: int) -> np.ndarray:
-        return np.arange(1, n + 1)
-
     def split(self, rng) -> str:
         return "test" if rng.random() < 0.2 else "train"
+
+    def study_id(self, study_pool, study_number: int) -> int:
+        return study_number  # Follow-up #: 0, 1, ... per patient
 
     def image_id(self, rng, subject, study, study_number, view_number, view, split) -> str:
         return f"{subject:08d}_{study:03d}.png"
@@ -116,9 +138,6 @@ class NIHLayout(Layout):
         buf = io.BytesIO()
         im.save(buf, "PNG")
         return buf.getvalue()
-
-    def landmark_text(self, points: np.ndarray) -> str:
-        return ",".join(str(int(v)) for v in points.reshape(-1))
 
     def write_tables(self, root: Path, meta, labels, split, rng) -> None:
         df = meta.merge(labels, on=["subject_id", "study_id"], how="inner")  # a study without labels: no row
@@ -148,7 +167,7 @@ class NIHLayout(Layout):
                 tmp.write_text("".join(f"{i}\n" for i in sorted(ids)))
 
 
-class CheXpertLayout(Layout):
+class CheXpertLayout(_OpenArchiveLayout):
     """``CheXpert-v1.0-small/{train,valid}.csv`` and ``{train,valid}/patientNNNNN/studyN/viewN_*.jpg``,
     downscaled from CheXmask's frame as the widely used -small copy is."""
     name = "chexpert"
@@ -156,11 +175,11 @@ class CheXpertLayout(Layout):
     chexmask_file = "CheXpert"
     prefix = chexpert.PREFIXES[0]
 
-    def subjects(self, rng, n: int) -> np.ndarray:
-        return np.arange(1, n + 1)
-
     def split(self, rng) -> str:
         return "test" if rng.random() < 0.15 else "train"
+
+    def study_id(self, study_pool, study_number: int) -> int:
+        return study_number + 1  # studyN: 1, 2, ... per patient
 
     def image_id(self, rng, subject, study, study_number, view_number, view, split) -> str:
         table = "valid" if split == "test" else "train"
@@ -172,9 +191,6 @@ class CheXpertLayout(Layout):
 
     def stored_size(self, height: int, width: int) -> tuple[int, int]:
         return round(height * SMALL_SCALE), round(width * SMALL_SCALE)
-
-    def landmark_text(self, points: np.ndarray) -> str:
-        return ",".join(str(int(v)) for v in points.reshape(-1))
 
     def write_tables(self, root: Path, meta, labels, split, rng) -> None:
         df = meta.merge(labels, on=["subject_id", "study_id"], how="inner")

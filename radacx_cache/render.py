@@ -88,6 +88,12 @@ def same_aspect(small: tuple[int, int], full: tuple[int, int]) -> bool:
     return abs(h * big_w - w * big_h) < big_w + big_h
 
 
+def fits_frame(size: tuple[int, int], frame: tuple[int, int], scaled_ok: bool) -> bool:
+    """An image of ``size`` belongs to a frame (tables, CheXmask) of ``frame``: the same size, or, where
+    downscaled copies are read, the same aspect ratio (``same_aspect``)."""
+    return tuple(size) == tuple(frame) or (scaled_ok and same_aspect(tuple(size), tuple(frame)))
+
+
 MAX_PIXELS = 64_000_000  # ~8000 x 8000: far above any radiograph, far below a decompression bomb
 MIN_OVERLAY_SHARE = 0.002  # an overlay that changes fewer pixels than this drew (almost) nothing
 
@@ -111,14 +117,13 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
         height, width = im.height, im.width
-        if expected is not None and (height, width) != tuple(int(v) for v in expected):
-            want = tuple(int(v) for v in expected)
-            if not (scaled_ok and same_aspect((height, width), want)):
-                if scaled_ok:
-                    raise RenderError(f"image is {height}x{width}: neither the {want[0]}x{want[1]} of CheXmask nor a "
-                                      f"downscaled copy of the same aspect ratio; not decoded")
-                raise RenderError(f"image is {height}x{width} but the tables / CheXmask say {want[0]}x{want[1]}; "
-                                  f"not decoded")
+        want = None if expected is None else tuple(int(v) for v in expected)
+        if want is not None and not fits_frame((height, width), want, scaled_ok):
+            if scaled_ok:
+                raise RenderError(f"image is {height}x{width}: neither the {want[0]}x{want[1]} of CheXmask nor a "
+                                  f"downscaled copy of the same aspect ratio; not decoded")
+            raise RenderError(f"image is {height}x{width} but the tables / CheXmask say {want[0]}x{want[1]}; "
+                              f"not decoded")
         if height * width > max_pixels:
             raise RenderError(f"image declares {height}x{width} pixels, more than the {max_pixels} allowed; "
                               f"not decoded")
@@ -261,7 +266,7 @@ def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
     cfg = cfg or RenderConfig()
     size = cfg.size
     pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected, scaled_ok=scaled_ok)
-    if (height, width) != tuple(mask_shape) and not (scaled_ok and same_aspect((height, width), tuple(mask_shape))):
+    if not fits_frame((height, width), mask_shape, scaled_ok):
         raise RenderError(f"mask Height x Width {mask_shape[0]}x{mask_shape[1]} does not match the "
                           f"image's {height}x{width}")
     geom = square_geometry(height, width, size, reduce, mask_shape=tuple(mask_shape))

@@ -212,8 +212,16 @@ def test_nih_kaggle_folders_are_found(tmp_path):
 def test_real_chexmask_rows_are_this_archives_ids(name, kind):
     """The real CheXmask rows of NIH and CheXpert, read the way the cohort reads them: by the
     archive's id column, every id one the archive's reader would accept and join."""
-    from radacx_cache.archives import KINDS, chexmask_id_problem
+    from radacx_cache.archives import KINDS
+    from radacx_cache.sources import chexpert, nih
     from radacx_cache.sources.chexmask import ID_COLUMNS, read_chexmask
     df = read_chexmask(shared_path("chexmask-samples", name), id_column=ID_COLUMNS[KINDS[kind].chexmask_file])
     assert len(df) >= 50
-    assert [chexmask_id_problem(kind, i) for i in df["dicom_id"]] == [None] * len(df)
+    for image_id in df["dicom_id"]:
+        if kind == "nih":  # the Image Index names its patient and follow-up, as Data_Entry has them
+            parts = nih.parse_image_index(image_id)
+            assert parts is not None and nih.id_problem(image_id, *parts) is None, image_id
+        else:  # exactly the id the CheXpert reader makes of a table's Path (the prefix stripped)
+            parsed = chexpert.parse_path(image_id)
+            assert parsed is not None and parsed[0] == image_id, image_id
+            assert chexpert.id_problem(*parsed) is None

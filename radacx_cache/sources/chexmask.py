@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from ._tables import require_columns
+
 MASK_COLUMNS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
 MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack in this project
 LANDMARK_SPLIT = {"right_lung": (0, 44), "left_lung": (44, 94), "heart": (94, 120)}
@@ -144,10 +146,7 @@ def _chexmask_columns(path: Path, id_column: str, with_rle: bool) -> list[str]:
     wanted = [id_column, QUALITY_MEAN, QUALITY_MAX, "Height", "Width"]
     if with_rle:
         wanted += ["Landmarks", *MASK_COLUMNS.values()]
-    header = pd.read_csv(path, nrows=0).columns
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise ValueError(f"CheXmask table {path}: missing column(s) {missing}; found {list(header)}")
+    require_columns(path, wanted, what="CheXmask table ")
     return wanted
 
 

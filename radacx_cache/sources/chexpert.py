@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._tables import require_columns
 from .mimic import FINDINGS_ALL, parse_label_cells
 
 PREFIXES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
@@ -51,10 +52,7 @@ def read_tables(root) -> pd.DataFrame:
     floats (1, 0, -1, NaN) and ``label_problem`` (``mimic.parse_label_cells``)."""
     parts = []
     for table, path in table_paths(root).items():
-        header = pd.read_csv(path, nrows=0).columns
-        missing = [c for c in (*COLUMNS, *FINDINGS_ALL) if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+        require_columns(path, (*COLUMNS, *FINDINGS_ALL))
         raw = pd.read_csv(path, usecols=[*COLUMNS, *FINDINGS_ALL], dtype=str, keep_default_na=False)
         parts.append(_canonical(raw, TABLES[table]))
     return pd.concat(parts, ignore_index=True)

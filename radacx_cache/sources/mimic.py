@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._tables import require_columns
+
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
 SPLIT_VALUES = ("train", "validate", "test")
@@ -30,16 +32,13 @@ def table_path(root: str | Path, name: str) -> Path:
 
 
 def _read(path: Path, columns, ids_as_text: bool = False) -> pd.DataFrame:
-    header = pd.read_csv(path, nrows=0).columns
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+    require_columns(path, columns)
     dtype = {c: str for c in ("dicom_id", "subject_id", "study_id")} if ids_as_text else {"dicom_id": str}
     return pd.read_csv(path, usecols=list(columns), dtype={k: v for k, v in dtype.items() if k in columns},
                        keep_default_na=not ids_as_text, na_values=[""] if ids_as_text else None)
 
 
-def _numeric_ids(df: pd.DataFrame, path_name: str) -> pd.DataFrame:
+def _numeric_ids(df: pd.DataFrame) -> pd.DataFrame:
     """subject_id / study_id as int64; rows whose ids are not integers are dropped (they cannot join
     any image; the images they were meant for are rejected as having no row here)."""
     ids = {c: pd.to_numeric(df[c], errors="coerce") for c in ("subject_id", "study_id") if c in df}
@@ -69,12 +68,9 @@ def read_labels(root, labeler: str = "chexpert") -> pd.DataFrame:
     if labeler not in ("chexpert", "negbio"):
         raise ValueError(f"labeler {labeler!r}: expected 'chexpert' or 'negbio'")
     path = table_path(root, labeler)
-    header = pd.read_csv(path, nrows=0).columns
-    missing = [c for c in ("subject_id", "study_id", *FINDINGS_ALL) if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+    require_columns(path, ("subject_id", "study_id", *FINDINGS_ALL))
     raw = pd.read_csv(path, usecols=["subject_id", "study_id", *FINDINGS_ALL], dtype=str, keep_default_na=False)
-    df = _numeric_ids(raw, labeler)
+    df = _numeric_ids(raw)
     values, problems = parse_label_cells(df, FINDINGS_ALL)
     return df[["subject_id", "study_id"]].assign(**values, label_problem=problems)
 
@@ -100,7 +96,7 @@ def parse_label_cells(raw: pd.DataFrame, columns) -> tuple[dict, list]:
 
 def read_split(root) -> pd.DataFrame:
     """One row per image: dicom_id, study_id, subject_id, split (train / validate / test)."""
-    df = _numeric_ids(_read(table_path(root, "split"), ("dicom_id", "study_id", "subject_id", "split")), "split")
+    df = _numeric_ids(_read(table_path(root, "split"), ("dicom_id", "study_id", "subject_id", "split")))
     bad = sorted(set(df["split"].dropna()) - set(SPLIT_VALUES))
     if bad:
         raise ValueError(f"split table: unknown split value(s) {bad}; expected {SPLIT_VALUES}")

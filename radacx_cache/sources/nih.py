@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._tables import require_columns
 from .mimic import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -49,10 +50,7 @@ def read_data_entry(root) -> pd.DataFrame:
     columns: 1 where the finding is listed, 0 where it is not, NaN for the columns NIH does not label.
     Rows whose labels cannot be read carry the reason in ``label_problem``."""
     path = data_entry_path(root)
-    header = pd.read_csv(path, nrows=0).columns
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(header)}")
+    require_columns(path, COLUMNS)
     raw = pd.read_csv(path, usecols=list(COLUMNS), dtype=str, keep_default_na=False)
     df = pd.DataFrame({"dicom_id": raw["Image Index"].str.strip(), "subject_id": raw["Patient ID"].str.strip(),
                        "study_id": raw["Follow-up #"].str.strip(),
