@@ -80,6 +80,13 @@ def _correct(pred: Predictions, reading: str):
     return correctness(pred.proba.argmax(1), pred.positives, reading)
 
 
+def _paired(a: Predictions, b: Predictions, patients, n_boot: int, seed: int) -> dict:
+    """b − a in headline accuracy on the same test images, with its paired patient bootstrap."""
+    va, mask = _correct(a, "argmax")
+    vb, _ = _correct(b, "argmax")
+    return paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)
+
+
 def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: int) -> dict:
     """Point metrics, CIs of every reading and the masked - original difference, per arm."""
     patients = shards.split("test").index["subject_id"].to_numpy()
@@ -88,9 +95,7 @@ def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: in
         res = {v: evaluate(p.proba, p.positives, p.uncertain, policy) for v, p in preds.items()}
         res["ci"] = {v: {r: bootstrap_mean(*_correct(p, r), patients, n_boot=n_boot, seed=seed) for r in READINGS}
                      for v, p in preds.items()}
-        va, mask = _correct(preds["original"], "argmax")
-        vb, _ = _correct(preds["masked"], "argmax")
-        res["masked_minus_original"] = paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)
+        res["masked_minus_original"] = _paired(preds["original"], preds["masked"], patients, n_boot, seed)
         res["provenance"] = {v: {k: p.meta.get(k) for k in ("model", "model_fingerprint", "feature_fingerprints",
                                                              "shards_fingerprint", "checkpoint")}
                              for v, p in preds.items()}
@@ -105,10 +110,8 @@ def training_effects(arms: dict, shards: ShardSet, n_boot: int, seed: int) -> li
     for a, b in (("V1", "V2"), ("V3", "V4")):
         if a in arms and b in arms:
             for v in IMAGE_VARIANTS:
-                va, mask = _correct(arms[a][v], "argmax")
-                vb, _ = _correct(arms[b][v], "argmax")
                 out.append({"comparison": f"{b} − {a}", "test_images": v,
-                            **paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)})
+                            **_paired(arms[a][v], arms[b][v], patients, n_boot, seed)})
     return out
 
 
