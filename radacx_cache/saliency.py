@@ -174,6 +174,7 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
     for start in range(0, len(positions), sc.batch_size):
         batch = positions[start:start + sc.batch_size]
         items = [test[i] for i in batch]
+        regs = [regions(it["masks"], cfg.render.line_width) for it in items]  # one image's, for every map of it
         for variant in IMAGE_VARIANTS:
             x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
             with torch.no_grad():
@@ -182,8 +183,7 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
             for method in sc.methods:
                 maps = saliency_maps(method, model, x, pred.tolist(), baseline=baseline.expand_as(x),
                                      ig_steps=sc.ig_steps)
-                for pos, it, smap, k in zip(batch, items, maps, pred):
-                    reg = regions(it["masks"], cfg.render.line_width)
+                for pos, it, reg, smap, k in zip(batch, items, regs, maps, pred):
                     finding = classes[k]
                     m = image_metrics(smap, reg, finding, truth.get(it["dicom_id"], {}).get(finding))
                     rows.append({"arm": arm, "method": method, "tested_on": variant, "dicom_id": it["dicom_id"],
