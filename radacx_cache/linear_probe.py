@@ -2,21 +2,25 @@
 
 ``LinearProbe`` is a scikit-learn estimator with scikit-learn's objective
 ``mean(CE) + ||W||^2 / (2 C n)`` (intercept not penalised) and its stopping rule (largest gradient
-component <= ``tol``), solved full-batch in float32 torch passes with a preconditioned L-BFGS:
-the weights are reparametrised as ``W = V P`` with ``P = U diag(1 / sqrt(c s + lambda)) U^T`` from
-the eigendecomposition ``U diag(s) U^T`` of the standardised features' covariance, so the
-problem L-BFGS sees has a Hessian close to the identity at every C (c = 1/K, the softmax curvature
-at the start). The optimum is the same; only the number of passes over the data changes.
+component <= ``tol``), solved full-batch in float32 torch passes with a preconditioned L-BFGS
+(``_Coordinates``): the weights are rotated into the eigenbasis ``U`` of the standardised features'
+covariance (eigenvalues ``s``) and scaled by the curvature there, ``c_k s + lambda`` with ``c_k`` the
+softmax curvature of class k at the start, so the Hessian L-BFGS sees is close to the identity at
+every C. The optimum is the same; only the number of passes over the data changes.
 
 ``sweep_c`` is the exact CLIP protocol: C chosen by the validation accuracy of fits on the *full*
-training split, on a log grid walked from strong to weak regularisation (each fit warm-started
-from the last; the walk stops once accuracy has been below the best for ``patience`` grid points in a row), then
-refined by halving the step around the best point.
+training split, on a log grid walked from strong to weak regularisation (the walk stops once
+accuracy has been below the best for ``patience`` grid points in a row), then refined by halving the
+step around the best point. Each fit starts at the nearest solved C's solution, whose pass is reused
+(only the penalty changed: ``Evaluation``), with that fit's L-BFGS curvature pairs, and tries the
+regularisation path's predicted solution as its first step.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +28,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .metrics import accuracy_argmax
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 4096  # rows per fused loss/gradient block: stays in cache between the two products
 _PRECONDITION_RANGE = 1e-6  # smallest / largest curvature the preconditioner scales by (float32-safe)
@@ -45,70 +51,151 @@ def soft_targets(y, n_classes: int | None = None) -> np.ndarray:
     return y / s
 
 
-class Problem:
-    """Preprocessed features and soft targets as torch tensors, for many fits at different C."""
+class Evaluation(NamedTuple):
+    """The data part of the objective at (W, b), as one pass computes it: reusable at any penalty."""
+    W: torch.Tensor
+    b: torch.Tensor
+    loss: float  # mean cross-entropy
+    gW: torch.Tensor  # its gradients
+    gb: torch.Tensor
+    curvature: torch.Tensor  # the softmax curvature per class, mean p (1 - p)
 
-    def __init__(self, X: torch.Tensor, Q: torch.Tensor, eig: tuple | None = None, seed: int = 0):
-        self.X, self.Q, self.n = X, Q, len(X)
+    def objective(self, lam: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Loss and gradients with the penalty ``lam ||W||^2 / 2`` added."""
+        return self.loss + 0.5 * lam * float((self.W * self.W).sum()), self.gW + lam * self.W, self.gb
+
+
+class Problem:
+    """Preprocessed row blocks (features, soft targets) as torch tensors, for many fits at different C.
+
+    ``blocks`` is a list of (X, Q) pairs read in turn (train, or train then val: no concatenated
+    copy). The eigendecomposition ``U diag(s) U^T`` of the features' covariance drives the
+    preconditioner; the last fit's curvature pairs (``memory``) start the next fit's L-BFGS.
+    """
+
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], eig: tuple | None = None, seed: int = 0):
+        self.blocks = blocks
+        self.n = sum(len(X) for X, _ in blocks)
+        self.n_classes, self.n_features = blocks[0][1].shape[1], blocks[0][0].shape[1]
         if eig is None:
-            rows = X if self.n <= _EIG_ROWS else X[np.sort(np.random.default_rng(seed).choice(
-                self.n, _EIG_ROWS, replace=False))]
+            X = blocks[0][0]
+            rows = X if len(X) <= _EIG_ROWS else X[np.sort(np.random.default_rng(seed).choice(
+                len(X), _EIG_ROWS, replace=False))]
             cov = (rows.T @ rows).double() / len(rows)
             s, U = torch.linalg.eigh(cov)
             eig = (s.clamp_min(0).float(), U.float())
         self.eig = eig
+        self.memory: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.passes = 0
 
-    def loss_grad(self, W: torch.Tensor, b: torch.Tensor, lam: float):
-        """Objective and gradients in one fused pass over row chunks."""
+    def evaluate(self, W: torch.Tensor, b: torch.Tensor) -> Evaluation:
+        """Cross-entropy, its gradients and the per-class curvature in one fused pass over row chunks."""
         loss = torch.zeros((), dtype=torch.float64)
-        gW, gb = torch.zeros_like(W), torch.zeros_like(b)
-        for s in range(0, self.n, _CHUNK):
-            xc, qc = self.X[s:s + _CHUNK], self.Q[s:s + _CHUNK]
-            logp = torch.log_softmax(torch.nn.functional.linear(xc, W, b), 1)
-            loss -= (qc * logp).sum().double()
-            g = logp.exp_().sub_(qc)
-            gW.addmm_(g.T.contiguous(), xc)  # a contiguous (K, rows) left factor: ~1.5x faster
-            gb += g.sum(0)
+        gW, gb, curvature = torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
+        for X, Q in self.blocks:
+            for s in range(0, len(X), _CHUNK):
+                xc, qc = X[s:s + _CHUNK], Q[s:s + _CHUNK]
+                logp = torch.log_softmax(torch.nn.functional.linear(xc, W, b), 1)
+                loss -= torch.sum(qc * logp, dtype=torch.float64)  # a float32 sum's rounding (~1e-7)
+                # would be as large as the last iterations' decrease and stall the line search
+                p = logp.exp_()
+                curvature += (p - p * p).sum(0)
+                g = p.sub_(qc)
+                gW.addmm_(g.T.contiguous(), xc)  # a contiguous (K, rows) left factor: ~1.5x faster
+                gb += g.sum(0)
         self.passes += 1
-        gW.div_(self.n).add_(W, alpha=lam)
-        return float(loss) / self.n + 0.5 * lam * float((W * W).sum()), gW, gb.div_(self.n)
+        return Evaluation(W, b, float(loss) / self.n, gW.div_(self.n), gb.div_(self.n), curvature.div_(self.n))
 
-    @property
-    def curvature(self) -> float:
-        """The softmax loss's curvature per class at W = 0 (uniform probabilities)."""
-        return 1.0 / max(2, self.Q.shape[1])
+    def intercept_start(self) -> torch.Tensor:
+        """The intercept's optimum at W = 0: the log class frequencies (centred)."""
+        prior = sum(Q.double().sum(0) for _, Q in self.blocks) / self.n
+        b = prior.clamp_min(1e-12).log()
+        return (b - b.mean()).float()
 
-    def preconditioner(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, P^-1) for the penalty ``lam``: P ~ H^-1/2 of the objective at W = 0."""
+    def predict_weights(self, W: torch.Tensor, lam_from: float, lam_to: float, curvature: torch.Tensor):
+        """A solution at ``lam_from`` carried to ``lam_to`` under the quadratic model of the loss
+        (curvature ``c_k s_j`` along eigenvector j for class k): ``w <- w (c_k s_j + lam_from) /
+        (c_k s_j + lam_to)`` in the eigenbasis. The factor lies between 1 and lam_from / lam_to:
+        weights scale with C where the penalty dominates and stay put where the data do."""
         s, U = self.eig
-        curvature = self.curvature * s + lam
-        # collinear features (zero eigenvalues) under a vanishing penalty would make P ~ lam^-1/2:
-        # float32 then overflows; any positive definite P gives the same optimum, so bound its range
-        d = 1.0 / torch.sqrt(curvature.clamp_min(_PRECONDITION_RANGE * float(curvature.max())))
-        return (U * d) @ U.T, (U / d) @ U.T
+        h = curvature[:, None] * s
+        ratio = (h + lam_from) / (h + lam_to)
+        # directions the data do not span (collinear features): a solution's component there is
+        # float noise, which weakening the penalty must not amplify
+        null = s <= _PRECONDITION_RANGE * float(s.max())
+        ratio[:, null] = ratio[:, null].clamp_max(1.0)
+        return ((W @ U) * ratio) @ U.T
 
 
-def lbfgs(problem: Problem, W: torch.Tensor, b: torch.Tensor, lam: float, *, max_iter: int, tol: float,
-          history: int = 10) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Minimise the penalised loss from (W, b); stops when every gradient component <= ``tol``.
+class _Coordinates:
+    """The variables L-BFGS works in: weights rotated into the covariance's eigenbasis (R = W U) and
+    scaled by the square root of the objective's curvature there, ``c_k s_j + lam``, with ``c_k``
+    the softmax curvature of class k measured at the start point; the intercept by ``sqrt(c_k)``.
+    The Hessian L-BFGS sees is then close to the identity: the unit step is nearly always accepted.
+    Every map between the spaces is a diagonal scaling; only W <-> R needs a (K, d) x (d, d) product."""
 
-    L-BFGS (two-loop recursion, Armijo backtracking) in the preconditioned variables (V, b): the
-    unit step is nearly always accepted, so an iteration costs one pass over the data.
+    def __init__(self, problem: Problem, lam: float, curvature: torch.Tensor):
+        s, self.U = problem.eig
+        c = curvature.clamp_min(_PRECONDITION_RANGE * float(curvature.max()))
+        h = c[:, None] * s + lam
+        # collinear features (zero eigenvalues) under a vanishing penalty would make the scale ~ lam^-1/2
+        # and overflow float32; any positive definite preconditioner gives the same optimum
+        self.scale = torch.cat([h.clamp_min(_PRECONDITION_RANGE * float(h.max())).rsqrt().reshape(-1),
+                                c.rsqrt()])
+        self.lam, self.k = lam, problem.n_classes
+
+    def weights(self, x):  # x -> (W, b)
+        z = x * self.scale
+        return z[:-self.k].view(self.k, -1) @ self.U.T, z[-self.k:]
+
+    def point(self, W, b):  # (W, b) -> x
+        return torch.cat([(W @ self.U).reshape(-1), b]) / self.scale
+
+    def gradient(self, gW, gb):  # (dW, db) -> dx
+        return torch.cat([(gW @ self.U).reshape(-1), gb]) * self.scale
+
+    def penalty(self, s):  # the penalty's share of a gradient difference in rotated space
+        z = s * self.lam
+        z[-self.k:] = 0
+        return z
+
+    def to_memory(self, s, y):
+        """An L-BFGS pair in x to rotated space, with the penalty's share of y removed."""
+        s = s * self.scale
+        return s, y / self.scale - self.penalty(s)
+
+    def from_memory(self, s, y):
+        """A rotated-space pair (loss part of y) to x, with this fit's penalty added."""
+        return s / self.scale, (y + self.penalty(s)) * self.scale
+
+
+def lbfgs(problem: Problem, start: Evaluation, lam: float, *, max_iter: int, tol: float, history: int = 10,
+          guess: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Evaluation, int]:
+    """Minimise the penalised loss from ``start``; stops when every gradient component <= ``tol``.
+
+    L-BFGS (two-loop recursion, Armijo backtracking) in the preconditioned variables
+    (``_Coordinates``): an iteration costs one pass over the data. ``start`` is an evaluation
+    already made (a neighbouring C's solution costs no pass here: only the penalty changed). The
+    curvature pairs of the previous fit on ``problem`` seed the history (the loss is the same; the
+    penalty's curvature is known exactly), and this fit's pairs are left for the next. ``guess``, a
+    predicted solution, is tried as the first step when it points downhill. Returns the last
+    accepted evaluation and the number of iterations.
     """
-    P, P_inv = problem.preconditioner(lam)
-    pb = problem.curvature ** -0.5  # the intercept, unpenalised: scaled by its curvature alone
-    k, d = W.shape
-    x = torch.cat([(W @ P_inv).reshape(-1), b / pb])
+    space = _Coordinates(problem, lam, start.curvature)
 
-    def f(x):
-        Wx = x[:k * d].view(k, d) @ P
-        loss, gW, gb = problem.loss_grad(Wx, x[k * d:] * pb, lam)
-        converged = max(float(gW.abs().max()), float(gb.abs().max())) <= tol
-        return loss, torch.cat([(gW @ P).reshape(-1), gb * pb]), converged
+    def at(e: Evaluation):
+        loss, gW, gb = e.objective(lam)
+        return loss, space.gradient(gW, gb), max(float(gW.abs().max()), float(gb.abs().max())) <= tol
 
-    fx, g, converged = f(x)
-    hist: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    last = start
+    x = space.point(start.W, start.b)
+    fx, g, converged = at(start)
+    hist = []
+    for s, y in problem.memory:
+        s, y = space.from_memory(s, y)
+        sy = float(s @ y)
+        if sy > 1e-12:
+            hist.append((s, y, 1.0 / sy))
     it = 0
     while not converged and it < max_iter:
         it += 1
@@ -123,23 +210,33 @@ def lbfgs(problem: Problem, W: torch.Tensor, b: torch.Tensor, lam: float, *, max
         for (s, y, rho), a in zip(hist, reversed(alphas)):
             q.add_(s, alpha=a - rho * float(y @ q))
         direction, slope = -q, -float(g @ q)
+        if guess is not None:
+            predicted = space.point(*guess) - x
+            if float(g @ predicted) < 0:
+                direction, slope = predicted, float(g @ predicted)
+            guess = None
         if slope >= 0:  # not a descent direction: restart from the (preconditioned) gradient
             hist, direction, slope = [], -g, -float(g @ g)
         step = 1.0
         while True:
             x_new = x + step * direction
-            f_new, g_new, converged = f(x_new)
-            if (math.isfinite(f_new) and f_new <= fx + 1e-4 * step * slope) or step < 1e-8:
+            e = problem.evaluate(*space.weights(x_new))
+            f_new, g_new, converged = at(e)
+            # a point meeting the stopping rule is taken even where rounding hides the decrease
+            accepted = math.isfinite(f_new) and (converged or f_new < fx and f_new <= fx + 1e-4 * step * slope)
+            if accepted or step < 1e-8:
                 break
             step *= 0.5
+        if not accepted:  # no decrease along a descent direction: float32's floor, stop here
+            log.debug("L-BFGS stopped at the float32 floor after %d iterations (tol %g not met)", it, tol)
+            break
         s, y = x_new - x, g_new - g
         sy = float(s @ y)
         if sy > 1e-12:
             hist = (hist + [(s, y, 1.0 / sy)])[-history:]
-        if not f_new <= fx:  # no decrease even at a tiny step (the float32 floor), or not finite
-            break
-        x, fx, g = x_new, f_new, g_new
-    return (x[:k * d].view(k, d) @ P).contiguous(), x[k * d:] * pb, it
+        x, fx, g, last = x_new, f_new, g_new, e
+    problem.memory = [space.to_memory(s, y) for s, y, _ in hist]
+    return last, it
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -168,7 +265,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _transform(self, X) -> torch.Tensor:
         X = torch.as_tensor(np.asarray(X, np.float32))
         if self.preprocess == "standardize":
-            X = (X - self.mean_) / self.scale_
+            X = torch.sub(X, self.mean_).mul_(1 / self.scale_)  # one new array, never the caller's
         elif self.preprocess == "l2":
             X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
         elif self.preprocess != "none":
@@ -199,28 +296,40 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         X = np.asarray(X, np.float32)
         Q = self._targets(X, y)
         warm = self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (Q.shape[1], X.shape[1])
-        if not warm or not hasattr(self, "mean_"):
-            self._learn_scaling(X)
-        return self._fit_problem(Problem(self._transform(X), torch.as_tensor(Q), seed=0))
+        rows = self._transform(X) if warm and hasattr(self, "mean_") else self._learn_scaling(X)
+        return self._fit_problem(Problem([(rows, torch.as_tensor(Q))], seed=0))
 
-    def _learn_scaling(self, X: np.ndarray) -> None:
-        """The standardisation learnt on the training rows (used whatever ``preprocess`` says)."""
+    def _learn_scaling(self, X: np.ndarray) -> torch.Tensor:
+        """Learn the standardisation on the training rows (kept whatever ``preprocess`` says) and
+        return them preprocessed. Centred once: the centred copy gives the scale and, scaled in
+        place, the standardised rows (a third of the memory traffic of mean, std and transform)."""
         self.mean_ = torch.as_tensor(X.mean(0))
-        self.scale_ = torch.as_tensor(X.std(0)).clamp_min(1e-6)
+        if self.preprocess != "standardize":
+            self.scale_ = torch.as_tensor(X.std(0)).clamp_min(1e-6)
+            return self._transform(X)
+        centred = torch.sub(torch.as_tensor(X), self.mean_)
+        variance = np.einsum("ij,ij->j", centred.numpy(), centred.numpy()) / len(X)
+        self.scale_ = torch.as_tensor(np.sqrt(variance)).clamp_min(1e-6)
+        return centred.mul_(1 / self.scale_)
 
-    def _fit_problem(self, problem: Problem):
-        """Fit on rows already preprocessed (``problem``): what ``fit`` and the C search call."""
-        k, d = problem.Q.shape[1], problem.X.shape[1]
+    def _fit_problem(self, problem: Problem, start: Evaluation | None = None, guess=None):
+        """Fit on rows already preprocessed (``problem``): what ``fit`` and the C search call.
+        ``start``: an evaluation on ``problem`` to start from (else the warm or cold weights);
+        ``guess``: a predicted solution (W, b) for the first step. Keeps the final evaluation."""
+        k, d = problem.n_classes, problem.n_features
         if not hasattr(self, "classes_") or len(self.classes_) != k:
             self.classes_ = np.arange(k)
         self.n_features_in_ = d
         warm = self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (k, d)
-        W = torch.as_tensor(self.coef_.copy()) if warm else torch.zeros(k, d)
-        b = torch.as_tensor(self.intercept_.copy()) if warm else torch.zeros(k)
         with torch.no_grad():
-            W, b, self.n_iter_ = lbfgs(problem, W, b, 1.0 / (self.C * problem.n), max_iter=self.max_iter,
-                                       tol=self.tol)
-        self.coef_, self.intercept_ = W.numpy().copy(), b.numpy().copy()
+            if start is None:
+                W = torch.as_tensor(self.coef_.copy()) if warm else torch.zeros(k, d)
+                start = problem.evaluate(W, torch.as_tensor(self.intercept_.copy()) if warm
+                                         else problem.intercept_start())
+            self.evaluation_, self.n_iter_ = lbfgs(problem, start, 1.0 / (self.C * problem.n),
+                                                   max_iter=self.max_iter, tol=self.tol, guess=guess)
+        self.coef_ = self.evaluation_.W.contiguous().numpy().copy()
+        self.intercept_ = self.evaluation_.b.numpy().copy()
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -264,11 +373,11 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
     template = LinearProbe(1.0, preprocess=preprocess, max_iter=max_iter, tol=tol)
     Xtr = np.asarray(X_train, np.float32)
     Q = template._targets(Xtr, Y_train)
-    template._learn_scaling(Xtr)
-    problem = Problem(template._transform(Xtr), torch.as_tensor(Q), seed=seed)
+    problem = Problem([(template._learn_scaling(Xtr), torch.as_tensor(Q))], seed=seed)
     Zva = template._transform(np.asarray(X_val, np.float32))  # standardised once for every fit
     fitted: dict[float, LinearProbe] = {}
     scores: dict[float, float] = {}
+    lam = lambda lc: 1.0 / (10 ** lc * c_scale * problem.n)  # noqa: E731 (the penalty at log10 C)
 
     def evaluate(log_c):
         log_c = round(float(log_c), 6)
@@ -276,9 +385,12 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
             probe = LinearProbe(10 ** log_c * c_scale, preprocess=preprocess, max_iter=max_iter, tol=tol,
                                 warm_start=True)
             probe.mean_, probe.scale_ = template.mean_, template.scale_
-            if fitted:
-                probe.coef_, probe.intercept_ = _path_guess(fitted, log_c)
-            fitted[log_c] = probe._fit_problem(problem)
+            if fitted:  # start from the nearest solution (no pass), try the path's prediction first
+                near = min(fitted, key=lambda c: (abs(c - log_c), -c))  # ties: the weaker penalty's
+                guess = _path_guess({c: p.evaluation_ for c, p in fitted.items()}, log_c, problem, lam)
+                fitted[log_c] = probe._fit_problem(problem, fitted[near].evaluation_, guess)
+            else:
+                fitted[log_c] = probe._fit_problem(problem)
             logits = torch.nn.functional.linear(Zva, torch.as_tensor(probe.coef_), torch.as_tensor(probe.intercept_))
             scores[log_c] = score(torch.softmax(logits, 1).numpy(), Y_val)
         return scores[log_c]
@@ -305,17 +417,21 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
             "probe": fitted[best], "_train": problem, "_val": Zva}
 
 
-def _path_guess(fitted: dict, log_c: float) -> tuple[np.ndarray, np.ndarray]:
-    """A starting point for the fit at ``log_c``: the solutions at the two nearest solved C
-    interpolated (or extrapolated) linearly in log C; the regularisation path is smooth there."""
-    near = sorted(fitted, key=lambda c: abs(c - log_c))[:2]
-    a = fitted[near[0]]
-    if len(near) < 2 or abs(near[1] - near[0]) < 1e-9:
-        return a.coef_.copy(), a.intercept_.copy()
-    b = fitted[near[1]]
-    t = (log_c - near[0]) / (near[1] - near[0])
-    t = min(t, 1.0) if t > 0 else max(t, -0.5)  # extrapolate at most half a step
-    return (1 - t) * a.coef_ + t * b.coef_, (1 - t) * a.intercept_ + t * b.intercept_
+def _path_guess(solved: dict[float, Evaluation], log_c: float, problem: Problem, lam) -> tuple:
+    """A predicted solution (W, b) at ``log_c``: each neighbouring solved C's solution carried along
+    the regularisation path by the quadratic model (``Problem.predict_weights``); between two solved
+    C, the two predictions blended linearly in log C, else the nearest one's."""
+    below = [c for c in solved if c < log_c]
+    above = [c for c in solved if c > log_c]
+    ends = ([max(below)] if below else []) + ([min(above)] if above else [])
+    if len(ends) == 1:
+        e = solved[ends[0]]
+        return problem.predict_weights(e.W, lam(ends[0]), lam(log_c), e.curvature), e.b
+    (lo, e_lo), (hi, e_hi) = [(c, solved[c]) for c in ends]
+    t = (log_c - lo) / (hi - lo)
+    W = ((1 - t) * problem.predict_weights(e_lo.W, lam(lo), lam(log_c), e_lo.curvature)
+         + t * problem.predict_weights(e_hi.W, lam(hi), lam(log_c), e_hi.curvature))
+    return W, (1 - t) * e_lo.b + t * e_hi.b
 
 
 def fit_final(result: dict, X_train, Y_train, X_val, Y_val) -> LinearProbe:
@@ -325,12 +441,12 @@ def fit_final(result: dict, X_train, Y_train, X_val, Y_val) -> LinearProbe:
     final = result["probe"]
     final.set_params(C=result["best_c"] * n_tr / n_all, warm_start=True)
     train = result["_train"]
-    if train.n != n_tr:  # the search ran on a subsample: preprocess train + val afresh
-        rows = final._transform(np.vstack([X_train, X_val]))
-        targets = torch.as_tensor(soft_targets(np.vstack([Y_train, Y_val])))
-        return final._fit_problem(Problem(rows, targets, eig=train.eig))
-    # the search's preprocessed rows, reused: train + val with train's scaling, as a refit does
     Q_val = torch.as_tensor(soft_targets(np.asarray(Y_val)))
-    return final._fit_problem(Problem(torch.cat([train.X, result["_val"]]), torch.cat([train.Q, Q_val]),
-                                      eig=train.eig))
+    if train.n != n_tr:  # the search ran on a subsample: preprocess the training rows afresh
+        blocks = [(final._transform(X_train), torch.as_tensor(soft_targets(np.asarray(Y_train))))]
+    else:  # the search's preprocessed rows, reused: train + val with train's scaling, as a refit does
+        blocks = list(train.blocks)
+    problem = Problem(blocks + [(result["_val"], Q_val)], eig=train.eig)
+    problem.memory = train.memory  # the same loss on a few more rows: its curvature pairs still fit
+    return final._fit_problem(problem)
 
