@@ -128,3 +128,91 @@ def test_collinear_features_under_a_vanishing_penalty_stay_finite_and_fast():
     Y = np.eye(3, dtype=np.float32)[y]
     result = sweep_c(X[:2000], Y[:2000], X[2000:], Y[2000:], max_iter=200)
     assert all(np.isfinite(p.coef_).all() for p in [result["probe"]]) and result["passes"] < 400
+
+
+def _standardised_problem(X, Y):
+    import torch
+    from radacx_cache.logistic_solver import Problem
+    Z = (X - X.mean(0)) / X.std(0)
+    return Z, Problem([(torch.as_tensor(Z), torch.as_tensor(soft_targets(Y)))])
+
+
+def _gradient(Z, Y, W, b, lam):
+    """The objective's gradient written out in numpy, independently of the solver."""
+    logits = Z @ W.T + b
+    P = np.exp(logits - logits.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    G = P - soft_targets(Y)
+    return G.T @ Z / len(Z) + lam * W, G.mean(0)
+
+
+def test_a_fit_started_at_another_cs_solution_costs_no_pass_and_is_exact():
+    """The C search starts each fit at a neighbouring C's solution and reuses its pass: only the
+    penalty changed. The result must still be the optimum at the new C (a cold fit's)."""
+    import torch
+    from radacx_cache.logistic_solver import lbfgs
+    X, Y = c_sensitive()
+    Z, problem = _standardised_problem(X[:2000], Y[:2000])
+    lam = lambda c: 1.0 / (c * 2000)  # noqa: E731
+    k, d = Y.shape[1], X.shape[1]
+    start = problem.evaluate(torch.zeros(k, d), problem.intercept_start())
+    at_weak_penalty, _ = lbfgs(problem, start, lam(10.0), max_iter=500, tol=1e-5)
+    evaluated = []
+    evaluate = problem.evaluate
+    problem.evaluate = lambda W, *args: evaluated.append(W.clone()) or evaluate(W, *args)
+    warm, iterations = lbfgs(problem, at_weak_penalty, lam(0.01), max_iter=500, tol=1e-5)
+    assert iterations > 0 and len(evaluated) >= iterations
+    assert not any(torch.equal(W, at_weak_penalty.W) for W in evaluated)  # the start cost no pass
+    gW, gb = _gradient(Z, Y[:2000], warm.W.numpy(), warm.b.numpy(), lam(0.01))
+    assert max(np.abs(gW).max(), np.abs(gb).max()) <= 1e-5  # scikit-learn's stopping rule, at the new C
+    _, cold_problem = _standardised_problem(X[:2000], Y[:2000])
+    cold, _ = lbfgs(cold_problem, cold_problem.evaluate(torch.zeros(k, d), cold_problem.intercept_start()),
+                    lam(0.01), max_iter=500, tol=1e-5)
+    np.testing.assert_allclose(warm.W.numpy(), cold.W.numpy(), atol=2e-3)
+    evaluated.clear()
+    again, iterations = lbfgs(problem, warm, lam(0.01), max_iter=500, tol=1e-5)
+    assert iterations == 0 and evaluated == [] and again is warm  # a start meeting the rule costs nothing
+
+
+def test_path_prediction_scales_with_c_where_the_penalty_dominates_and_leaves_null_directions():
+    import torch
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 3)).astype(np.float32)
+    X = np.hstack([X, X[:, :1] + X[:, 1:2]])  # a collinear column: the covariance has a null direction
+    _, problem = _standardised_problem(X, np.eye(2, dtype=np.float32)[rng.integers(0, 2, 500)])
+    s, U = problem.eig
+    W = torch.as_tensor(rng.normal(size=(2, 4)).astype(np.float32))
+    curvature = torch.full((2,), 0.25)
+    rotated = problem.predict_weights(W, 1e3, 1e2, curvature) @ U  # C x10 under a dominant penalty
+    np.testing.assert_allclose(rotated[:, 1:], 10 * (W @ U)[:, 1:], rtol=1e-2)
+    assert s[0] < 1e-6 * s.max()  # the null direction: weakening the penalty leaves it as it was
+    np.testing.assert_allclose(rotated[:, 0], (W @ U)[:, 0], rtol=1e-5)
+
+
+def test_fits_stop_at_float32s_floor_instead_of_running_to_max_iter():
+    X, y = blobs()
+    probe = LinearProbe(C=1.0, tol=1e-12, max_iter=300).fit(X, y)  # below what float32 can reach
+    assert probe.n_iter_ < 300
+    ref = LogisticRegression(C=1.0, max_iter=2000, tol=1e-8).fit((X - X.mean(0)) / X.std(0), y)
+    np.testing.assert_allclose(probe.predict_proba(X), ref.predict_proba((X - X.mean(0)) / X.std(0)), atol=1e-3)
+
+
+def test_a_class_without_training_positives_gets_a_vanishing_probability():
+    X, y = blobs()
+    Y = np.eye(5, dtype=np.float32)[y]  # four classes present, the fifth never positive
+    probe = LinearProbe(C=1.0, max_iter=200).fit(X, Y)
+    assert np.isfinite(probe.coef_).all() and probe.n_iter_ < 200
+    assert probe.predict_proba(X)[:, 4].max() < 1e-3
+    assert (probe.predict(X) == y).mean() > 0.9
+
+
+def test_the_intercept_is_solved_from_a_far_start():
+    """Every evaluation solves the intercept for the weights (Newton on the logits); a start whose
+    class probability underflowed once sent the float32 Hessian's sign, and the step, the wrong way."""
+    import torch
+    X, Y = c_sensitive()
+    _, problem = _standardised_problem(X[:2000], Y[:2000])
+    far = problem.evaluate(torch.zeros(4, 60), torch.tensor([-30.0, 0.0, 0.0, 0.0]), 1e-6)
+    assert np.abs(far.gb.numpy()).max() <= 1e-6
+    prior = Y[:2000].mean(0)  # at W = 0 the optimal intercept reproduces the class frequencies
+    np.testing.assert_allclose(torch.softmax(far.b, 0).numpy(), prior, atol=1e-5)
