@@ -5,9 +5,9 @@ rule (largest gradient component <= ``tol``), solved in float32 torch passes ove
 - ``Problem`` holds the preprocessed rows; ``Problem.evaluate`` is one pass, returning the data part
   of the objective (``Evaluation``) at the intercept that is optimal for the weights (solved by
   Newton on the logits): the penalty is added in closed form, so one evaluation serves every C;
-- ``lbfgs`` runs L-BFGS on the weights in preconditioned coordinates (``_Coordinates``: the
-  covariance's eigenbasis scaled by the curvature there) and stops at float32's floor rather than
-  loop when no decrease is left;
+- ``lbfgs`` runs L-BFGS on the weights in preconditioned coordinates (``_Coordinates``: a
+  Kronecker-factored model of the Hessian, class curvature x feature covariance) and stops at
+  float32's floor rather than loop when no decrease is left;
 - ``Problem.predict_weights`` carries a solution along the regularisation path to another C.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Evaluation(NamedTuple):
     loss: float  # mean cross-entropy
     gW: torch.Tensor  # its gradients
     gb: torch.Tensor
-    curvature: torch.Tensor  # the softmax curvature per class, mean p (1 - p)
+    curvature: torch.Tensor  # the softmax curvature between classes, mean diag(p) - p p^T (K, K)
 
     def objective(self, lam: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """Loss and gradients with the penalty ``lam ||W||^2 / 2`` added."""
@@ -67,7 +67,7 @@ class Problem:
         self.passes = 0
 
     def evaluate(self, W: torch.Tensor, b: torch.Tensor, intercept_tol: float = 1e-6) -> Evaluation:
-        """Cross-entropy, its gradients and the per-class curvature at (W, b*(W)), b*(W) the optimal
+        """Cross-entropy, its gradients and the class curvature at (W, b*(W)), b*(W) the optimal
         intercept for W (found from ``b``): one pass for the logits ``X W^T``, a few Newton steps on
         the (n, K) logits alone for the intercept, one pass for the gradient ``(P - Q)^T X``."""
         Z = torch.cat([torch.nn.functional.linear(X[s:s + _CHUNK], W) for X, _ in self.blocks
@@ -76,7 +76,7 @@ class Problem:
         loss = -torch.sum(self.Q * logp, dtype=torch.float64)  # float64: a float32 sum's rounding
         # (~1e-7) would be as large as the last iterations' decrease and stall the line search
         p = logp.exp_()
-        curvature = (p - p * p).sum(0, dtype=torch.float64)
+        curvature = torch.diag(p.sum(0, dtype=torch.float64)) - (p.T @ p).double()
         G = p.sub_(self.Q)
         gW, row = torch.zeros_like(W), 0
         for X, _ in self.blocks:
@@ -117,45 +117,56 @@ class Problem:
         return (b - b.mean()).float()
 
     def predict_weights(self, W: torch.Tensor, lam_from: float, lam_to: float, curvature: torch.Tensor):
-        """A solution at ``lam_from`` carried to ``lam_to`` under the quadratic model of the loss
-        (curvature ``c_k s_j`` along eigenvector j for class k): ``w <- w (c_k s_j + lam_from) /
-        (c_k s_j + lam_to)`` in the eigenbasis. The factor lies between 1 and lam_from / lam_to:
-        weights scale with C where the penalty dominates and stay put where the data do."""
+        """A solution at ``lam_from`` carried to ``lam_to`` under the quadratic model of the loss,
+        ``curvature (x) covariance`` (``_Coordinates``): in the joint eigenbasis (class eigenvalue
+        a_m, feature eigenvalue s_j), ``w <- w (a_m s_j + lam_from) / (a_m s_j + lam_to)``. The factor
+        lies between 1 and lam_from / lam_to: weights scale with C where the penalty dominates and
+        stay put where the data do."""
+        a, V = _class_eig(curvature)
         s, U = self.eig
-        h = curvature[:, None] * s
+        h = a[:, None] * s
         ratio = (h + lam_from) / (h + lam_to)
-        # directions the data do not span (collinear features): a solution's component there is
-        # float noise, which weakening the penalty must not amplify
-        null = s <= _PRECONDITION_RANGE * float(s.max())
-        ratio[:, null] = ratio[:, null].clamp_max(1.0)
-        return ((W @ U) * ratio) @ U.T
+        # directions the loss does not see (collinear features; the sum over classes, which softmax
+        # ignores): a solution's component there is float noise, which a weaker penalty must not amplify
+        null = h <= _PRECONDITION_RANGE * float(h.max())
+        ratio[null] = ratio[null].clamp_max(1.0)
+        return V @ ((V.T @ W @ U) * ratio) @ U.T
+
+
+def _class_eig(curvature: torch.Tensor):
+    """Eigenvalues (clamped at 0) and eigenvectors of the (K, K) class curvature."""
+    a, V = torch.linalg.eigh(curvature.double())
+    return a.clamp_min(0).float(), V.float()
 
 
 class _Coordinates:
-    """The variables L-BFGS works in: the weights rotated into the covariance's eigenbasis (R = W U)
-    and scaled by the square root of the objective's curvature there, ``c_k s_j + lam``, with ``c_k``
-    the softmax curvature of class k measured at the start point. The Hessian L-BFGS sees is then
-    close to the identity: the unit step is nearly always accepted. (The intercept is not among
-    them: every evaluation solves it exactly.) Every map between the spaces is a diagonal scaling;
-    only W <-> R needs a (K, d) x (d, d) product."""
+    """The variables L-BFGS works in. The loss's Hessian in W is approximated by a Kronecker product,
+    ``A (x) S``: A the (K, K) softmax curvature between classes measured at the start point
+    (``mean diag(p) - p p^T``: imbalance, sharpening predictions and the coupling of the classes),
+    S the features' covariance. In their joint eigenbasis (R = V^T W U) that Hessian plus the
+    penalty is diagonal, ``a_m s_j + lam``, and each coordinate is scaled by its square root: the
+    Hessian L-BFGS sees is then close to the identity and the unit step is nearly always accepted.
+    (The intercept is not among the variables: every evaluation solves it exactly.) Each map between
+    the spaces is a diagonal scaling and two small products."""
 
     def __init__(self, problem: Problem, lam: float, curvature: torch.Tensor):
         s, self.U = problem.eig
-        c = curvature.clamp_min(_PRECONDITION_RANGE * float(curvature.max()))
-        h = c[:, None] * s + lam
-        # collinear features (zero eigenvalues) under a vanishing penalty would make the scale ~ lam^-1/2
-        # and overflow float32; any positive definite preconditioner gives the same optimum
+        a, self.V = _class_eig(curvature)
+        h = a[:, None] * s + lam
+        # directions the loss does not see (collinear features, the sum over classes) under a vanishing
+        # penalty would make the scale ~ lam^-1/2 and overflow float32; any positive definite
+        # preconditioner gives the same optimum
         self.scale = h.clamp_min(_PRECONDITION_RANGE * float(h.max())).rsqrt().reshape(-1)
         self.lam, self.k = lam, problem.n_classes
 
     def weights(self, x):  # x -> W
-        return (x * self.scale).view(self.k, -1) @ self.U.T
+        return self.V @ (x * self.scale).view(self.k, -1) @ self.U.T
 
     def point(self, W):  # W -> x
-        return (W @ self.U).reshape(-1) / self.scale
+        return (self.V.T @ W @ self.U).reshape(-1) / self.scale
 
     def gradient(self, gW):  # dW -> dx
-        return (gW @ self.U).reshape(-1) * self.scale
+        return (self.V.T @ gW @ self.U).reshape(-1) * self.scale
 
 
 def lbfgs(problem: Problem, start: Evaluation, lam: float, *, max_iter: int, tol: float, history: int = 10,

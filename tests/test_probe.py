@@ -176,17 +176,21 @@ def test_a_fit_started_at_another_cs_solution_costs_no_pass_and_is_exact():
 
 def test_path_prediction_scales_with_c_where_the_penalty_dominates_and_leaves_null_directions():
     import torch
+    from radacx_cache.logistic_solver import _class_eig
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 3)).astype(np.float32)
     X = np.hstack([X, X[:, :1] + X[:, 1:2]])  # a collinear column: the covariance has a null direction
-    _, problem = _standardised_problem(X, np.eye(2, dtype=np.float32)[rng.integers(0, 2, 500)])
+    _, problem = _standardised_problem(X, np.eye(3, dtype=np.float32)[rng.integers(0, 3, 500)])
     s, U = problem.eig
-    W = torch.as_tensor(rng.normal(size=(2, 4)).astype(np.float32))
-    curvature = torch.full((2,), 0.25)
-    rotated = problem.predict_weights(W, 1e3, 1e2, curvature) @ U  # C x10 under a dominant penalty
-    np.testing.assert_allclose(rotated[:, 1:], 10 * (W @ U)[:, 1:], rtol=1e-2)
-    assert s[0] < 1e-6 * s.max()  # the null direction: weakening the penalty leaves it as it was
-    np.testing.assert_allclose(rotated[:, 0], (W @ U)[:, 0], rtol=1e-5)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    curvature = torch.diag(p) - torch.outer(p, p)  # softmax ignores the sum over classes: a null direction
+    a, V = _class_eig(curvature)
+    W = torch.as_tensor(rng.normal(size=(3, 4)).astype(np.float32))
+    before, after = V.T @ W @ U, V.T @ problem.predict_weights(W, 1e3, 1e2, curvature) @ U
+    seen = (a[:, None] * s) > 1e-6 * float((a[:, None] * s).max())
+    assert seen.sum() == 6 and (~seen).sum() == 6  # 2 class x 3 feature directions the loss sees
+    np.testing.assert_allclose(after[seen], 10 * before[seen], rtol=1e-2)  # C x10, penalty dominant
+    np.testing.assert_allclose(after[~seen], before[~seen], rtol=1e-4, atol=1e-6)  # never amplified
 
 
 def test_fits_stop_at_float32s_floor_instead_of_running_to_max_iter():
