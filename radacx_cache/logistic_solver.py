@@ -112,8 +112,7 @@ class Problem:
 
     def intercept_start(self) -> torch.Tensor:
         """The intercept's optimum at W = 0: the log class frequencies (centred)."""
-        prior = sum(Q.double().sum(0) for _, Q in self.blocks) / self.n
-        b = prior.clamp_min(1e-12).log()
+        b = self.q_mean.clamp_min(1e-12).log()
         return (b - b.mean()).float()
 
     def predict_weights(self, W: torch.Tensor, lam_from: float, lam_to: float, curvature: torch.Tensor):
