@@ -14,7 +14,8 @@ Compared in the same run:
 - radacx (the default ``sweep_c`` + ``fit_final``): full-data, preconditioned, warm-started fits.
 Printed: seconds (radacx: the median of three identical runs, each printed; scikit-learn: one run
 of ~30 s, which integrates the machine's noise itself), speed-up, test accuracy of both and the gap,
-chosen C, passes over the data, plus chance and the majority class. Goal (issue 12): <= 10 s, >= 10x, test accuracy within 0.2 pt of the baseline.
+chosen C, passes over the data, plus chance and the majority class. Goal (issue 12): <= 10 s,
+>= 10x, test accuracy within 0.2 pt of the baseline.
 
     python benchmarks/probe.py [--quick] [--kind c-sensitive|random|both] [--seed N]
 

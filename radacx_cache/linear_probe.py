@@ -166,8 +166,9 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
     """Choose C by validation ``score`` of fits on the full training split (the CLIP protocol).
 
     The log grid is walked from strong to weak regularisation, each fit started at the nearest
-    solved C's solution (its pass reused) with the path's prediction as the first step; the walk stops once the score has been below the best for ``patience`` points in a row (2: the
-    first step off the constant predictor can dip before accuracy rises, as on the phantom). Then
+    solved C's solution (its pass reused) with the path's prediction as the first step; the walk
+    stops once the score has been below the best for ``patience`` points in a row (2: the first step
+    off the constant predictor can dip before accuracy rises, as on the phantom). Then
     ``refine_steps`` halvings of the step around the best point. Ties go to the stronger penalty.
     ``max_rows`` > 0 is an explicit, inexact shortcut: fit a seeded subsample of that many rows
     with C scaled by ``n / max_rows``. Returns ``best_c``, ``val_score`` (of the selected fit),

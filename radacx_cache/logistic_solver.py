@@ -115,27 +115,26 @@ class Problem:
         b = self.q_mean.clamp_min(1e-12).log()
         return (b - b.mean()).float()
 
+    def model_curvature(self, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss's curvature under the Kronecker model ``curvature (x) covariance``, in their joint
+        eigenbasis: ``h[m, j] = a_m s_j`` (K, d), with the class eigenvectors V and feature ones U."""
+        a, V = torch.linalg.eigh(curvature.double())
+        s, U = self.eig
+        return a.clamp_min(0).float()[:, None] * s, V.float(), U
+
     def predict_weights(self, W: torch.Tensor, lam_from: float, lam_to: float, curvature: torch.Tensor):
         """A solution at ``lam_from`` carried to ``lam_to`` under the quadratic model of the loss,
         ``curvature (x) covariance`` (``_Coordinates``): in the joint eigenbasis (class eigenvalue
         a_m, feature eigenvalue s_j), ``w <- w (a_m s_j + lam_from) / (a_m s_j + lam_to)``. The factor
         lies between 1 and lam_from / lam_to: weights scale with C where the penalty dominates and
         stay put where the data do."""
-        a, V = _class_eig(curvature)
-        s, U = self.eig
-        h = a[:, None] * s
+        h, V, U = self.model_curvature(curvature)
         ratio = (h + lam_from) / (h + lam_to)
         # directions the loss does not see (collinear features; the sum over classes, which softmax
         # ignores): a solution's component there is float noise, which a weaker penalty must not amplify
         null = h <= _PRECONDITION_RANGE * float(h.max())
         ratio[null] = ratio[null].clamp_max(1.0)
         return V @ ((V.T @ W @ U) * ratio) @ U.T
-
-
-def _class_eig(curvature: torch.Tensor):
-    """Eigenvalues (clamped at 0) and eigenvectors of the (K, K) class curvature."""
-    a, V = torch.linalg.eigh(curvature.double())
-    return a.clamp_min(0).float(), V.float()
 
 
 class _Coordinates:
@@ -149,9 +148,8 @@ class _Coordinates:
     the spaces is a diagonal scaling and two small products."""
 
     def __init__(self, problem: Problem, lam: float, curvature: torch.Tensor):
-        s, self.U = problem.eig
-        a, self.V = _class_eig(curvature)
-        h = a[:, None] * s + lam
+        h, self.V, self.U = problem.model_curvature(curvature)
+        h = h + lam
         # directions the loss does not see (collinear features, the sum over classes) under a vanishing
         # penalty would make the scale ~ lam^-1/2 and overflow float32; any positive definite
         # preconditioner gives the same optimum

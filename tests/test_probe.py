@@ -176,7 +176,6 @@ def test_a_fit_started_at_another_cs_solution_costs_no_pass_and_is_exact():
 
 def test_path_prediction_scales_with_c_where_the_penalty_dominates_and_leaves_null_directions():
     import torch
-    from radacx_cache.logistic_solver import _class_eig
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 3)).astype(np.float32)
     X = np.hstack([X, X[:, :1] + X[:, 1:2]])  # a collinear column: the covariance has a null direction
@@ -184,10 +183,10 @@ def test_path_prediction_scales_with_c_where_the_penalty_dominates_and_leaves_nu
     s, U = problem.eig
     p = torch.tensor([0.5, 0.3, 0.2])
     curvature = torch.diag(p) - torch.outer(p, p)  # softmax ignores the sum over classes: a null direction
-    a, V = _class_eig(curvature)
+    h, V, _ = problem.model_curvature(curvature)
     W = torch.as_tensor(rng.normal(size=(3, 4)).astype(np.float32))
     before, after = V.T @ W @ U, V.T @ problem.predict_weights(W, 1e3, 1e2, curvature) @ U
-    seen = (a[:, None] * s) > 1e-6 * float((a[:, None] * s).max())
+    seen = h > 1e-6 * float(h.max())
     assert seen.sum() == 6 and (~seen).sum() == 6  # 2 class x 3 feature directions the loss sees
     np.testing.assert_allclose(after[seen], 10 * before[seen], rtol=1e-2)  # C x10, penalty dominant
     np.testing.assert_allclose(after[~seen], before[~seen], rtol=1e-4, atol=1e-6)  # never amplified
