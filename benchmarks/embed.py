@@ -1,7 +1,7 @@
 """Feature-cache throughput: the embed stage against a naive loop, over the same shards.
 
 naive (baseline): per image, PIL image from the shard -> open_clip's eval preprocess -> batches of
-32 -> fp32 ``encode_image``. stage: ``radacx_cache.embed.embed_variant`` (bulk uint8 block reads,
+32 -> fp32 ``encode_image``. stage: ``radacx_cache.stages.embed.embed_variant`` (bulk uint8 block reads,
 conversion on the device, large batches, bf16 + channels_last on GPU).
 
     python benchmarks/embed.py                      # CPU: tiny and ViT-B/16 (BiomedCLIP architecture)
@@ -42,8 +42,8 @@ def naive(model, shards, n):
 
 
 def stage(cfg, model, shards, n):
-    from radacx_cache.embed import embed_variant
-    from radacx_cache.shardset import ShardSet
+    from radacx_cache.stages.embed import embed_variant
+    from radacx_cache.formats.shardset import ShardSet
     sub = ShardSet(shards.root, shards.index.iloc[:n], shards.manifest)
     shutil.rmtree(cfg.work / "features", ignore_errors=True)
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
     from radacx_cache.models import load_model
-    from radacx_cache.shardset import open_shards
+    from radacx_cache.formats.shardset import open_shards
     patients = 80 if args.device == "cpu" else max(80, args.images // 2)
     cfg = small_pipeline(n_patients=patients)
     cfg.runtime.device, cfg.embed.batch_size = args.device, args.batch_size

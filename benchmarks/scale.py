@@ -31,7 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from radacx_cache.sources.mimic import FINDINGS_ALL  # noqa: E402
+from radacx_cache.findings import FINDINGS_ALL  # noqa: E402
 
 IMAGES, FRONTAL, PATIENTS, STUDIES = 377_110, 243_334, 65_379, 227_827
 # share of studies positive / uncertain per label, roughly MIMIC-CXR-JPG's CheXpert table
@@ -127,11 +127,11 @@ from radacx_cache.config import load_config
 cfg = load_config(None, sys.argv[2:])
 t0 = time.perf_counter()
 if sys.argv[1] == "cohort":
-    from radacx_cache.cohort import build_cohort
+    from radacx_cache.stages.cohort import build_cohort
     out = build_cohort(cfg, progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t0, "rows": out["rows"], "rejects": out["rejects"]}))
 else:
-    from radacx_cache.shards import plan_render
+    from radacx_cache.stages.shards import plan_render
     tasks, done, pending = plan_render(cfg)
     print(json.dumps({"seconds": time.perf_counter() - t0, "shards": len(tasks), "to_render": len(pending)}))
 """

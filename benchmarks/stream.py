@@ -1,7 +1,7 @@
 """Streaming input throughput against the in-memory ceiling, and tiny training-step speed.
 
 ceiling (baseline): the same rows already in a numpy array in RAM, gathered in the same shuffled
-batches. stream: ``radacx_cache.stream.ShardStream`` through a DataLoader with 1 and 2 workers
+batches. stream: ``radacx_cache.formats.stream.ShardStream`` through a DataLoader with 1 and 2 workers
 (chunk-aligned block reads, bounded shuffle buffer). Goal (issue 5): stream >= 80% of the ceiling.
 
     python benchmarks/stream.py [--epochs 3]
@@ -27,10 +27,10 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=6, help="training steps to time (the first is warm-up)")
     args = ap.parse_args()
-    from radacx_cache.finetune import Classifier, soft_ce
+    from radacx_cache.stages.finetune import Classifier, soft_ce
     from radacx_cache.models import load_model
-    from radacx_cache.shardset import open_shards
-    from radacx_cache.stream import ShardStream, consumer_order
+    from radacx_cache.formats.shardset import open_shards
+    from radacx_cache.formats.stream import ShardStream, consumer_order
     cfg = small_pipeline(n_patients=400, long_side=256)
     train = open_shards(cfg.work / "shards").split("train")
     n = len(train)

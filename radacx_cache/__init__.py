@@ -1,5 +1,5 @@
 """radacx-cache: anatomy-aware chest X-ray shards, feature caches, probes and fine-tuning."""
 from ._version import __version__
-from .shardset import ShardSet, open_shards
+from .formats.shardset import ShardSet, open_shards
 
 __all__ = ["__version__", "ShardSet", "open_shards"]

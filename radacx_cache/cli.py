@@ -7,17 +7,18 @@ import logging
 import sys
 
 from .arms import IMAGE_VARIANTS
-from .cohort import build_cohort
+from .stages.cohort import build_cohort
 from .config import ConfigError, load_config
-from .embed import embed_all
-from .finetune import run_finetune
-from .inspection import inspect_path
-from .phantom import generate
-from .probe import run_probes
-from .report import build_report
-from .saliency import run_saliency
-from .shards import build_shards
-from .zeroshot import run_zeroshot
+from .stages.embed import embed_all
+from .stages.finetune import run_finetune
+from .stages.inspect import inspect_path
+from .phantom.generator import generate
+from .stages.probe import run_probes
+from .stages.report import build_report
+from .stages.saliency import run_saliency
+from .stages.shards import build_shards
+from .stages.verify import verify_workdir
+from .stages.zeroshot import run_zeroshot
 
 log = logging.getLogger("radacx_cache")
 STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "saliency", "report")
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
         if name == "finetune":
             p.add_argument("--variant", action="append", choices=("original", "masked"))
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p = sub.add_parser("verify", help="re-hash every stage record of a workdir and check each chain")
+    p.add_argument("workdir")
     p = sub.add_parser("inspect", help="summary of a shard or feature file, optional PNG montage")
     p.add_argument("path")
     p.add_argument("--png", default=None)
@@ -85,6 +88,10 @@ def main(argv=None) -> int:
         if args.stage == "inspect":
             print(inspect_path(args.path, png=args.png, n=args.n))
             return 0
+        if args.stage == "verify":
+            lines, ok = verify_workdir(args.workdir)
+            print("\n".join(lines))
+            return 0 if ok else 2
         cfg = load_config(args.config, args.set)
         result = _stage(args.stage, cfg, args)
         text = _summary(args.stage, result)

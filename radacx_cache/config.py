@@ -14,10 +14,9 @@ from typing import Literal
 
 import yaml
 
-from .sources.mimic import FINDINGS_ALL
+from .findings import FINDINGS, FINDINGS_ALL
 
 CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
-FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 class ConfigError(ValueError):

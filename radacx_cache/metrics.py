@@ -2,9 +2,10 @@
 
 Three readings of "accuracy" for multi-label images, each a mean of per-image correctness:
 
-- ``argmax`` (the headline, paper-comparable): the top-1 prediction equals the *first* positive
-  finding in the class order (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).
-  Chance is 1/K; the only reading consistent with the paper's published figures.
+- ``argmax`` (the headline): the top-1 prediction equals the *first* positive finding in the
+  cohort's target order (``findings.first_positive``; by default the class order Atelectasis,
+  Cardiomegaly, Consolidation, Edema, Pleural Effusion), the very rule that made the training
+  target. Chance is 1/K. The paper does not say how it made a multi-positive image one label.
 - ``any``: the top-1 prediction is among the image's positive findings (a constant guess of the
   most frequent finding scores high on multi-positive labels).
 - ``single``: the top-1 prediction equals the finding, on images with exactly one positive.
@@ -18,38 +19,37 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from .findings import first_positive
+
 READINGS = ("argmax", "any", "single")
 READING_TEXT = {
-    "argmax": "top-1 = the first positive finding in class order (paper-comparable)",
+    "argmax": "top-1 = the first positive finding in the cohort's target order",
     "any": "top-1 among the image's positive findings",
     "single": "top-1 = the finding, images with exactly one positive only",
 }
 
 
-def first_positive(positives: np.ndarray) -> np.ndarray:
-    """The argmax reading's target: the first positive class of each row (class order)."""
-    return (np.asarray(positives) > 0).argmax(1)
-
-
-def correctness(pred: np.ndarray, positives: np.ndarray, reading: str = "argmax") -> tuple[np.ndarray, np.ndarray]:
-    """Per-image correctness (N,) float and the images the reading counts (N,) bool."""
+def correctness(pred: np.ndarray, positives: np.ndarray, reading: str = "argmax",
+                order=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image correctness (N,) float and the images the reading counts (N,) bool; ``order``:
+    the cohort's target order (class indices), None for the class order."""
     pos = np.asarray(positives) > 0
     pred = np.asarray(pred)
     rows = np.arange(len(pred))
     if reading == "argmax":
-        return (pred == first_positive(pos)).astype(float), pos.any(1)
+        return (pred == first_positive(pos, order)).astype(float), pos.any(1)
     if reading == "any":
         return pos[rows, pred].astype(float), pos.any(1)
     if reading == "single":
-        return (pred == first_positive(pos)).astype(float), pos.sum(1) == 1
+        return (pred == first_positive(pos, order)).astype(float), pos.sum(1) == 1
     raise ValueError(f"accuracy reading {reading!r}: expected one of {READINGS}")
 
 
-def accuracy(proba: np.ndarray, positives: np.ndarray, reading: str = "argmax") -> float:
+def accuracy(proba: np.ndarray, positives: np.ndarray, reading: str = "argmax", order=None) -> float:
     """Accuracy of ``proba`` (N, K) under ``reading`` (the headline ``argmax`` by default)."""
     if len(proba) == 0:
         return float("nan")
-    values, mask = correctness(np.asarray(proba).argmax(1), positives, reading)
+    values, mask = correctness(np.asarray(proba).argmax(1), positives, reading, order)
     return float(values[mask].mean()) if mask.any() else float("nan")
 
 
@@ -62,7 +62,8 @@ def accuracy_any(proba, positives) -> float:
 
 
 # ---------------------------------------------------------------- reference rows
-def reference_correctness(train_positives: np.ndarray, test_positives: np.ndarray, reading: str) -> dict:
+def reference_correctness(train_positives: np.ndarray, test_positives: np.ndarray, reading: str,
+                          order=None) -> dict:
     """Expected per-image correctness of doing nothing useful, on the test images, per reading:
     ``chance`` (a uniform random class), ``majority`` (always the train split's most frequent target
     under this reading) and ``prior`` (a random class drawn with the train split's target frequencies)."""
@@ -75,13 +76,13 @@ def reference_correctness(train_positives: np.ndarray, test_positives: np.ndarra
         by_prior = (te * prior).sum(1)
     else:
         rows = tr.sum(1) == 1 if reading == "single" else tr.any(1)
-        prior = np.bincount(first_positive(tr[rows]), minlength=k) / max(1, rows.sum())
+        prior = np.bincount(first_positive(tr[rows], order), minlength=k) / max(1, rows.sum())
         majority = int(prior.argmax())
-        target = first_positive(te)
+        target = first_positive(te, order)
         chance = np.full(len(te), 1.0 / k)
         by_prior = prior[target]
-    values_major, _ = correctness(np.full(len(te), majority), te, reading)
-    _, mask = correctness(np.zeros(len(te), int), te, reading)
+    values_major, _ = correctness(np.full(len(te), majority), te, reading, order)
+    _, mask = correctness(np.zeros(len(te), int), te, reading, order)
     return {"chance": (chance, mask), "majority": (values_major, mask), "prior": (by_prior, mask),
             "majority_class": majority, "prior_frequencies": prior.tolist()}
 
@@ -117,17 +118,17 @@ def per_class_f1(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray
 
 
 def evaluate(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None = None,
-             policy: str = "ignore") -> dict:
+             policy: str = "ignore", order=None) -> dict:
     """All point metrics for one prediction set."""
     pred = proba.argmax(1)
     k = positives.shape[1]
-    target = first_positive(positives)
+    target = first_positive(positives, order)
     auroc = per_class_auroc(proba, positives, uncertain, policy)
     f1 = per_class_f1(proba, positives, uncertain, policy)
     single = (positives > 0).sum(1) == 1
     return {
         "n": int(len(proba)), "n_single": int(single.sum()),
-        **{f"accuracy_{r}": accuracy(proba, positives, r) for r in READINGS},
+        **{f"accuracy_{r}": accuracy(proba, positives, r, order) for r in READINGS},
         "balanced_accuracy": float(balanced_accuracy_score(target, pred)) if len(pred) else float("nan"),
         "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
         "auroc": auroc.tolist(), "macro_f1": float(f1.mean()), "f1": f1.tolist(),

@@ -4,12 +4,16 @@
 
     cohort/      cohort.csv  rejects.csv  masks-rle.h5  manifest.json
     shards/      <split>-NNNNN.h5 (+ .json sidecars)  index.csv  rejects.csv  manifest.json
-    features/<model-tag>/<image-variant>.h5
-    zeroshot/<model-tag>/text.npz
-    finetune/<image-variant>/  last.pt  best.pt  summary.json  train_log.csv
-    predictions/<arm>/<image-variant>.csv (+ .json provenance)
-    probes/<arm>.npz                      the fitted linear heads (V1, V2)
-    results/     table1.{md,csv,json,tex}  metrics.json  figures  saliency.{md,csv,json}  saliency/
+    features/<model-tag>/  <image-variant>.h5  manifest.json
+    zeroshot/<model-tag>/  text.npz  manifest.json
+    probes/      <arm>.npz (the fitted linear heads V1, V2)  manifest.json
+    finetune/<image-variant>/  last.pt  best.pt  summary.json  train_log.csv  manifest.json
+    predictions/<arm>/  <image-variant>.csv (+ .json provenance)  manifest.json
+    results/     table1.{md,csv,json,tex}  metrics.json  figures  manifest.json
+                 saliency.{md,csv,json}  saliency-manifest.json  saliency/
+
+Every ``manifest.json`` (and ``saliency-manifest.json``) is a stage record (``formats.records``):
+written last, it lists the files later stages read with their sha256 and the records it was built from.
 """
 from __future__ import annotations
 
@@ -55,6 +59,10 @@ class Workdir:
     def shards_manifest(self) -> Path:
         return self.shards_dir / "manifest.json"
 
+    @property
+    def shards_index(self) -> Path:
+        return self.shards_dir / "index.csv"
+
     # embed stage
     def features_dir(self, model_tag: str) -> Path:
         return self.root / "features" / model_tag
@@ -67,17 +75,42 @@ class Workdir:
         name = f".{image_variant}.h5.partial" if world == 1 else f".{image_variant}.rank{rank}of{world}.partial"
         return self.features_dir(model_tag) / name
 
+    def features_record(self, model_tag: str) -> Path:
+        return self.features_dir(model_tag) / "manifest.json"
+
     # zero-shot
     def zeroshot_text(self, model_tag: str) -> Path:
         return self.root / "zeroshot" / model_tag / "text.npz"
+
+    def zeroshot_record(self, model_tag: str) -> Path:
+        return self.zeroshot_text(model_tag).with_name("manifest.json")
 
     # probes: the fitted linear heads (V1, V2), for saliency
     def probe_weights(self, arm: str) -> Path:
         return self.root / "probes" / f"{arm}.npz"
 
+    @property
+    def probes_record(self) -> Path:
+        return self.root / "probes" / "manifest.json"
+
     # fine-tune
     def finetune_dir(self, image_variant: str) -> Path:
         return self.root / "finetune" / image_variant
+
+    def finetune_last(self, image_variant: str) -> Path:
+        return self.finetune_dir(image_variant) / "last.pt"
+
+    def finetune_best(self, image_variant: str) -> Path:
+        return self.finetune_dir(image_variant) / "best.pt"
+
+    def finetune_summary(self, image_variant: str) -> Path:
+        return self.finetune_dir(image_variant) / "summary.json"
+
+    def finetune_log(self, image_variant: str) -> Path:
+        return self.finetune_dir(image_variant) / "train_log.csv"
+
+    def finetune_record(self, image_variant: str) -> Path:
+        return self.finetune_dir(image_variant) / "manifest.json"
 
     # predictions of every arm, read by the report
     @property
@@ -87,11 +120,26 @@ class Workdir:
     def predictions(self, arm: str, image_variant: str) -> Path:
         return self.predictions_dir / arm / f"{image_variant}.csv"
 
+    def predictions_record(self, arm: str) -> Path:
+        return self.predictions_dir / arm / "manifest.json"
+
     # report
     @property
     def results_dir(self) -> Path:
         return self.root / "results"
 
     @property
+    def report_record(self) -> Path:
+        return self.results_dir / "manifest.json"
+
+    @property
     def saliency_dir(self) -> Path:
         return self.results_dir / "saliency"
+
+    def saliency_file(self, suffix: str) -> Path:
+        """``results/saliency.{json,csv,md}``."""
+        return self.results_dir / f"saliency.{suffix}"
+
+    @property
+    def saliency_record(self) -> Path:
+        return self.results_dir / "saliency-manifest.json"

@@ -26,7 +26,7 @@ def shared_path(*parts) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory):
-    from radacx_cache.phantom import generate
+    from radacx_cache.phantom.generator import generate
     out = tmp_path_factory.mktemp("phantom")
     summary = generate(out, n_patients=400, long_side=256, seed=7, faults=True, progress=False)
     return summary
@@ -43,8 +43,8 @@ def make_config(phantom, workdir, *extra):
 @pytest.fixture(scope="session")
 def pipeline(phantom, tmp_path_factory):
     """cohort + shards (loky, 2 workers) on the session phantom."""
-    from radacx_cache.cohort import build_cohort
-    from radacx_cache.shards import build_shards
+    from radacx_cache.stages.cohort import build_cohort
+    from radacx_cache.stages.shards import build_shards
     cfg = make_config(phantom, tmp_path_factory.mktemp("work"))
     cohort = build_cohort(cfg, progress=False)
     shards = build_shards(cfg, progress=False)
@@ -53,5 +53,5 @@ def pipeline(phantom, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def features(pipeline):
-    from radacx_cache.embed import embed_all
+    from radacx_cache.stages.embed import embed_all
     return embed_all(pipeline["cfg"], progress=False)

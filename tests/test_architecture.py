@@ -1,13 +1,26 @@
-"""The package's shape (docs/architecture.md): no import cycles, stages import only lower layers,
-short functions and modules."""
+"""The package's shape (docs/architecture.md): modules import only lower layers, stages never import
+each other, no stage after ``shards`` reads the render config and none after ``cohort`` the cohort
+config (they take those decisions from the verified records), short functions and modules."""
 import ast
+import fnmatch
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "radacx_cache"
-STAGES = {"cohort", "shards", "embed", "zeroshot", "probe", "finetune", "saliency", "report"}
-LONG_ALLOWED = {("phantom", "generate")}  # the phantom generator reads as a script
+# the layer order, bottom first; a module may import a lower layer, or its own subpackage's modules
+LAYERS = (
+    ("_version", "_io", "findings"),
+    ("config", "sources", "sources.*"),
+    ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
+    ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*"),
+    ("stages", "stages.*"),
+    ("cli", ""),
+)
+LONG_ALLOWED = {("phantom.generator", "generate")}  # the phantom generator reads as a script
+# the stages that decide these sections; every later module takes them from the records
+CONFIG_OWNERS = {"render": {"config", "stages.shards", "render"},
+                 "cohort": {"config", "stages.cohort", "archives"}}
 
 
 def modules() -> dict[str, Path]:
@@ -16,6 +29,14 @@ def modules() -> dict[str, Path]:
         parts = p.with_suffix("").relative_to(PKG).parts
         out[".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)] = p
     return out
+
+
+def layer_of(name: str) -> int:
+    for k, patterns in enumerate(LAYERS):
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            return k
+    raise AssertionError(f"module radacx_cache.{name} is in no layer of tests/test_architecture.py (add it, "
+                         f"and to docs/architecture.md)")
 
 
 def internal_imports(name: str, path: Path, known) -> set[str]:
@@ -41,6 +62,41 @@ def graph():
     return {name: internal_imports(name, path, mods) for name, path in mods.items()}
 
 
+def _subpackage(name: str) -> str:
+    return name.partition(".")[0] if "." in name else ""
+
+
+def import_violations(graph) -> list[str]:
+    """Imports that go up or sideways: to a higher layer, or to the same layer outside the module's
+    own subpackage, or from one stage to another."""
+    bad = []
+    for name, deps in graph.items():
+        for dep in deps:
+            up, same = layer_of(dep) > layer_of(name), layer_of(dep) == layer_of(name)
+            sideways = same and (_subpackage(dep) != _subpackage(name) or _subpackage(name) in ("", "stages"))
+            if (up or sideways) and not (name == _subpackage(dep) or dep == _subpackage(name)):
+                bad.append(f"{name} -> {dep}")
+    return sorted(bad)
+
+
+def test_every_module_has_a_layer(graph):
+    for name in graph:
+        layer_of(name)
+
+
+def test_imports_follow_the_layer_order(graph):
+    assert import_violations(graph) == []
+
+
+def test_the_layer_check_can_fail(graph):
+    """Planted: a stage importing another stage, a format importing a stage, the config importing a format."""
+    planted = {**graph, "stages.embed": graph["stages.embed"] | {"stages.shards"},
+               "formats.shardset": graph["formats.shardset"] | {"stages.report"},
+               "config": graph["config"] | {"formats.features"}}
+    assert import_violations(planted) == ["config -> formats.features", "formats.shardset -> stages.report",
+                                          "stages.embed -> stages.shards"]
+
+
 def test_no_import_cycles(graph):
     def reach(start):
         seen, todo = set(), [start]
@@ -53,14 +109,41 @@ def test_no_import_cycles(graph):
     assert [m for m in graph if m in reach(m)] == []
 
 
-def test_stages_do_not_import_each_other(graph):
-    for stage in STAGES:
-        assert not graph[stage] & STAGES, (stage, graph[stage] & STAGES)
-
-
 def test_readers_do_not_import_the_writer(graph):
-    for reader in ("shardset", "stream", "features", "embed", "probe", "finetune"):
-        assert "shards" not in graph[reader], reader
+    for reader in ("formats.shardset", "formats.stream", "formats.features", "stages.embed", "stages.probe",
+                   "stages.finetune"):
+        assert "stages.shards" not in graph[reader], reader
+
+
+def config_reads(source: str) -> set[str]:
+    """Config sections a module reads: ``<x>.render`` / ``<x>.cohort`` on a name or attribute called
+    ``cfg``/``config``, and ``...to_dict()["render"]``."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in CONFIG_OWNERS:
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+            if name in ("cfg", "config"):
+                found.add(node.attr)
+        if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                and node.slice.value in CONFIG_OWNERS and isinstance(node.value, ast.Call)
+                and getattr(node.value.func, "attr", None) == "to_dict"):
+            found.add(node.slice.value)
+    return found
+
+
+def test_later_stages_take_upstream_decisions_from_records():
+    for name, path in modules().items():
+        for section in config_reads(path.read_text()):
+            assert name in CONFIG_OWNERS[section], (
+                f"radacx_cache.{name} reads cfg.{section}: take it from the {section} stage's verified record")
+
+
+def test_the_config_read_check_can_fail():
+    assert config_reads("def f(cfg):\n    return cfg.render.line_width, run.cfg.cohort.priority\n") == \
+        {"render", "cohort"}
+    assert config_reads("x = cfg.to_dict()['render']") == {"render"}
+    assert config_reads("x = shards.manifest['render_config']['line_width']") == set()
 
 
 def test_functions_and_modules_are_short():

@@ -39,9 +39,9 @@ def txv_data(name: str):
 def archive(request, tmp_path_factory):
     """A small phantom in the layout, with faults, through cohort and shards."""
     from conftest import make_config
-    from radacx_cache.cohort import build_cohort
-    from radacx_cache.phantom import generate
-    from radacx_cache.shards import build_shards
+    from radacx_cache.stages.cohort import build_cohort
+    from radacx_cache.phantom.generator import generate
+    from radacx_cache.stages.shards import build_shards
     layout = request.param
     out = tmp_path_factory.mktemp(f"phantom-{layout}")
     summary = generate(out, n_patients=110, long_side=160, seed=5, faults=True, progress=False, layout=layout)
@@ -85,7 +85,7 @@ def test_the_cohort_contract_holds_on_every_layout(archive):
 def test_masks_land_on_the_anatomy_at_the_image_size_or_its_downscaled_copy(archive):
     """NIH: the PNG is CheXmask's frame. CheXpert-v1.0-small: the JPEG is smaller than CheXmask's
     frame; the shard records both sizes and the masks still land on the lungs."""
-    from radacx_cache.shardset import ShardSet
+    from radacx_cache.formats.shardset import ShardSet
     train = ShardSet(archive["cfg"].work / "shards").split("train")
     for i in range(0, len(train), max(1, len(train) // 6)):
         height, width, *_, mask_height, mask_width = train.row(i, ("geometry",))["geometry"]
@@ -163,8 +163,8 @@ def test_nih_reader_on_the_real_data_entry_table(tmp_path):
 def test_chexpert_reader_on_the_real_train_table(tmp_path):
     """The real CheXpert train table (shipped by torchxrayvision): views, the prefix, the labels as
     written, and the count of frontal images with one of the five findings positive (123,801)."""
-    from radacx_cache.cohort import label_matrices
-    from radacx_cache.config import FINDINGS
+    from radacx_cache.stages.cohort import label_matrices
+    from radacx_cache.findings import FINDINGS
     from radacx_cache.sources.chexpert import read_tables
     src = txv_data("chexpert_train.csv.gz")
     (tmp_path / "CheXpert-v1.0-small").mkdir()

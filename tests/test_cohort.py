@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radacx_cache.cohort import apply_label_policy, patient_split
+from radacx_cache.stages.cohort import apply_label_policy, patient_split
 
 FAULT_EXPECTATIONS = {
     "missing_jpeg": ("shards", "image file not found"),
@@ -102,7 +102,7 @@ def test_cohort_is_patient_disjoint_positive_and_good_masks(pipeline):
 
 
 def test_cohort_rerun_is_a_no_op(pipeline):
-    from radacx_cache.cohort import build_cohort
+    from radacx_cache.stages.cohort import build_cohort
     path = pipeline["cfg"].work / "cohort" / "cohort.csv"
     before = path.stat().st_mtime_ns
     build_cohort(pipeline["cfg"])
@@ -111,8 +111,8 @@ def test_cohort_rerun_is_a_no_op(pipeline):
 
 def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
     import os
-    from radacx_cache.cohort import build_cohort
-    from radacx_cache.phantom import generate
+    from radacx_cache.stages.cohort import build_cohort
+    from radacx_cache.phantom.generator import generate
     from conftest import make_config
     root = os.path.dirname(os.path.dirname(phantom["root"]))  # <out>/mimic-cxr-jpg/2.0.0
     again = generate(root, n_patients=400, long_side=256, seed=7, faults=True, progress=False)
@@ -127,8 +127,8 @@ def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
 
 def small_tables(**chexmask_overrides):
     """Archive tables without files: 4 patients, one frontal image each, masks of 10x10."""
-    from radacx_cache.cohort import ArchiveTables
-    from radacx_cache.sources.mimic import FINDINGS_ALL
+    from radacx_cache.stages.cohort import ArchiveTables
+    from radacx_cache.findings import FINDINGS_ALL
     ids = [f"{i:08x}-00000000-00000000-00000000-0000000{i}" for i in range(4)]  # real-format dicom_ids
     meta = pd.DataFrame({"dicom_id": ids, "subject_id": [10000001, 10000002, 10000003, 10000004],
                          "study_id": [50000001, 50000002, 50000003, 50000004], "ViewPosition": ["PA"] * 4,
@@ -148,7 +148,7 @@ def small_tables(**chexmask_overrides):
 
 
 def test_select_cohort_is_pure_and_rejects_a_swapped_dice_row():
-    from radacx_cache.cohort import select_cohort
+    from radacx_cache.stages.cohort import select_cohort
     from radacx_cache.config import CohortConfig
     cohort, rejects = select_cohort(small_tables(quality_mean=(1, 0.95)), CohortConfig(), seed=0)
     img = small_tables().metadata["dicom_id"].tolist()
@@ -173,9 +173,9 @@ def test_streamed_cohort_equals_the_in_memory_reference(pipeline, tmp_path, comp
     import gzip
     import shutil
     from conftest import make_config
-    from radacx_cache.cohort import build_cohort, read_archive_tables, select_cohort
-    from radacx_cache.cohort_files import read_rle_rows, rle_content_hash, row_digest
-    from radacx_cache import cohort as cohort_module
+    from radacx_cache.stages.cohort import build_cohort, read_archive_tables, select_cohort
+    from radacx_cache.formats.cohort_files import read_rle_rows, rle_content_hash, row_digest
+    from radacx_cache.stages import cohort as cohort_module
     from radacx_cache.sources.chexmask import MASK_NAMES
     monkeypatch.setattr(cohort_module, "CHEXMASK_CHUNK_ROWS", 37)  # many chunks, a ragged last one
     cfg = pipeline["cfg"]
@@ -205,8 +205,8 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
     """The old cohort stays committed until the new one is ready; once outputs start to be replaced
     the old commit is withdrawn, so later stages refuse instead of mixing old rows with new masks."""
     import shutil
-    from radacx_cache import cohort as cohort_module
-    from radacx_cache.cohort_files import load_cohort
+    from radacx_cache.stages import cohort as cohort_module
+    from radacx_cache.formats.cohort_files import load_cohort
     from radacx_cache.workdir import Workdir
     from conftest import make_config
     cfg = pipeline["cfg"]

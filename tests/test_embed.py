@@ -8,8 +8,8 @@ from PIL import Image
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.embed import embed_variant, merge_rank_partials
-from radacx_cache.features import FeatureCache, FeatureCacheError, cache_fingerprints
+from radacx_cache.stages.embed import embed_variant, merge_rank_partials
+from radacx_cache.formats.features import FeatureCache, FeatureCacheError, cache_fingerprints
 from radacx_cache.workdir import Workdir
 from radacx_cache.models import load_model
 
@@ -54,7 +54,7 @@ def test_rerun_is_a_no_op_and_another_model_is_refused(pipeline, features):
 
 
 def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path, monkeypatch):
-    from radacx_cache import embed
+    from radacx_cache.stages import embedNone
     cfg = private_cfg(pipeline, tmp_path)
     shards = open_shards(cfg.work / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)
@@ -128,7 +128,7 @@ def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_pat
 
 
 def test_out_of_memory_batches_back_off_and_continue(pipeline, features, tmp_path, monkeypatch, caplog):
-    from radacx_cache import embed
+    from radacx_cache.stages import embedNone
     cfg = private_cfg(pipeline, tmp_path)
     shards = open_shards(cfg.work / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)

@@ -4,7 +4,7 @@ import torch
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.finetune import TrainingError, train_variant
+from radacx_cache.stages.finetune import TrainingError, train_variant
 
 
 def cfg_for(pipeline, tmp_path, *extra):
@@ -51,7 +51,7 @@ def test_resume_with_another_config_is_refused(pipeline, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
-    from radacx_cache import finetune
+    from radacx_cache.stages import finetuneNone
     cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=1", "finetune.checkpoint_every=2")
     real = finetune.soft_ce
     calls = {"n": 0}
@@ -85,7 +85,7 @@ def test_tiny_model_learns_the_phantom_task(pipeline, tmp_path):
 def test_test_predictions_come_from_the_best_checkpoint(pipeline, tmp_path):
     """V3/V4 predictions equal a prediction made with best.pt (not with the last weights)."""
     import pandas as pd
-    from radacx_cache.finetune import Classifier, evaluate
+    from radacx_cache.stages.finetune import Classifier, evaluate
     from radacx_cache.models import load_model
     cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=3", "finetune.patience=5", "finetune.checkpoint_every=0",
                   "finetune.lr_encoder=0.05", "finetune.lr_head=0.05")  # large steps: epochs differ

@@ -18,9 +18,9 @@ from PIL import Image
 from radacx_cache._io import StageBusy, stage_lock
 from radacx_cache.cli import main
 from radacx_cache.config import ConfigError, load_config
-from radacx_cache.features import FeatureCache, FeatureCacheError
+from radacx_cache.formats.features import FeatureCache, FeatureCacheError
 from radacx_cache.render import RenderError, decode_grey
-from radacx_cache.shardset import ShardError, open_shards
+from radacx_cache.formats.shardset import ShardError, open_shards
 from radacx_cache.sources.mimic import archive_path, id_problem
 
 
@@ -46,7 +46,7 @@ class Payload:
 
 
 def test_a_planted_checkpoint_runs_no_code(pipeline, tmp_path):
-    from radacx_cache.finetune import TrainingError, train_variant
+    from radacx_cache.stages.finetune import TrainingError, train_variant
     marker = tmp_path / "pwned"
     cfg = copy_work(pipeline, tmp_path, "shards", extra=("finetune.epochs=1",))
     out = tmp_path / "finetune" / "original"
@@ -99,7 +99,7 @@ def test_a_path_leaving_the_archive_is_never_read(tmp_path):
 
 def test_hostile_metadata_rows_become_rejects_not_tracebacks(pipeline, tmp_path):
     """Traversal, text and non-ASCII ids, and a blank Rows cell, in a copy of the phantom's tables."""
-    from radacx_cache.cohort import build_cohort
+    from radacx_cache.stages.cohort import build_cohort
     src = Path(pipeline["cfg"].archive.root)
     root = tmp_path / "mimic"
     root.mkdir()
@@ -127,7 +127,7 @@ def test_hostile_metadata_rows_become_rejects_not_tracebacks(pipeline, tmp_path)
 
 
 def test_workdir_permissions_setting_is_honoured(pipeline, tmp_path):
-    from radacx_cache.cohort import build_cohort
+    from radacx_cache.stages.cohort import build_cohort
     old = os.umask(0o022)
     try:
         cfg = copy_work(pipeline, tmp_path, extra=("permissions=private",))
@@ -145,7 +145,7 @@ def test_workdir_permissions_setting_is_honoured(pipeline, tmp_path):
 
 # ---------------------------------------------------------------- nothing lost
 def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline, features, tmp_path, monkeypatch):
-    from radacx_cache import embed
+    from radacx_cache.stages import embedNone
     from radacx_cache.models import load_model
     cfg = copy_work(pipeline, tmp_path, "shards")
     shards = open_shards(cfg.work / "shards")
@@ -173,7 +173,7 @@ def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline,
 
 
 def test_a_committed_cache_damaged_later_is_refused_and_rebuilt(pipeline, features, tmp_path):
-    from radacx_cache.embed import embed_variant
+    from radacx_cache.stages.embed import embed_variant
     from radacx_cache.models import load_model
     cfg = copy_work(pipeline, tmp_path, "shards", "features")
     path = tmp_path / "features" / "tiny" / "masked.h5"
@@ -193,7 +193,7 @@ def test_a_committed_cache_damaged_later_is_refused_and_rebuilt(pipeline, featur
 
 
 def test_a_shard_overwritten_in_place_is_refused(pipeline, tmp_path):
-    from radacx_cache.embed import embed_all
+    from radacx_cache.stages.embed import embed_all
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
     open_shards(tmp_path / "shards").validate()  # verified once, remembered by size + mtime
     victim = sorted((tmp_path / "shards").glob("train-*.h5"))[0]
@@ -207,7 +207,7 @@ def test_a_shard_overwritten_in_place_is_refused(pipeline, tmp_path):
 
 
 def test_a_config_value_never_deletes_finished_shards(pipeline, tmp_path):
-    from radacx_cache.shards import build_shards
+    from radacx_cache.stages.shards import build_shards
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards", extra=("shards.rows_per_shard=48",))
     before = sorted(p.name for p in (tmp_path / "shards").glob("*.h5"))
     with pytest.raises(ShardError, match="Refusing to replace them"):
@@ -222,7 +222,7 @@ def test_a_config_value_never_deletes_finished_shards(pipeline, tmp_path):
 
 
 def test_a_missing_archive_is_an_error_and_missing_images_are_retried(pipeline, tmp_path):
-    from radacx_cache.shards import build_shards
+    from radacx_cache.stages.shards import build_shards
     cfg = copy_work(pipeline, tmp_path, "cohort", extra=(f"archive.root={tmp_path / 'unmounted'}",))
     with pytest.raises(ShardError, match="not a folder"):
         build_shards(cfg, progress=False)
@@ -252,7 +252,7 @@ def test_a_missing_archive_is_an_error_and_missing_images_are_retried(pipeline, 
 
 def test_conflicting_duplicates_are_rejected_and_no_image_is_written_twice():
     from test_cohort import small_tables
-    from radacx_cache.cohort import select_cohort
+    from radacx_cache.stages.cohort import select_cohort
     from radacx_cache.config import CohortConfig
     tables = small_tables()
     img = tables.metadata["dicom_id"].tolist()
@@ -266,7 +266,7 @@ def test_conflicting_duplicates_are_rejected_and_no_image_is_written_twice():
 
 
 def test_a_second_run_of_a_stage_on_the_same_workdir_is_refused(pipeline, tmp_path):
-    from radacx_cache.shards import build_shards
+    from radacx_cache.stages.shards import build_shards
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
     with stage_lock(tmp_path, "shards"):
         with pytest.raises(StageBusy, match=f"pid {os.getpid()}"):
@@ -292,7 +292,7 @@ def test_memory_bombs_are_refused_before_decoding_and_16_bit_images_windowed():
 
 
 def test_probe_refuses_features_of_another_seed(pipeline, features, tmp_path):
-    from radacx_cache.probe import run_probes
+    from radacx_cache.stages.probe import run_probes
     cfg = copy_work(pipeline, tmp_path, "shards", "features", extra=("seed=1",))
     with pytest.raises(FeatureCacheError, match="weights_seed: cache has 7, asked for 1"):
         run_probes(cfg)

@@ -9,9 +9,9 @@ from radacx_cache.cli import main
 
 @pytest.fixture(scope="module")
 def reported(pipeline, features):
-    from radacx_cache.probe import run_probes
-    from radacx_cache.report import build_report
-    from radacx_cache.zeroshot import run_zeroshot
+    from radacx_cache.stages.probe import run_probes
+    from radacx_cache.stages.report import build_report
+    from radacx_cache.stages.zeroshot import run_zeroshot
     cfg = pipeline["cfg"]
     zs = run_zeroshot(cfg)
     probes = run_probes(cfg)
@@ -49,7 +49,7 @@ def test_table1_recomputed_from_the_prediction_files(reported):
     """Accuracies, CIs, paired differences and p, recomputed with the metric functions."""
     import numpy as np
     from radacx_cache.metrics import bootstrap_ci, paired_bootstrap
-    from radacx_cache.predictions import load_predictions
+    from radacx_cache.formats.predictions import load_predictions
     cfg = reported["cfg"]
     work, n_boot = cfg.work, cfg.report.bootstrap
     data = json.loads((work / "results" / "table1.json").read_text())
@@ -88,8 +88,8 @@ def test_table1_recomputed_from_the_prediction_files(reported):
 def test_incomplete_or_stale_predictions_are_refused(reported, tmp_path):
     import shutil
     from radacx_cache.config import load_config
-    from radacx_cache.predictions import PredictionError
-    from radacx_cache.report import build_report
+    from radacx_cache.formats.predictions import PredictionError
+    from radacx_cache.stages.report import build_report
     work = reported["cfg"].work
     for part in ("cohort", "shards", "predictions"):
         shutil.copytree(work / part, tmp_path / part)
@@ -139,8 +139,8 @@ def test_cli_cohort_summary(pipeline, capsys):
 def test_probe_refuses_features_of_other_shards(reported, tmp_path):
     import shutil
     from radacx_cache.config import load_config
-    from radacx_cache.features import FeatureCacheError
-    from radacx_cache.probe import run_probes
+    from radacx_cache.formats.features import FeatureCacheError
+    from radacx_cache.stages.probe import run_probes
     work = reported["cfg"].work
     for part in ("shards", "features"):
         shutil.copytree(work / part, tmp_path / part)
@@ -153,11 +153,11 @@ def test_probe_refuses_features_of_other_shards(reported, tmp_path):
 
 def test_zeroshot_predicts_each_test_variant_from_its_own_cache(reported):
     import numpy as np
-    from radacx_cache.features import FeatureCache
+    from radacx_cache.formats.features import FeatureCache
     from radacx_cache.models import load_model
-    from radacx_cache.predictions import load_predictions
-    from radacx_cache.shardset import open_shards
-    from radacx_cache.zeroshot import class_prompts, text_embeddings, zeroshot_proba
+    from radacx_cache.formats.predictions import load_predictions
+    from radacx_cache.formats.shardset import open_shards
+    from radacx_cache.stages.zeroshot import class_prompts, text_embeddings, zeroshot_proba
     cfg = reported["cfg"]
     shards = open_shards(cfg.work / "shards")
     test = (shards.index["split"] == "test").to_numpy()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from radacx_cache.render import Geometry
-from radacx_cache.saliency import image_metrics, regions, saliency_maps
-from radacx_cache.shardset import open_shards
-from radacx_cache.truth import read_truth, region_at, truth_path
+from radacx_cache.stages.saliency import image_metrics, regions, saliency_maps
+from radacx_cache.formats.shardset import open_shards
+from radacx_cache.phantom.truth import read_truth, region_at, truth_path
 
 
 class HeartOnly(torch.nn.Module):
@@ -94,8 +94,8 @@ def test_truth_regions_align_with_the_shard_masks_under_padding(pipeline, item):
 @pytest.mark.slow
 def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     from radacx_cache.config import load_config
-    from radacx_cache.finetune import train_variant
-    from radacx_cache.saliency import run_saliency
+    from radacx_cache.stages.finetune import train_variant
+    from radacx_cache.stages.saliency import run_saliency
     cfg = pipeline["cfg"]
     (tmp_path / "shards").symlink_to(cfg.work / "shards")
     run = load_config(None, [f"workdir={tmp_path}", "seed=7", f"archive.root={cfg.archive.root}",

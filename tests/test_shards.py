@@ -9,9 +9,9 @@ import pytest
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.shards import build_shards
-from radacx_cache.shardset import SCHEMA_VERSION, ShardError, validate_shard
-from radacx_cache.stream import ShardMapDataset
+from radacx_cache.stages.shards import build_shards
+from radacx_cache.formats.shardset import SCHEMA_VERSION, ShardError, validate_shard
+from radacx_cache.formats.stream import ShardMapDataset
 from radacx_cache.workdir import Workdir
 
 DATASETS = ("original", "masked", "masks", "labels", "targets", "dicom_id", "subject_id", "study_id",
@@ -80,7 +80,7 @@ def test_shard_schema_and_reader(pipeline):
 
 
 def test_shard_rows_equal_a_fresh_render(pipeline):
-    from radacx_cache.cohort_files import load_cohort, read_rle_rows
+    from radacx_cache.formats.cohort_files import load_cohort, read_rle_rows
     from radacx_cache.render import render_image
     cfg = pipeline["cfg"]
     shards = open_shards(cfg.work / "shards")
@@ -164,7 +164,7 @@ def test_unfinished_folder_is_not_opened(tmp_path):
 
 def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp_path):
     import json
-    from radacx_cache.embed import embed_all
+    from radacx_cache.stages.embed import embed_all
     cfg = clone(pipeline, tmp_path)
     victim = sorted((tmp_path / "shards").glob("val-*.h5"))[0]
     with h5py.File(victim, "r+") as f:

@@ -6,7 +6,7 @@ import torch
 
 from radacx_cache import open_shards
 from radacx_cache.augment import augment
-from radacx_cache.stream import ShardStream, consumer_order, skip_per_worker
+from radacx_cache.formats.stream import ShardStream, consumer_order, skip_per_worker
 
 
 def test_every_row_exactly_once_across_consumers_pure():

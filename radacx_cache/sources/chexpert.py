@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ._tables import require_columns
-from .mimic import FINDINGS_ALL, parse_label_cells
+from ..findings import FINDINGS_ALL
+from .mimic import parse_label_cells
 
 PREFIXES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 TABLES = {"train": "train", "valid": "test"}  # table -> official split: valid.csv is the held-out set

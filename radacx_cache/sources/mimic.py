@@ -7,16 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..findings import FINDINGS_ALL
 from ._tables import require_columns
 
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
 SPLIT_VALUES = ("train", "validate", "test")
 # The 14 CheXpert labels of mimic-cxr-2.0.0-chexpert.csv / -negbio.csv, in the file's column order.
-FINDINGS_ALL = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices")
 
 
 def table_path(root: str | Path, name: str) -> Path:

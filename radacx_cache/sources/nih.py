@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ._tables import require_columns
-from .mimic import FINDINGS_ALL
+from ..findings import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 SPLIT_LISTS = {"train_val_list.txt": "train", "test_list.txt": "test"}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import format_p
-from .tables import Section, render_markdown
+from ..metrics import format_p
+from ..tables import Section, render_markdown
 
 METRIC_TEXT = {
     "anatomy": "mass in lungs + heart",

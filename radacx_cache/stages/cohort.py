@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import file_sha256, read_json, stable_hash, stage_run, tmp_name, write_csv, write_json
-from .archives import KINDS, ArchiveTables, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
-from .cohort_files import RLEStore, rle_content_hash
-from .config import CohortConfig, Config
-from .sources.chexmask import iter_chexmask
-from .sources.mimic import FINDINGS_ALL
-from .truth import phantom_home
-from .workdir import Workdir
+from .._io import read_json, stable_hash, stage_run, tmp_name, write_csv
+from ..archives import KINDS, ArchiveTables, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
+from ..formats.cohort_files import RLEStore, rle_content_hash
+from ..formats.records import RecordError, read_record, write_record
+from ..config import CohortConfig, Config
+from ..sources.chexmask import iter_chexmask
+from ..findings import FINDINGS_ALL, first_positive, target_order
+from ..phantom.truth import phantom_home
+from ..workdir import Workdir
 
 __all__ = ["ArchiveTables", "build_cohort", "read_archive_tables", "select_cohort", "select_images", "attach_masks"]
 
@@ -66,14 +67,10 @@ def apply_label_policy(labels: pd.DataFrame, classes, uncertain: str, multi_posi
     if multi_positive == "single":
         status = np.where(n_pos > 1, 2, status)
     elif multi_positive == "first":
-        order = [list(classes).index(c) for c in priority if c in classes]
-        order += [i for i in range(len(classes)) if i not in order]
+        rows = np.arange(len(targets))
         first = np.zeros_like(targets)
-        for i in range(len(targets)):
-            hits = [j for j in order if positive[i, j]]
-            if hits:
-                first[i, hits[0]] = 1
-        targets = first
+        first[rows, first_positive(positive, target_order(classes, priority))] = 1
+        targets = np.where(positive.any(1, keepdims=True), first, 0).astype(np.float32)
     return targets, status
 
 
@@ -292,8 +289,12 @@ def _build_cohort(cfg: Config) -> dict:
     inputs_fp = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": cfg.to_dict()["archive"],
                              "seed": cfg.seed, "version": COHORT_VERSION, "inputs": _input_stamp(cfg)})
     if work.cohort_manifest.exists() and read_json(work.cohort_manifest).get("inputs_fingerprint") == inputs_fp:
-        log.info("cohort: %s is up to date", work.cohort_dir)
-        return read_json(work.cohort_manifest)
+        try:
+            record = read_record(work.cohort_manifest, "cohort")
+            log.info("cohort: %s is up to date", work.cohort_dir)
+            return record.data
+        except RecordError as exc:  # edited or from an older version: built again
+            log.warning("cohort: rebuilding (%s)", exc)
     images, rejects = select_images(read_archive_tables(cfg, with_chexmask=False), c, labeler=cfg.archive.labeler)
     store = tmp_name(work.masks_rle)
     work.cohort_dir.mkdir(parents=True, exist_ok=True)
@@ -309,26 +310,28 @@ def _build_cohort(cfg: Config) -> dict:
         store.unlink(missing_ok=True)
     rejects += more
     cohort = df[COHORT_COLUMNS + ["rle_row"] + label_columns(c.classes)]
-    rle_hash = rle_content_hash(bytes.fromhex(d) for d in df["rle_digest"])
     write_csv(work.cohort_csv, cohort)
-    # the fingerprint later stages key on is of the *content*: re-running the cohort on touched but
-    # unchanged inputs gives the same fingerprint, so no shard is rebuilt for nothing
-    fingerprint = stable_hash([file_sha256(work.cohort_csv), rle_hash])
     rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     write_csv(work.cohort_rejects, rejects_df)
     counts = {s: {"images": int((cohort["split"] == s).sum()),
                   "patients": int(cohort.loc[cohort["split"] == s, "subject_id"].nunique()),
                   **{cl: int(cohort.loc[cohort["split"] == s, f"target_{cl}"].sum()) for cl in c.classes}}
               for s in ("train", "val", "test")}
-    manifest = {"fingerprint": fingerprint, "inputs_fingerprint": inputs_fp, "rle_hash": rle_hash, "rows": len(cohort),
-                "rejects": len(rejects_df),
-                "reject_reasons": reason_counts(rejects_df["reason"]), "counts": counts, "classes": list(c.classes),
-                "policy": {"uncertain": c.uncertain, "multi_positive": c.multi_positive,
-                           "split": c.split, "min_mask_quality": c.min_mask_quality},
-                "archive": cfg.archive.kind, "archive_name": KINDS[cfg.archive.kind].name,
-                "synthetic_archive": phantom_home(cfg.archive.root) is not None}
-    write_json(work.cohort_manifest, manifest)  # written last: the commit point
-    return manifest
+    # the record is the one source of the cohort's decisions for every later stage: the classes,
+    # the label policy and the order that makes a multi-positive image one class (findings.first_positive)
+    record = write_record(
+        work.cohort_manifest, work.root, "cohort", "radacx cohort",
+        files=[p.name for p in (work.cohort_csv, work.cohort_rejects, work.masks_rle)],
+        inputs_fingerprint=inputs_fp, rle_hash=rle_content_hash(bytes.fromhex(d) for d in df["rle_digest"]),
+        rows=len(cohort), rejects=len(rejects_df), reject_reasons=reason_counts(rejects_df["reason"]),
+        counts=counts, classes=list(c.classes),
+        target_order=[c.classes[i] for i in target_order(c.classes, c.priority)],
+        policy={"uncertain": c.uncertain, "multi_positive": c.multi_positive, "priority": list(c.priority),
+                "split": c.split, "val_fraction": c.val_fraction, "min_mask_quality": c.min_mask_quality,
+                "views": list(c.views), "seed": cfg.seed},
+        archive=cfg.archive.kind, archive_name=KINDS[cfg.archive.kind].name,
+        synthetic_archive=phantom_home(cfg.archive.root) is not None)
+    return record.data
 
 
 def reason_counts(reasons: pd.Series) -> dict:

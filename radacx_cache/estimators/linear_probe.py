@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .logistic_solver import Evaluation, Problem, lbfgs
-from .metrics import accuracy_argmax
+from ..metrics import accuracy_argmax
 
 
 def soft_targets(y, n_classes: int | None = None) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._io import stable_hash
+from .._io import stable_hash
 from .shardset import ShardSet
 
 CACHE_SCHEMA = "radacx-features"

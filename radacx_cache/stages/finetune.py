@@ -28,18 +28,19 @@ import torch
 from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
-from ._io import atomic_path, stable_hash, stage_run, write_json
-from .arms import IMAGE_VARIANTS, arm_for
-from .augment import augment
-from .classifier import Classifier, TrainingError, load_checkpoint
-from .config import Config
-from .metrics import accuracy
-from .models import LoadedModel, load_model, unit_pixels
-from .predictions import write_predictions
-from .runtime import World, autocast, autocast_dtype, init_distributed
-from .shardset import ShardSet, open_shards
-from .stream import ShardStream, ordered_loader, ordered_runs
-from .workdir import Workdir
+from .._io import atomic_path, stable_hash, stage_run, write_json
+from ..arms import IMAGE_VARIANTS, arm_for
+from ..augment import augment
+from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
+from ..config import Config
+from ..metrics import accuracy
+from ..models import LoadedModel, load_model, unit_pixels
+from ..formats.predictions import model_facts, write_arm_record, write_predictions
+from ..formats.records import RecordError, Verifier, write_record
+from ..runtime import World, autocast, autocast_dtype, init_distributed
+from ..formats.shardset import ShardSet, open_verified
+from ..formats.stream import ShardStream, ordered_loader, ordered_runs
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,14 @@ class Run:
     def arm(self) -> str:
         return arm_for("finetune", self.variant).name
 
+    @property
+    def last(self) -> Path:
+        return Workdir(self.cfg.workdir).finetune_last(self.variant)
+
+    @property
+    def best(self) -> Path:
+        return Workdir(self.cfg.workdir).finetune_best(self.variant)
+
     def save(self, path: Path) -> None:
         if not self.world.is_main:
             return
@@ -159,7 +168,7 @@ def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
 
 def load_or_init_checkpoint(run: Run, resume: bool) -> None:
     """Continue from ``last.pt`` (same config only) or start clean (stale files removed)."""
-    last = run.out_dir / "last.pt"
+    last = run.last
     if resume and last.exists():
         ckpt = load_checkpoint(last)
         if ckpt["config_fingerprint"] != run.config_fp:
@@ -175,8 +184,9 @@ def load_or_init_checkpoint(run: Run, resume: bool) -> None:
         run.state = TrainState(**ckpt["state"])
         log.info("finetune %s: resumed at epoch %d step %d", run.variant, run.state.epoch, run.state.step)
     elif not resume:
-        for stale in ("last.pt", "best.pt", "summary.json"):
-            (run.out_dir / stale).unlink(missing_ok=True)
+        work = Workdir(run.cfg.workdir)
+        for stale in (run.last, run.best, work.finetune_summary(run.variant), work.finetune_record(run.variant)):
+            stale.unlink(missing_ok=True)
 
 
 def _optimiser_step(run: Run) -> None:
@@ -230,9 +240,9 @@ def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
                                    f"{lrs[1]:.3g}", f"{rate:.1f}", ""])
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                 if ft.checkpoint_every and state.step % ft.checkpoint_every == 0:
-                    run.save(run.out_dir / "last.pt")
+                    run.save(run.last)
                 if stop_after_steps is not None and state.step >= stop_after_steps:
-                    run.save(run.out_dir / "last.pt")
+                    run.save(run.last)
                     return {"skipped": skipped, "stop": "interrupted", "message": ""}
                 if state.step >= run.total_steps:
                     break  # the epoch ends here: it is validated like any other
@@ -259,7 +269,7 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     """Validate, keep the best checkpoint, save ``last.pt``; True when early stopping says stop."""
     state = run.state
     val_acc = accuracy(evaluate(run.model, val, run.variant, run.lm, run.device, run.dtype,
-                                run.cfg.finetune.batch_size), val.positives())  # the headline reading
+                                run.cfg.finetune.batch_size), val.positives(), order=val.target_order)  # headline
     state.history.append({"epoch": state.epoch, "val_accuracy": val_acc})
     log_rows.writerow([state.epoch, state.step, "", "", "", "", f"{val_acc:.5f}"])
     log.info("finetune %s: epoch %d val accuracy %.4f", run.variant, state.epoch, val_acc)
@@ -268,10 +278,10 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     run.stream.resume_batches = 0
     if val_acc > state.best:
         state.best, state.bad_epochs = val_acc, 0
-        run.save(run.out_dir / "best.pt")
+        run.save(run.best)
     else:
         state.bad_epochs += 1
-    run.save(run.out_dir / "last.pt")
+    run.save(run.last)
     if state.bad_epochs >= run.cfg.finetune.patience:
         log.info("finetune %s: early stop after %d epochs without improvement", run.variant,
                  run.cfg.finetune.patience)
@@ -288,42 +298,58 @@ def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) ->
         proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.cfg.finetune.batch_size)
         meta = {"variant": run.arm, "trained_on": run.variant, "tested_on": test_variant,
                 "model": run.lm.spec, "model_fingerprint": run.lm.fingerprint,
-                "shards_fingerprint": shards_fingerprint, "checkpoint": str(run.out_dir / "best.pt"),
+                "shards_fingerprint": shards_fingerprint, "checkpoint": run.best.name,
                 "config_fingerprint": run.config_fp, "history": run.state.history}
         write_predictions(work.predictions(run.arm, test_variant), test.index, proba, run.classes, meta)
-        out[f"test_{test_variant}"] = accuracy(proba, test.positives())
+        out[f"test_{test_variant}"] = accuracy(proba, test.positives(), order=test.target_order)
     return out
 
 
 def _finished(run: Run) -> dict | None:
-    """The summary of an identical, finished training whose predictions exist (nothing to redo)."""
-    done = run.out_dir / "summary.json"
+    """The summary of an identical, finished training whose records are intact (nothing to redo)."""
+    work = Workdir(run.cfg.workdir)
+    done = work.finetune_summary(run.variant)
     if not done.exists():
         return None
     previous = json.loads(done.read_text())
+    if previous.get("config_fingerprint") != run.config_fp:
+        return None
+    try:
+        Verifier(work.root).record(work.predictions_record(run.arm), "predictions")
+    except RecordError as exc:
+        log.warning("finetune %s: training again (%s)", run.variant, exc)
+        return None
+    return previous
+
+
+def write_records(run: Run, shards_record) -> None:
+    """The variant's record (best checkpoint, log, summary) and then its arm's (the predictions)."""
     work = Workdir(run.cfg.workdir)
-    preds = [work.predictions(run.arm, v) for v in IMAGE_VARIANTS]
-    if previous.get("config_fingerprint") == run.config_fp and all(p.exists() for p in preds):
-        return previous
-    return None
+    folder = work.finetune_dir(run.variant)
+    files = [p.relative_to(folder).as_posix() for p in (run.best, work.finetune_log(run.variant),
+                                                        work.finetune_summary(run.variant))]
+    trained = write_record(work.finetune_record(run.variant), work.root, "finetune", "radacx finetune",
+                           files=files, upstream=[shards_record], variant=run.variant,
+                           config_fingerprint=run.config_fp, classes=run.classes, **model_facts(run.lm))
+    write_arm_record(work, run.arm, "radacx finetune", [trained], **model_facts(run.lm))
 
 
 def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: bool = True,
                   stop_after_steps: int | None = None) -> dict:
     """Train one variant; returns a summary. ``stop_after_steps`` simulates an interruption."""
     ft = cfg.finetune
-    shards = open_shards(Workdir(cfg.workdir).shards_dir)
-    shards.validate()
+    verifier = Verifier(Workdir(cfg.workdir).root)
+    shards = open_verified(Workdir(cfg.workdir), verifier)
     val = shards.split("val")
     if len(shards.split("train")) == 0 or len(val) == 0:
         raise TrainingError("fine-tuning needs non-empty train and val splits")
     run = _setup(cfg, variant, shards)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
-        log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir / "summary.json")
+        log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir)
         return previous
     load_or_init_checkpoint(run, resume)
-    log_path = run.out_dir / "train_log.csv"
+    log_path = Workdir(cfg.workdir).finetune_log(variant)
     new_log = not log_path.exists() or not resume
     skipped = 0
     with open(log_path, "w" if new_log else "a", newline="") as log_file:
@@ -344,12 +370,13 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
                 break
     if skipped:
         log.warning("finetune %s: %d training rows were skipped (unreadable shards, see log)", variant, skipped)
-    run.model.load_state_dict(load_checkpoint(run.out_dir / "best.pt")["model"])
+    run.model.load_state_dict(load_checkpoint(run.best)["model"])
     summary = {"variant": run.arm, "config_fingerprint": run.config_fp, "best_val_accuracy": run.state.best,
                "epochs": run.state.epoch, "steps": run.state.step, "skipped_rows": skipped}
     if run.world.is_main:
         summary.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
-        write_json(run.out_dir / "summary.json", summary)
+        write_json(Workdir(cfg.workdir).finetune_summary(variant), summary)
+        write_records(run, verifier.record(Workdir(cfg.workdir).shards_manifest, "shards"))
     return summary
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ._io import atomic_path, jpeg_bytes, stable_hash
-from .config import FINDINGS
-from .sources import chexpert, nih
-from .sources.chexmask import ID_COLUMNS
-from .sources.mimic import FINDINGS_ALL, PREFIX, jpg_relpath
+from .._io import atomic_path, jpeg_bytes, stable_hash
+from ..findings import FINDINGS
+from ..sources import chexpert, nih
+from ..sources.chexmask import ID_COLUMNS
+from ..findings import FINDINGS_ALL
+from ..sources.mimic import PREFIX, jpg_relpath
 
 CHEXMASK_SUBDIR = "chexmask-cxr-segmentation-data/1.0.0/OriginalResolution"
 SMALL_SCALE = 0.75  # the phantom's CheXpert-v1.0-small copy: each side x 0.75 of CheXmask's frame

@@ -10,16 +10,18 @@ import logging
 
 import numpy as np
 
-from ._io import atomic_path, stage_run
-from .arms import IMAGE_VARIANTS, arm_for
-from .config import Config
-from .features import FeatureCache
-from .linear_probe import LinearProbe, fit_final, sweep_c
-from .metrics import accuracy
-from .models import model_tag, weights_seed
-from .predictions import write_predictions
-from .shardset import ShardSet, open_shards
-from .workdir import Workdir
+from .._io import atomic_path, stage_run
+from ..arms import ARM_BY_NAME, IMAGE_VARIANTS, arm_for
+from ..config import Config
+from ..formats.features import FeatureCache
+from ..estimators.linear_probe import LinearProbe, fit_final, sweep_c
+from ..metrics import accuracy
+from ..models import model_tag, weights_seed
+from ..findings import first_positive
+from ..formats.predictions import write_arm_record, write_predictions
+from ..formats.records import Verifier, write_record
+from ..formats.shardset import ShardSet, open_verified
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,20 @@ def _split_arrays(feats: np.ndarray, shards: ShardSet, split: str):
     return feats[sel], shards.targets()[sel], shards.positives()[sel], shards.index[sel]
 
 
+def headline_onehot(positives: np.ndarray, order) -> np.ndarray:
+    """One-hot of each row's first positive in the cohort's target order (zero rows stay zero): the
+    C search's validation accuracy is then the headline reading under that order."""
+    out = np.zeros_like(positives, dtype=np.float32)
+    has = (positives > 0).any(1)
+    out[np.flatnonzero(has), first_positive(positives[has], order)] = 1
+    return out
+
+
 def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tuple[LinearProbe, dict]:
     """Choose C on train/val (full data), refit on train + val; returns (probe, search summary)."""
     Xtr, Ytr, _, _ = _split_arrays(X, shards, "train")
     Xva, Yva, Pva, _ = _split_arrays(X, shards, "val")
+    Pva = headline_onehot(Pva, shards.target_order)
     if len(Xva) == 0:
         raise ValueError("the val split is empty: the C search needs validation images")
     empty = [c for c, n in zip(shards.target_names, Ytr.sum(0)) if n == 0]
@@ -67,34 +79,43 @@ def run_probes(cfg: Config) -> dict:
 
 def _run_probes(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
-    shards = open_shards(work.shards_dir)
-    shards.validate()
+    verifier = Verifier(work.root)
+    shards = open_verified(work, verifier)
     classes = shards.target_names
     # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
     # here the spec, the shard set, the variant and the seed of a random-weight model must match,
     # without loading the model again
-    tag = model_tag(cfg.model.spec)
+    features = verifier.record(work.features_record(model_tag(cfg.model.spec)), "embed")
+    verifier.require_upstream(features, verifier.record(work.shards_manifest, "shards"))
     expected = {"model_spec": cfg.model.spec, "weights_seed": weights_seed(cfg.model.spec, cfg.seed),
                 "shards": shards.fingerprint}
-    caches = {v: FeatureCache(work.features(tag, v), {**expected, "variant": v}) for v in IMAGE_VARIANTS}
+    caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v}) for v in IMAGE_VARIANTS}
     for cache in caches.values():
         cache.check_aligned(shards)
-    summary = {}
     p = cfg.probe
+    trained = {}
     for train_variant in IMAGE_VARIANTS:
         name = arm_for("probe", train_variant).name
-        final, result = _train_probe(caches[train_variant].get(p.feature), shards, p, cfg.seed, name)
-        save_probe(work.probe_weights(name), final, p.feature, shards.fingerprint)
+        trained[name] = _train_probe(caches[train_variant].get(p.feature), shards, p, cfg.seed, name)
+        save_probe(work.probe_weights(name), trained[name][0], p.feature, shards.fingerprint)
+    facts = {k: features[k] for k in ("model_spec", "model_fingerprint", "weights_seed")}
+    probes = write_record(work.probes_record, work.root, "probe", "radacx probe",
+                          files=[work.probe_weights(n).name for n in trained], upstream=[features],
+                          feature=p.feature, **facts)
+    summary = {}
+    for name, (final, result) in trained.items():
         for test_variant in IMAGE_VARIANTS:
             Xte, _, Pte, rows = _split_arrays(caches[test_variant].get(p.feature), shards, "test")
             proba = final.predict_proba(Xte)
-            meta = {"variant": name, "trained_on": train_variant, "tested_on": test_variant,
-                    "model": cfg.model.spec, "model_fingerprint": caches[test_variant].fingerprints["model"],
+            meta = {"variant": name, "trained_on": ARM_BY_NAME[name].trained_on,
+                    "tested_on": test_variant, "model": facts["model_spec"],
+                    "model_fingerprint": caches[test_variant].fingerprints["model"],
                     "feature_fingerprints": caches[test_variant].fingerprints,
-                    "shards_fingerprint": shards.fingerprint,
+                    "features_file": caches[test_variant].path.name, "shards_fingerprint": shards.fingerprint,
                     "probe": {k: v for k, v in result.items() if k not in ("path", "probe", "_train", "_val")},
                     "c_path": result["path"], "config": cfg.to_dict()["probe"]}
             write_predictions(work.predictions(name, test_variant), rows, proba, classes, meta)
-            summary[f"{name}/{test_variant}"] = accuracy(proba, Pte)
+            summary[f"{name}/{test_variant}"] = accuracy(proba, Pte, order=shards.target_order)
         summary[f"{name}/C"] = result["best_c"]
+        write_arm_record(work, name, "radacx probe", [probes, features], **facts)
     return summary

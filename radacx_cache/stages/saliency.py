@@ -25,18 +25,21 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
-from ._io import atomic_path, read_json, stage_run, write_csv, write_json
-from .arms import ARMS, IMAGE_VARIANTS
-from .config import Config
-from .classifier import Classifier, load_checkpoint
-from .figures import saliency_panels
-from .metrics import bootstrap_mean, paired_difference
-from .models import LoadedModel, load_model
-from .render import Geometry, boundary
-from .saliency_table import saliency_markdown
-from .shardset import ShardSet, open_shards
-from .truth import read_truth, region_at, truth_path
-from .workdir import Workdir
+from .._io import atomic_path, read_json, stage_run, write_csv, write_json
+from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
+from ..config import Config
+from ..formats.checkpoints import Classifier, load_checkpoint
+from ..figures import saliency_panels
+from ..metrics import bootstrap_mean, paired_difference
+from ..models import LoadedModel, load_model
+from ..render import Geometry, boundary
+from ..formats.saliency_table import saliency_markdown
+from ..findings import first_positive
+from ..formats.predictions import arm_record
+from ..formats.records import Record, RecordError, Verifier, write_record
+from ..formats.shardset import ShardSet, open_verified
+from ..phantom.truth import read_truth, region_at, truth_path
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 METHODS = ("gradcam", "integrated_gradients")
@@ -46,7 +49,8 @@ AREA = {"anatomy": "anatomy_area", "organ": "organ_area", "pointing": "organ_are
 
 
 class ProbeHead(torch.nn.Module):
-    """Frozen vision tower + the probe's standardisation and linear head: V1/V2 as one network."""
+    """Frozen vision tower + the probe's saved preprocessing and linear head: V1/V2 as one network
+    (the same function of the features as ``LinearProbe.predict_proba``, as logits)."""
 
     def __init__(self, lm: LoadedModel, weights: dict):
         super().__init__()
@@ -59,25 +63,38 @@ class ProbeHead(torch.nn.Module):
             self.head.weight.copy_(torch.as_tensor(weights["coef"]))
             self.head.bias.copy_(torch.as_tensor(weights["intercept"]))
         self.pre = str(weights["feature"]) == "pre_projection"
+        self.preprocess = str(weights["preprocess"])
+        if self.preprocess not in ("standardize", "l2", "none"):
+            raise ValueError(f"probe preprocess {self.preprocess!r}: expected standardize, l2 or none")
 
     def forward(self, x):
         feats, pre = self.lm.encode_image_parts(x)
         f = pre if self.pre else feats
-        return self.head((f - self.mean) / self.scale)
+        if self.preprocess == "standardize":
+            f = (f - self.mean) / self.scale
+        elif self.preprocess == "l2":
+            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.head(f)
 
 
-def arm_model(arm: str, work: Workdir, cfg: Config, classes) -> torch.nn.Module:
-    """The trained network of an arm, in eval mode, on the CPU (weights never unpickled)."""
-    lm = load_model(cfg.model.spec, seed=cfg.seed)
-    spec = next(a for a in ARMS if a.name == arm)
+def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
+    """The trained network of an arm, in eval mode, on the CPU (weights never unpickled): the model its
+    verified record names, the head or checkpoint from the verified record above it."""
+    lm = load_model(record["model_spec"], seed=record["weights_seed"] or 0)
+    if lm.fingerprint != record["model_fingerprint"]:
+        raise RecordError(f"{record.path}: made with model {record['model_fingerprint']}, {record['model_spec']} "
+                          f"now loads as {lm.fingerprint} (other weights); rerun `{record['command']}`")
+    spec = ARM_BY_NAME[record["arm"]]
     if spec.method == "probe":
-        with np.load(work.probe_weights(arm), allow_pickle=False) as f:
+        probes = verifier.record(work.probes_record, "probe")
+        with np.load(probes.file(work.probe_weights(spec.name).name), allow_pickle=False) as f:
             model = ProbeHead(lm, {k: f[k] for k in f.files})
     else:
+        trained = verifier.record(work.finetune_record(spec.trained_on), "finetune")
         with torch.no_grad():
             width = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
         model = Classifier(lm.model.visual, width, len(classes))
-        model.load_state_dict(load_checkpoint(work.finetune_dir(spec.trained_on) / "best.pt")["model"])
+        model.load_state_dict(load_checkpoint(trained.file(work.finetune_best(spec.trained_on).name))["model"])
     model.lm = lm
     return model.eval()
 
@@ -151,6 +168,7 @@ def sample_images(test: ShardSet, n: int, seed: int) -> np.ndarray:
 
 
 def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
+    size = test.render_config["size"]
     path = truth_path(cfg.archive.root)
     if path is None:
         return {}
@@ -160,7 +178,7 @@ def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
     for i, d in zip(positions, ids):
         if d in found:
             geom = Geometry.from_array(test.row(i, ("geometry",))["geometry"])
-            out[d] = {f: region_at(rle, found[d]["shape"], geom, cfg.render.size)
+            out[d] = {f: region_at(rle, found[d]["shape"], geom, size)
                       for f, rle in found[d].items() if f in classes}
     return out
 
@@ -168,13 +186,14 @@ def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
 def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict) -> list[dict]:
     """Per-image rows for one arm: every method on both test image variants of the sampled images."""
     sc, rows = cfg.saliency, []
-    first_positive = np.argmax(test.positives() > 0, 1)  # the headline reading's target
+    target = first_positive(test.positives(), test.target_order)  # the headline reading's target
+    line_width = test.render_config["line_width"]  # the ink as the shards were drawn
     lm = model.lm
     baseline = lm.to_input(torch.zeros(1, lm.image_size, lm.image_size, dtype=torch.uint8))
     for start in range(0, len(positions), sc.batch_size):
         batch = positions[start:start + sc.batch_size]
         items = [test[i] for i in batch]
-        regs = [regions(it["masks"], cfg.render.line_width) for it in items]  # one image's, for every map of it
+        regs = [regions(it["masks"], line_width) for it in items]  # one image's, for every map of it
         for variant in IMAGE_VARIANTS:
             x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
             with torch.no_grad():
@@ -188,7 +207,7 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
                     m = image_metrics(smap, reg, finding, truth.get(it["dicom_id"], {}).get(finding))
                     rows.append({"arm": arm, "method": method, "tested_on": variant, "dicom_id": it["dicom_id"],
                                  "subject_id": it["subject_id"], "position": int(pos), "predicted": finding,
-                                 "correct": bool(k == first_positive[pos]), **m, "_map": smap})
+                                 "correct": bool(k == target[pos]), **m, "_map": smap})
     return rows
 
 
@@ -216,21 +235,13 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
     return out
 
 
-def _current_arms(work: Workdir, fingerprint: str) -> list:
-    """The trained arms whose weights exist and whose outputs were made from the current shards."""
-    arms = []
+def _current_arms(work: Workdir, verifier: Verifier) -> list[Record]:
+    """The verified records of the trained arms that have run (the chain above each checked)."""
+    out = []
     for arm in ARMS:
-        if arm.method == "zeroshot":
-            continue
-        weights = work.probe_weights(arm.name) if arm.method == "probe" else work.finetune_dir(arm.trained_on) / "best.pt"
-        meta = work.predictions(arm.name, "original").with_suffix(".json")
-        if not weights.exists() or not meta.exists():
-            continue
-        if read_json(meta).get("shards_fingerprint") != fingerprint:
-            log.warning("saliency: %s left out: it was trained on another shard set (rerun its stage)", arm.name)
-            continue
-        arms.append(arm)
-    return arms
+        if arm.method != "zeroshot" and work.predictions_record(arm.name).exists():
+            out.append(arm_record(work, arm.name, verifier))
+    return out
 
 
 def run_saliency(cfg: Config, progress: bool = True) -> dict:
@@ -241,26 +252,30 @@ def run_saliency(cfg: Config, progress: bool = True) -> dict:
 
 def _run_saliency(cfg: Config, progress: bool) -> dict:
     work = Workdir(cfg.workdir)
-    shards = open_shards(work.shards_dir)
-    shards.validate()
+    verifier = Verifier(work.root)
+    shards = open_verified(work, verifier)
     test = shards.split("test")
     classes = shards.target_names
     positions = sample_images(test, cfg.saliency.images, cfg.seed)
     truth = _truth_regions(cfg, test, positions, classes)
     rows = []
-    arms = _current_arms(work, shards.fingerprint)
-    for arm in tqdm(arms, desc="saliency", disable=not progress):
-        rows += run_arm(arm.name, arm_model(arm.name, work, cfg, classes), test, positions, cfg, classes, truth)
+    records = _current_arms(work, verifier)
+    for rec in tqdm(records, desc="saliency", disable=not progress):
+        rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth)
     if not rows:
         raise FileNotFoundError(f"no trained arm in {work.root} (run probe and finetune first)")
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "_map"} for r in rows])
     summary = summarise(df, cfg.report.bootstrap, cfg.seed)
-    out = work.results_dir
-    write_csv(out / "saliency.csv", df)
-    write_json(out / "saliency.json", {"summary": summary, "images": int(len(positions)), "methods": list(cfg.saliency.methods),
-                                        "phantom_truth": bool(truth), "shards_fingerprint": shards.fingerprint})
+    write_csv(work.saliency_file("csv"), df)
+    write_json(work.saliency_file("json"), {"summary": summary, "images": int(len(positions)),
+                                            "methods": list(cfg.saliency.methods), "phantom_truth": bool(truth),
+                                            "shards_fingerprint": shards.fingerprint})
     panels = saliency_panels(work.saliency_dir, rows, test, cfg.saliency.panels, cfg.seed)
-    md = saliency_markdown(read_json(out / "saliency.json"), cfg.report.bootstrap)
-    with atomic_path(out / "saliency.md") as tmp:
+    md = saliency_markdown(read_json(work.saliency_file("json")), cfg.report.bootstrap)
+    with atomic_path(work.saliency_file("md")) as tmp:
         tmp.write_text(md)
+    write_record(work.saliency_record, work.root, "saliency", "radacx saliency",
+                 files=[work.saliency_file(s).name for s in ("json", "csv", "md")],
+                 upstream=[verifier.record(work.shards_manifest, "shards"), *records],
+                 arms=[r["arm"] for r in records])
     return {"table": md, "panels": panels, "images": int(len(positions))}

@@ -4,8 +4,11 @@
 index's order: ``dicom_id, subject_id, study_id``, then per class ``target_<class>`` (what training
 fits), ``positive_<class>`` (multi-hot findings), ``uncertain_<class>`` (label -1) and
 ``prob_<class>``. The JSON beside it records the arm, the image variants, the model and the shard
-set's fingerprint. Written by zeroshot, probe and finetune; read by the report, which refuses a file
-that is not complete for the current shards (``check_complete``).
+set's fingerprint. ``predictions/<arm>/manifest.json`` is the arm's record (``write_arm_record``):
+both variants' files with their sha256, the records they were made from (features, probes,
+zero-shot prompts or the fine-tuned checkpoint) and the model, which the report and saliency take
+from it. Written by zeroshot, probe and finetune; read by the report, which refuses a file that is
+not complete for the current shards (``check_complete``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import write_csv, write_json
+from .._io import write_csv, write_json
+from ..arms import IMAGE_VARIANTS
+from ..workdir import Workdir
+from .records import Record, Verifier, write_record
 
 
 class PredictionError(ValueError):
@@ -102,3 +108,20 @@ def check_complete(pred: Predictions, test_ids, shards_fingerprint: str, classes
     bad = ~np.isfinite(pred.proba).all(1)
     if bad.any():
         raise PredictionError(f"{where}: non-finite probabilities for image {ids[bad].iloc[0]}")
+
+
+def write_arm_record(work: Workdir, arm: str, command: str, upstream: list[Record], **facts) -> Record:
+    """An arm's record, written after both of its prediction files: the commit point of the arm."""
+    files = [f"{v}{ext}" for v in IMAGE_VARIANTS for ext in (".csv", ".json")]
+    return write_record(work.predictions_record(arm), work.root, "predictions", command, files=files,
+                        upstream=upstream, arm=arm, **facts)
+
+
+def arm_record(work: Workdir, arm: str, verifier: Verifier) -> Record:
+    """An arm's verified record, with the chain above it (model caches or checkpoint, shards, cohort)."""
+    return verifier.record(work.predictions_record(arm), "predictions")
+
+
+def model_facts(model) -> dict:
+    """What a record says of the model an arm ran (the report and saliency read it from there)."""
+    return {"model_spec": model.spec, "model_fingerprint": model.fingerprint, "weights_seed": model.weights_seed}

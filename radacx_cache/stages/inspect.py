@@ -5,7 +5,7 @@ from pathlib import Path
 
 import h5py
 
-from .figures import montage
+from ..figures import montage
 
 
 def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) -> str:

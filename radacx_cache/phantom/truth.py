@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .render import sample_grid
-from .sources.chexmask import parse_rle, sample_rle
+from ..render import sample_grid
+from ..sources.chexmask import parse_rle, sample_rle
 
 TRUTH_FILE = Path("truth") / "findings.csv.gz"
 

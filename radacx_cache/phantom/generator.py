@@ -25,12 +25,12 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ._io import atomic_path, write_json
-from .config import FINDINGS
-from .phantom_faults import plant_faults
-from .phantom_layouts import CHEXMASK_SUBDIR, LAYOUTS
-from .sources.chexmask import encode_rle, polygon_mask
-from .sources.mimic import FINDINGS_ALL
+from .._io import atomic_path, write_json
+from ..findings import FINDINGS
+from .faults import plant_faults
+from .layouts import CHEXMASK_SUBDIR, LAYOUTS
+from ..sources.chexmask import encode_rle, polygon_mask
+from ..findings import FINDINGS_ALL
 from .truth import phantom_file, truth_file
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .sources.chexmask import MASK_NAMES
-from .workdir import Workdir
+from ..sources.chexmask import MASK_NAMES
+from ..workdir import Workdir
+from .records import Record, Verifier
 
 
 def row_digest(texts) -> bytes:
@@ -104,8 +105,12 @@ def read_rle_rows(path: Path, rows) -> dict[str, dict]:
     return out
 
 
-def load_cohort(work: Workdir) -> pd.DataFrame:
-    """The finished cohort table (one row per image); raises unless the cohort stage committed."""
-    if not work.cohort_manifest.exists():
-        raise FileNotFoundError(f"no finished cohort in {work.cohort_dir}; run `radacx cohort` first")
-    return pd.read_csv(work.cohort_csv, dtype={"dicom_id": str})
+def cohort_record(work: Workdir, verifier: Verifier | None = None) -> Record:
+    """The cohort stage's verified record (its files re-hashed unless unchanged since the last check)."""
+    return (verifier or Verifier(work.root)).record(work.cohort_manifest, "cohort")
+
+
+def load_cohort(work: Workdir, verifier: Verifier | None = None) -> pd.DataFrame:
+    """The finished cohort table (one row per image), read only through its verified record."""
+    record = cohort_record(work, verifier)
+    return pd.read_csv(record.file("cohort.csv"), dtype={"dicom_id": str})

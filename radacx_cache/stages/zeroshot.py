@@ -2,8 +2,9 @@
 
 Prompts per class: ``zeroshot.prompts[class]`` when configured (several prompts are ensembled by
 their mean normalised embedding), else BiomedCLIP's model-card template
-``'this is a photo of ' + class name``. Text embeddings are cached in
-``zeroshot/<model-tag>/text.npz`` with the model fingerprint and the prompts.
+``'this is a photo of ' + class name``. The text embeddings are computed every run and written to
+``zeroshot/<model-tag>/text.npz`` for inspection, listed in that folder's record with the prompts;
+nothing reads them back (an edited copy cannot change the Baseline row).
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import logging
 import numpy as np
 import torch
 
-from ._io import atomic_path, stable_hash, stage_run
-from .arms import IMAGE_VARIANTS
-from .config import Config
-from .features import FeatureCache, cache_fingerprints
-from .metrics import accuracy
-from .models import load_model
-from .predictions import write_predictions
-from .shardset import open_shards
-from .workdir import Workdir
+from .._io import atomic_path, stage_run
+from ..arms import IMAGE_VARIANTS
+from ..config import Config
+from ..formats.features import FeatureCache, cache_fingerprints
+from ..metrics import accuracy
+from ..models import load_model
+from ..formats.predictions import model_facts, write_arm_record, write_predictions
+from ..formats.records import RecordError, Verifier, write_record
+from ..formats.shardset import open_verified
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -63,37 +65,45 @@ def run_zeroshot(cfg: Config) -> dict:
 
 def _run_zeroshot(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
-    shards = open_shards(work.shards_dir)
-    shards.validate()
+    verifier = Verifier(work.root)
+    shards = open_verified(work, verifier)
     model = load_model(cfg.model.spec, seed=cfg.seed)
+    features = features_record(work, model, verifier)
     classes = shards.target_names
     prompts = class_prompts(classes, cfg.zeroshot.template, cfg.zeroshot.prompts)
-    key = stable_hash({"model": model.fingerprint, "prompts": prompts})
-    cache = work.zeroshot_text(model.tag)
-    text = None
-    if cache.exists():
-        stored = np.load(cache)
-        if str(stored["key"]) == key:
-            text = stored["text"]
-    if text is None:
-        text = text_embeddings(model, prompts)
-        with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, text=text, key=np.array(key))
+    # computed every run (a few prompts through the text tower): a stored copy is never read back
+    text = text_embeddings(model, prompts)
     scale = float(model.model.logit_scale.exp().item())
+    with atomic_path(work.zeroshot_text(model.tag)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, text=text, logit_scale=np.array(scale))
+    zs = write_record(work.zeroshot_record(model.tag), work.root, "zeroshot", "radacx zeroshot",
+                      files=["text.npz"], upstream=[features], prompts=prompts, logit_scale=scale,
+                      **model_facts(model))
     index = shards.index
     test = (index["split"] == "test").to_numpy()
     rows = index[test]
     positives = shards.positives()[test]
     summary = {}
     for variant in IMAGE_VARIANTS:
-        feats = FeatureCache(work.features(model.tag, variant),
-                             cache_fingerprints(model, shards, variant))
+        feats = FeatureCache(features.file(f"{variant}.h5"), cache_fingerprints(model, shards, variant))
         feats.check_aligned(shards)
         proba = zeroshot_proba(feats.features[test], text, scale)
         meta = {"variant": "Baseline", "tested_on": variant, "model": model.spec,
                 "model_fingerprint": model.fingerprint, "feature_fingerprints": feats.fingerprints,
-                "shards_fingerprint": shards.fingerprint, "prompts": prompts, "logit_scale": scale}
+                "features_file": feats.path.name, "shards_fingerprint": shards.fingerprint, "prompts": prompts,
+                "logit_scale": scale}
         write_predictions(work.predictions("Baseline", variant), rows, proba, classes, meta)
-        summary[f"Baseline/{variant}"] = accuracy(proba, positives)
+        summary[f"Baseline/{variant}"] = accuracy(proba, positives, order=shards.target_order)
+    write_arm_record(work, "Baseline", "radacx zeroshot", [zs, features], **model_facts(model))
     return summary
+
+
+def features_record(work: Workdir, model, verifier: Verifier):
+    """The verified record of ``model``'s feature caches, built from the current shards."""
+    record = verifier.record(work.features_record(model.tag), "embed")
+    verifier.require_upstream(record, verifier.record(work.shards_manifest, "shards"))
+    if record["model_fingerprint"] != model.fingerprint:
+        raise RecordError(f"{record.path}: built with model {record['model_fingerprint']}, the configured model "
+                          f"{model.spec} is {model.fingerprint}; rerun `radacx embed`")
+    return record

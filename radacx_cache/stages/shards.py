@@ -23,17 +23,19 @@ import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from ._io import (apply_permissions, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
+from .._io import (apply_permissions, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
                   stage_lock, write_csv, write_json)
-from ._version import __version__
-from .archives import KINDS
-from .cohort_files import load_cohort, read_rle_rows
-from .config import Config, RenderConfig
-from .render import GEOMETRY_FIELDS, RenderError, render_image
-from .shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
-from .sources.chexmask import MASK_NAMES
-from .sources.mimic import FINDINGS_ALL, archive_path
-from .workdir import Workdir
+from .._version import __version__
+from ..archives import KINDS
+from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
+from ..formats.records import Record, Verifier, write_record
+from ..config import Config, RenderConfig
+from ..render import GEOMETRY_FIELDS, RenderError, render_image
+from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
+from ..sources.chexmask import MASK_NAMES
+from ..findings import FINDINGS_ALL
+from ..sources.mimic import archive_path
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 # called in the worker with (shard name, temporary path) after a shard is written and before it is
@@ -198,21 +200,22 @@ def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, li
 def plan_render(cfg: Config) -> tuple[list[ShardTask], dict, list]:
     """What a shards run would do, without doing it: (plan, finished shards, shards to render)."""
     work = Workdir(cfg.workdir)
-    cohort = load_cohort(work)
-    tasks = plan_shards(cohort, cfg.shards.rows_per_shard, render_fingerprint(cfg),
-                        read_json(work.cohort_manifest)["fingerprint"])
+    record = cohort_record(work)
+    tasks = plan_shards(load_cohort(work), cfg.shards.rows_per_shard, render_fingerprint(cfg), record.fingerprint)
     done, pending, _ = _sort_tasks(work.shards_dir, tasks, Path(cfg.archive.root))
     return tasks, done, pending
 
 
 def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook | None, rebuild: bool) -> dict:
     out = work.shards_dir
-    cohort = load_cohort(work)  # raises unless the cohort stage finished
+    verifier = Verifier(work.root)
+    record = cohort_record(work, verifier)  # raises unless the cohort stage finished and is intact
+    cohort = load_cohort(work, verifier)
     root = Path(cfg.archive.root)
     if not root.is_dir():
         raise ShardError(f"archive.root {root} is not a folder (unmounted, or a wrong path?); "
                          f"nothing was rendered or rejected")
-    cohort_fp = read_json(work.cohort_manifest)["fingerprint"]
+    cohort_fp = record.fingerprint
     render_fp = render_fingerprint(cfg)
     _refuse_mixing(out, render_fp, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +235,7 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
             (out / name).with_suffix(".json").unlink(missing_ok=True)
     log.info("shards: %d planned, %d complete, %d to render", len(tasks), len(done), len(pending))
     attrs = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "label_names": list(FINDINGS_ALL),
-             "mask_names": list(MASK_NAMES), "target_names": list(cfg.cohort.classes),
+             "mask_names": list(MASK_NAMES), "target_names": list(record["classes"]),
              "geometry_fields": list(GEOMETRY_FIELDS), "render_config": cfg.to_dict()["render"],
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
              "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
@@ -240,7 +243,7 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
     if pending:
         _render(cfg, work, pending, cohort.to_dict("records"), attrs, done, progress, on_written)
     _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
-    return _commit(out, tasks, done, attrs, cohort)
+    return _commit(work, tasks, done, attrs, cohort, record)
 
 
 def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dict, done: dict, progress: bool,
@@ -250,7 +253,7 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
         with context:
             jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.root,
                                           str(work.masks_rle), cfg.to_dict()["render"],
-                                          list(cfg.cohort.classes), str(work.shards_dir), attrs, on_written)
+                                          attrs["target_names"], str(work.shards_dir), attrs, on_written)
                     for t in pending)
             bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", disable=not progress)
             for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
@@ -286,8 +289,10 @@ def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
                 f"or delete {out} to rebuild.")
 
 
-def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict, cohort: pd.DataFrame) -> dict:
-    """index.csv, rejects.csv, then manifest.json (the commit point) for the finished shards."""
+def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, cohort: pd.DataFrame,
+            cohort_rec: Record) -> dict:
+    """index.csv, rejects.csv, then the shard set's record ``manifest.json`` (the commit point)."""
+    out = work.shards_dir
     rows, rejects, shards = [], [], []
     for task in tasks:
         sc = done[task.name]
@@ -303,12 +308,15 @@ def _commit(out: Path, tasks: list[ShardTask], done: dict, attrs: dict, cohort: 
                         how="left", validate="one_to_one")
     write_csv(out / "index.csv", index)
     write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason", "retry"]))
-    manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "shards": shards,
-                "rows": len(index), "rejects": len(rejects),
-                "render_config": attrs["render_config"], "render_fingerprint": attrs["render_fingerprint"],
-                "cohort_fingerprint": attrs["cohort_fingerprint"], "target_names": attrs["target_names"],
-                "fingerprint": stable_hash([s["sha256"] for s in shards]),
-                "created_with": attrs["created_with"]}
-    write_json(out / "manifest.json", manifest)
+    # the cohort's decisions travel with the shards (readers elsewhere have only this folder); the
+    # record's upstream fingerprint ties them to the cohort record they were copied from
+    record = write_record(
+        work.shards_manifest, work.root, "shards", "radacx shards",
+        files=["index.csv", "rejects.csv", *(s["name"] for s in shards)], upstream=[cohort_rec],
+        schema=SCHEMA, schema_version=SCHEMA_VERSION, shards=shards, rows=len(index), rejects=len(rejects),
+        render_config=attrs["render_config"], render_fingerprint=attrs["render_fingerprint"],
+        cohort_fingerprint=attrs["cohort_fingerprint"], target_names=attrs["target_names"],
+        target_order=cohort_rec["target_order"], multi_positive=cohort_rec["policy"]["multi_positive"],
+        uncertain=cohort_rec["policy"]["uncertain"], archive=attrs["archive"], created_with=attrs["created_with"])
     log.info("shards: %d images in %d shards, %d rejected", len(index), len(shards), len(rejects))
-    return manifest
+    return record.data

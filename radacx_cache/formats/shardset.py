@@ -14,8 +14,10 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ._io import file_sha256, read_json, write_json
-from .arms import IMAGE_VARIANTS
+from .._io import file_sha256
+from ..arms import IMAGE_VARIANTS
+from ..workdir import Workdir
+from .records import RecordError, Verifier, check_files, read_record
 
 SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
@@ -77,18 +79,22 @@ class ShardSet:
 
     def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None):
         self.root = Path(root)
-        mpath = self.root / "manifest.json"
         if manifest is None:
-            if not mpath.exists():
-                raise ShardError(f"{self.root}: no manifest.json (the shard stage did not finish; "
-                                 f"rerun `radacx shards` to complete it)")
-            manifest = read_json(mpath)
+            try:
+                manifest = read_record(self.root / "manifest.json", "shards").data
+            except RecordError as exc:
+                raise ShardError(str(exc)) from None
             if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-                raise ShardError(f"{mpath}: schema {manifest.get('schema')} v{manifest.get('schema_version')}"
-                                 f"; this reader understands {SCHEMA} v{SCHEMA_VERSION}")
+                raise ShardError(f"{self.root / 'manifest.json'}: schema {manifest.get('schema')} "
+                                 f"v{manifest.get('schema_version')}; this reader understands {SCHEMA} v{SCHEMA_VERSION}")
         self.manifest = manifest
         if index is None:
-            index = pd.read_csv(self.root / "index.csv", dtype={"dicom_id": str})
+            index = pd.read_csv(self.root / "index.csv", dtype={"dicom_id": str, "shard": str})
+            # a row may only name a shard the record lists (never a path out of the folder)
+            unknown = sorted(set(index["shard"]) - {s["name"] for s in manifest["shards"]})
+            if unknown:
+                raise ShardError(f"{self.root / 'index.csv'}: names shard {unknown[0]!r}, which the folder's "
+                                 f"manifest does not list; rerun `radacx shards`")
         self.index = index.reset_index(drop=True)
         self._handles: dict = {}
         self._views: dict = {}
@@ -99,41 +105,27 @@ class ShardSet:
         return len(self.index)
 
     def validate(self, checksum: bool = True) -> None:
-        """Check every shard against the manifest before a long job reads it.
+        """Check the folder against its record before a long job reads it.
 
-        Size, schema, render config and sha256. The sha256 is computed once per file and remembered
-        in ``.verified.json`` by (size, mtime), so later jobs pay only a stat. Raises ShardError
-        naming the shard and the reason (truncated, overwritten in place, another render config).
+        Every file the record lists (shards, ``index.csv``, ``rejects.csv``): size and sha256, each
+        hashed once per (inode, ctime, size, mtime) (``records.check_files``); then each shard's
+        schema, row counts and render config. Raises ShardError naming the file and the reason.
         """
-        verified = self._verified_cache()
+        where = str(self.root / "manifest.json")
+        try:
+            if checksum:
+                check_files(self.root, self.manifest.get("files", {}), where, "radacx shards")
+        except RecordError as exc:
+            raise ShardError(str(exc)) from None
         for entry in self.manifest["shards"]:
             path = self.root / entry["name"]
-            st = path.stat() if path.exists() else None
-            known = st is not None and verified.get(entry["name"]) == [st.st_size, st.st_mtime_ns, entry["sha256"]]
-            validate_shard(path, entry if checksum and not known else {**entry, "sha256": None})
-            if checksum and not known:
-                verified[entry["name"]] = [st.st_size, st.st_mtime_ns, entry["sha256"]]
+            validate_shard(path, {**entry, "sha256": None})
             with h5py.File(path, "r") as f:
                 found = f.attrs.get("render_fingerprint")
             if found != self.manifest["render_fingerprint"]:
                 raise ShardError(f"{path}: rendered with render config {found}, the folder's manifest says "
                                  f"{self.manifest['render_fingerprint']}; shards of different configs are "
                                  f"never mixed (rebuild the folder)")
-        if checksum:
-            self._save_verified(verified)
-
-    def _verified_cache(self) -> dict:
-        path = self.root / ".verified.json"
-        try:
-            return read_json(path) if path.exists() else {}
-        except ValueError:
-            return {}
-
-    def _save_verified(self, verified: dict) -> None:
-        try:
-            write_json(self.root / ".verified.json", verified)
-        except OSError:  # a read-only shard folder: verified again next time, nothing else lost
-            pass
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -143,6 +135,17 @@ class ShardSet:
     @property
     def target_names(self) -> list[str]:
         return list(self.manifest["target_names"])
+
+    @property
+    def target_order(self) -> list[int]:
+        """Class indices in the cohort's order for a multi-positive image (``findings.first_positive``)."""
+        names = self.target_names
+        return [names.index(c) for c in self.manifest["target_order"]]
+
+    @property
+    def render_config(self) -> dict:
+        """The render settings the shards were drawn with (size, line width, colours, ...)."""
+        return dict(self.manifest["render_config"])
 
     @property
     def fingerprint(self) -> str:
@@ -234,3 +237,16 @@ def open_shards(path: str | Path, split: str | None = None) -> ShardSet:
     """Open a finished shard folder (``<workdir>/shards``)."""
     shards = ShardSet(path)
     return shards.split(split) if split else shards
+
+
+def open_verified(work: Workdir, verifier: Verifier | None = None) -> ShardSet:
+    """The workdir's shard set, with the chain above it verified (cohort record -> shard record ->
+    every listed file) and each shard's structure checked: what every later stage reads."""
+    verifier = verifier or Verifier(work.root)
+    try:
+        record = verifier.record(work.shards_manifest, "shards")
+    except RecordError as exc:
+        raise ShardError(str(exc)) from None
+    shards = ShardSet(work.shards_dir, manifest=record.data)
+    shards.validate(checksum=False)  # the files were just verified with the record
+    return shards

@@ -8,22 +8,24 @@ tables are rendered from one list of sections, so they carry the same numbers (d
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, read_json, stage_run, write_csv, write_json
-from .arms import ARMS, IMAGE_VARIANTS, Arm
-from .config import Config
-from .figures import report_figures
-from .metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evaluate, format_p,
+from .._io import atomic_path, read_json, stage_run, write_csv, write_json
+from ..arms import ARMS, IMAGE_VARIANTS, Arm
+from ..config import Config
+from ..figures import report_figures
+from ..metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evaluate, format_p,
                       paired_difference, reference_correctness)
-from .models import describe_spec
-from .predictions import Predictions, check_complete, load_predictions
-from .saliency_table import saliency_section
-from .shardset import ShardSet, open_shards
-from .tables import Section, render_latex, render_markdown
-from .workdir import Workdir
+from ..models import describe_spec
+from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
+from ..formats.records import Verifier, write_record
+from ..formats.saliency_table import saliency_section
+from ..formats.shardset import ShardSet, open_verified
+from ..tables import Section, render_latex, render_markdown
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 REFERENCES = (("chance", "uniform random class"),
@@ -52,53 +54,50 @@ def _diff(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
-def load_arm(arm: Arm, work: Workdir, shards: ShardSet, notes: list) -> dict[str, Predictions] | None:
-    """Both test variants' predictions of ``arm``, checked complete for the current shards; None
-    (with a note) when the arm has not run, or ran on another shard set."""
-    paths = {v: work.predictions(arm.name, v) for v in IMAGE_VARIANTS}
-    if not all(p.exists() for p in paths.values()):
+def load_arm(arm: Arm, work: Workdir, shards: ShardSet, verifier: Verifier) -> dict[str, Predictions] | None:
+    """Both test variants' predictions of ``arm`` read through its verified record (the chain above it
+    checked up to the cohort) and checked complete for the current shards; None when it has not run."""
+    if not work.predictions_record(arm.name).exists():
         log.info("report: no predictions for %s yet; row left out", arm.name)
         return None
+    record = arm_record(work, arm.name, verifier)
     test = shards.split("test")
-    loaded = {v: load_predictions(p) for v, p in paths.items()}
+    loaded = {v: load_predictions(record.file(f"{v}.csv")) for v in IMAGE_VARIANTS}
     for pred in loaded.values():
-        made_from = pred.meta.get("shards_fingerprint")
-        if made_from != shards.fingerprint:
-            notes.append(f"{arm.name} left out: its predictions were made from shard set {made_from}, the "
-                         f"current one is {shards.fingerprint} (rerun the stage that writes {arm.name}).")
-            log.warning("report: %s", notes[-1])
-            return None
         check_complete(pred, test.index["dicom_id"], shards.fingerprint, shards.target_names)
         # the report scores in the shards' order, whatever order the file is in
         order = pd.Index(pred.frame["dicom_id"].astype(str)).get_indexer(test.index["dicom_id"].astype(str))
         pred.frame, pred.proba = pred.frame.iloc[order].reset_index(drop=True), pred.proba[order]
         pred.positives, pred.uncertain = test.positives(), test.uncertain()
+        pred.meta["record"] = record
     return loaded
 
 
-def _correct(pred: Predictions, reading: str):
-    return correctness(pred.proba.argmax(1), pred.positives, reading)
+def _correct(pred: Predictions, reading: str, order):
+    return correctness(pred.proba.argmax(1), pred.positives, reading, order)
 
 
-def _paired(a: Predictions, b: Predictions, patients, n_boot: int, seed: int) -> dict:
+def _paired(a: Predictions, b: Predictions, patients, n_boot: int, seed: int, order) -> dict:
     """b − a in headline accuracy on the same test images, with its paired patient bootstrap."""
-    va, mask = _correct(a, "argmax")
-    vb, _ = _correct(b, "argmax")
+    va, mask = _correct(a, "argmax", order)
+    vb, _ = _correct(b, "argmax", order)
     return paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed)
 
 
 def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: int) -> dict:
     """Point metrics, CIs of every reading and the masked - original difference, per arm."""
     patients = shards.split("test").index["subject_id"].to_numpy()
+    order = shards.target_order
     out = {}
     for name, preds in arms.items():
-        res = {v: evaluate(p.proba, p.positives, p.uncertain, policy) for v, p in preds.items()}
-        res["ci"] = {v: {r: bootstrap_mean(*_correct(p, r), patients, n_boot=n_boot, seed=seed) for r in READINGS}
-                     for v, p in preds.items()}
-        res["masked_minus_original"] = _paired(preds["original"], preds["masked"], patients, n_boot, seed)
-        res["provenance"] = {v: {k: p.meta.get(k) for k in ("model", "model_fingerprint", "feature_fingerprints",
-                                                             "shards_fingerprint", "checkpoint")}
-                             for v, p in preds.items()}
+        res = {v: evaluate(p.proba, p.positives, p.uncertain, policy, order) for v, p in preds.items()}
+        res["ci"] = {v: {r: bootstrap_mean(*_correct(p, r, order), patients, n_boot=n_boot, seed=seed)
+                         for r in READINGS} for v, p in preds.items()}
+        res["masked_minus_original"] = _paired(preds["original"], preds["masked"], patients, n_boot, seed, order)
+        record = preds["original"].meta["record"]
+        res["provenance"] = {"record": record.fingerprint, "model": record["model_spec"],
+                             "model_fingerprint": record["model_fingerprint"],
+                             "shards_fingerprint": shards.fingerprint}
         out[name] = res
     return out
 
@@ -111,7 +110,7 @@ def training_effects(arms: dict, shards: ShardSet, n_boot: int, seed: int) -> li
         if a in arms and b in arms:
             for v in IMAGE_VARIANTS:
                 out.append({"comparison": f"{b} − {a}", "test_images": v,
-                            **_paired(arms[a][v], arms[b][v], patients, n_boot, seed)})
+                            **_paired(arms[a][v], arms[b][v], patients, n_boot, seed, shards.target_order)})
     return out
 
 
@@ -121,7 +120,7 @@ def references(shards: ShardSet, classes, n_boot: int, seed: int) -> dict:
     patients = test.index["subject_id"].to_numpy()
     out = {}
     for reading in READINGS:
-        ref = reference_correctness(train.positives(), test.positives(), reading)
+        ref = reference_correctness(train.positives(), test.positives(), reading, shards.target_order)
         out[reading] = {name: bootstrap_mean(*ref[name], patients, n_boot=n_boot, seed=seed) for name, _ in REFERENCES}
         out[reading]["majority_class"] = classes[ref["majority_class"]]
     return out
@@ -170,16 +169,16 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
     return [t1, te, t2, other]
 
 
-def out_saliency(work: Workdir, fingerprint: str, notes: list) -> dict | None:
-    """The saliency stage's results, when present and made from the current shards."""
-    path = work.results_dir / "saliency.json"
-    if not path.exists():
+def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict, notes: list) -> dict | None:
+    """The saliency stage's results, read through its verified record, when it ran on the arms of
+    this report as they are now."""
+    if not work.saliency_record.exists():
         return None
-    data = read_json(path)
-    if data.get("shards_fingerprint") != fingerprint:
-        notes.append("Saliency left out: it was computed on another shard set (rerun `radacx saliency`).")
-        return None
-    return data
+    record = verifier.record(work.saliency_record, "saliency")
+    for name, rec in arm_records.items():
+        if name in record["arms"]:
+            verifier.require_upstream(record, rec)
+    return read_json(record.file(work.saliency_file("json").name))
 
 
 def _footer(provenance: dict, n_boot: int) -> list[str]:
@@ -201,30 +200,32 @@ def build_report(cfg: Config) -> dict:
 
 def _build_report(cfg: Config) -> dict:
     work = Workdir(cfg.workdir)
-    shards = open_shards(work.shards_dir)
-    cohort = read_json(work.cohort_manifest)
+    verifier = Verifier(work.root)
+    shards = open_verified(work, verifier)
+    cohort = verifier.record(work.cohort_manifest, "cohort")  # the policy the shards were built with
     policy, n_boot, classes = cohort["policy"], cfg.report.bootstrap, shards.target_names
     notes: list[str] = []
-    arms = {a.name: p for a in ARMS if (p := load_arm(a, work, shards, notes)) is not None}
+    arms = {a.name: p for a in ARMS if (p := load_arm(a, work, shards, verifier)) is not None}
     if not arms:
-        raise FileNotFoundError(f"no usable predictions under {work.predictions_dir}; run zeroshot / probe / "
-                                f"finetune first" + (f" ({notes[0]})" if notes else ""))
+        raise FileNotFoundError(f"no predictions under {work.predictions_dir}; run zeroshot / probe / finetune first")
+    records = {name: preds["original"].meta["record"] for name, preds in arms.items()}
     results = arm_results(arms, shards, policy["uncertain"], n_boot, cfg.seed)
     effects = training_effects(arms, shards, n_boot, cfg.seed)
     refs = references(shards, classes, n_boot, cfg.seed)
     synthetic = bool(cohort.get("synthetic_archive"))
     name = cohort.get("archive_name", "MIMIC-CXR-JPG")
     archive = f"synthetic phantom in the {name} layout" if synthetic else name
-    model = describe_spec(cfg.model.spec)
-    descriptions = {a.name: f"{a.description}, {model}" for a in ARMS}
+    descriptions = {a.name: f"{a.description}, {describe_spec(records[a.name]['model_spec'])}"
+                    for a in ARMS if a.name in records}
+    models = sorted({rec["model_spec"] for rec in records.values()})
     n_test = len(shards.split("test"))
-    provenance = {"cohort_fingerprint": cohort["fingerprint"], "shards_fingerprint": shards.fingerprint,
-                  "render_fingerprint": shards.manifest["render_fingerprint"], "model": cfg.model.spec,
-                  "label_policy": policy, "n_bootstrap": n_boot, "seed": cfg.seed,
-                  "archive": archive,
-                  "accuracy": READING_TEXT["argmax"]}
+    provenance = {"cohort_fingerprint": cohort.fingerprint, "shards_fingerprint": shards.fingerprint,
+                  "render_fingerprint": shards.manifest["render_fingerprint"], "model": ", ".join(models),
+                  "label_policy": policy, "target_order": shards.manifest["target_order"], "n_bootstrap": n_boot,
+                  "seed": cfg.seed, "archive": archive, "accuracy": READING_TEXT["argmax"],
+                  "arm_records": {n: rec.fingerprint for n, rec in records.items()}}
     sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive)
-    saliency = out_saliency(work, shards.fingerprint, notes)
+    saliency = out_saliency(work, verifier, records, notes)
     if saliency is not None:
         sections.append(saliency_section(saliency, n_boot))
     footer = _footer(provenance, n_boot) + notes
@@ -237,6 +238,10 @@ def _build_report(cfg: Config) -> dict:
     _write_data(out, results, effects, refs, descriptions, classes, provenance)
     figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
                              published_values={a.name: a.published for a in ARMS})
+    written = ["table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
+               *(Path(f).name for f in figures)]
+    upstream = list(records.values()) + ([verifier.record(work.saliency_record)] if saliency is not None else [])
+    write_record(work.report_record, work.root, "report", "radacx report", files=written, upstream=upstream)
     return {"table": md, "results": str(out), "figures": figures}
 
 

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._io import atomic_path, stage_run
-from .arms import IMAGE_VARIANTS
-from .config import Config
-from .features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
+from .._io import atomic_path, stage_run
+from ..arms import IMAGE_VARIANTS
+from ..config import Config
+from ..formats.features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
                        create_partial)
-from .models import LoadedModel, load_model
-from .runtime import autocast, autocast_dtype, barrier, init_distributed
-from .shardset import ShardSet, open_shards
-from .stream import ordered_loader, ordered_runs
-from .workdir import Workdir
+from ..models import LoadedModel, load_model
+from ..runtime import autocast, autocast_dtype, barrier, init_distributed
+from ..formats.records import Verifier, write_record
+from ..formats.shardset import ShardError, ShardSet, open_verified
+from ..formats.stream import ordered_loader, ordered_runs
+from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +262,13 @@ def embed_all(cfg: Config, variants=IMAGE_VARIANTS, progress: bool = True) -> di
 
 def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
     work = Workdir(cfg.workdir)
-    shards = open_shards(work.shards_dir)
-    shards.validate()
+    verifier = Verifier(work.root)
+    shards = open_verified(work, verifier)
     model = load_model(cfg.model.spec, seed=cfg.seed)
+    if shards.render_config["size"] != model.image_size:
+        raise ShardError(f"{work.shards_manifest}: shards are {shards.render_config['size']} px, model "
+                         f"{model.spec} takes {model.image_size} px; render the shards at render.size="
+                         f"{model.image_size} (a new workdir) or choose another model")
     paths = {v: str(embed_variant(cfg, model, shards, v, rank=world.rank, world=world.size,
                                   progress=progress and world.is_main, device=device)) for v in variants}
     if world.distributed:
@@ -273,4 +278,17 @@ def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
                 if not work.features(model.tag, v).exists():
                     paths[v] = str(merge_rank_partials(work, model.tag, v, world.size))
         barrier(world)
+    if world.is_main:
+        write_features_record(work, model, verifier.record(work.shards_manifest, "shards"))
     return {"model": model.spec, "tag": model.tag, "features": paths}
+
+
+def write_features_record(work: Workdir, model: LoadedModel, shards_record) -> None:
+    """The embed stage's record: every committed cache of this model, chained to the shard record."""
+    folder = work.features_dir(model.tag)
+    caches = sorted(v for v in IMAGE_VARIANTS if work.features(model.tag, v).exists())
+    write_record(work.features_record(model.tag), work.root, "embed", "radacx embed",
+                 files=[work.features(model.tag, v).relative_to(folder).as_posix() for v in caches],
+                 upstream=[shards_record], variants=caches, model_spec=model.spec, model_tag=model.tag,
+                 model_fingerprint=model.fingerprint, weights_seed=model.weights_seed,
+                 preprocess=model.preprocess_spec())

@@ -1,0 +1,1 @@
+"""The linear probe (a scikit-learn estimator) and its exact solver."""
