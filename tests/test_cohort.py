@@ -232,7 +232,8 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
     monkeypatch.setattr(cohort_module, "write_csv", csv_then_die)
     with pytest.raises(KeyboardInterrupt):
         cohort_module.build_cohort(run, progress=False)
-    with pytest.raises(FileNotFoundError, match="no finished cohort"):
+    from radacx_cache.formats.records import RecordError
+    with pytest.raises(RecordError, match="no finished record"):
         load_cohort(Workdir(work))  # withdrawn: nothing downstream can read a mix
     monkeypatch.setattr(cohort_module, "write_csv", real_write_csv)
     assert cohort_module.build_cohort(run, progress=False)["rows"] > 0

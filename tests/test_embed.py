@@ -16,7 +16,8 @@ from radacx_cache.models import load_model
 
 def private_cfg(pipeline, tmp_path, *extra):
     cfg = pipeline["cfg"]
-    (tmp_path / "shards").symlink_to(cfg.work / "shards")
+    for part in ("cohort", "shards"):
+        (tmp_path / part).symlink_to(cfg.work / part)
     return load_config(None, [f"workdir={tmp_path}", "embed.batch_size=32", "embed.block_rows=96", *extra])
 
 
@@ -54,7 +55,7 @@ def test_rerun_is_a_no_op_and_another_model_is_refused(pipeline, features):
 
 
 def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path, monkeypatch):
-    from radacx_cache.stages import embedNone
+    from radacx_cache.stages import embed
     cfg = private_cfg(pipeline, tmp_path)
     shards = open_shards(cfg.work / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)
@@ -112,7 +113,8 @@ def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_pat
     import subprocess
     import sys
     cfg = pipeline["cfg"]
-    (tmp_path / "shards").symlink_to(cfg.work / "shards")
+    for part in ("cohort", "shards"):
+        (tmp_path / part).symlink_to(cfg.work / part)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "radacx_cache.cli", "embed",
            "--set", f"workdir={tmp_path}", "--set", "seed=7", "--set", "embed.block_rows=96",
@@ -128,7 +130,7 @@ def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_pat
 
 
 def test_out_of_memory_batches_back_off_and_continue(pipeline, features, tmp_path, monkeypatch, caplog):
-    from radacx_cache.stages import embedNone
+    from radacx_cache.stages import embed
     cfg = private_cfg(pipeline, tmp_path)
     shards = open_shards(cfg.work / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)

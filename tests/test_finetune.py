@@ -9,7 +9,8 @@ from radacx_cache.stages.finetune import TrainingError, train_variant
 
 def cfg_for(pipeline, tmp_path, *extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "shards").symlink_to(pipeline["cfg"].work / "shards")
+    for part in ("cohort", "shards"):
+        (tmp_path / part).symlink_to(pipeline["cfg"].work / part)
     return load_config(None, [f"workdir={tmp_path}", "seed=7", "finetune.batch_size=16",
                               "finetune.block_rows=32", "finetune.shuffle_buffer=64",
                               "finetune.lr_encoder=0.002", "finetune.lr_head=0.002",
@@ -51,7 +52,7 @@ def test_resume_with_another_config_is_refused(pipeline, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
-    from radacx_cache.stages import finetuneNone
+    from radacx_cache.stages import finetune
     cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=1", "finetune.checkpoint_every=2")
     real = finetune.soft_ce
     calls = {"n": 0}

@@ -48,7 +48,7 @@ class Payload:
 def test_a_planted_checkpoint_runs_no_code(pipeline, tmp_path):
     from radacx_cache.stages.finetune import TrainingError, train_variant
     marker = tmp_path / "pwned"
-    cfg = copy_work(pipeline, tmp_path, "shards", extra=("finetune.epochs=1",))
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards", extra=("finetune.epochs=1",))
     out = tmp_path / "finetune" / "original"
     out.mkdir(parents=True)
     torch.save({"config_fingerprint": "x", "model": Payload(str(marker))}, out / "last.pt")
@@ -145,9 +145,9 @@ def test_workdir_permissions_setting_is_honoured(pipeline, tmp_path):
 
 # ---------------------------------------------------------------- nothing lost
 def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline, features, tmp_path, monkeypatch):
-    from radacx_cache.stages import embedNone
+    from radacx_cache.stages import embed
     from radacx_cache.models import load_model
-    cfg = copy_work(pipeline, tmp_path, "shards")
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
     shards = open_shards(cfg.work / "shards")
     model = load_model("tiny", seed=7)
     real, calls = embed.write_rows, {"n": 0}
@@ -175,7 +175,7 @@ def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline,
 def test_a_committed_cache_damaged_later_is_refused_and_rebuilt(pipeline, features, tmp_path):
     from radacx_cache.stages.embed import embed_variant
     from radacx_cache.models import load_model
-    cfg = copy_work(pipeline, tmp_path, "shards", "features")
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards", "features")
     path = tmp_path / "features" / "tiny" / "masked.h5"
     with h5py.File(path, "r+") as f:
         f["features"][10:20] = 0  # the disk-full symptom: rows of zeros in a committed file
@@ -293,7 +293,7 @@ def test_memory_bombs_are_refused_before_decoding_and_16_bit_images_windowed():
 
 def test_probe_refuses_features_of_another_seed(pipeline, features, tmp_path):
     from radacx_cache.stages.probe import run_probes
-    cfg = copy_work(pipeline, tmp_path, "shards", "features", extra=("seed=1",))
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards", "features", extra=("seed=1",))
     with pytest.raises(FeatureCacheError, match="weights_seed: cache has 7, asked for 1"):
         run_probes(cfg)
 

@@ -107,3 +107,14 @@ def test_bootstrap_resamples_whole_patients():
     d = paired_bootstrap(targets, proba, targets, patients, n_boot=500)
     # by patient, 1 patient in 10 is drawn 0 times about 35% of the time: the difference often hits 0
     assert d["high"] == 0.0 and d["low"] <= -0.2
+
+
+def test_bootstrap_interval_is_95_percent():
+    """Against the binomial interval fixed in advance (not the code's own helper): 2,000 patients,
+    one image each, 30% correct: 95% half-width 1.96 * sqrt(0.21 / 2000) = 0.0201 (90%: 0.0169)."""
+    from radacx_cache.metrics import bootstrap_mean
+    values = np.zeros(2000)
+    values[:600] = 1
+    point, low, high = bootstrap_mean(values, np.ones(2000, bool), np.arange(2000), n_boot=4000, seed=1)
+    assert point == pytest.approx(0.3)
+    assert (high - low) / 2 == pytest.approx(0.0201, rel=0.07)

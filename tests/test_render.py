@@ -184,3 +184,47 @@ def test_geometry_rows_of_schema_1_shards_still_read():
     from radacx_cache.render import Geometry
     g = Geometry.from_array([300, 200, 300, 0, 50, 224 / 300, 1])
     assert (g.mask_height, g.mask_width) == (300, 200) and g.mask_frame() is g
+
+
+# ---------------------------------------------------------------- contracts fixed in advance
+def _three_regions(shape=(64, 64)):
+    """Right lung on the image's left (the patient's right in a PA view), left lung on its right,
+    heart between them: disjoint blocks."""
+    masks = np.zeros((3, *shape), bool)
+    masks[0, 8:56, 4:24] = True
+    masks[1, 8:56, 40:60] = True
+    masks[2, 30:50, 26:38] = True
+    return masks
+
+
+def test_overlay_colour_contract():
+    """The colours other projects rely on (docs/shard-format.md): right lung red, left lung green,
+    heart blue; in the config's defaults and in the overlay's."""
+    assert RenderConfig().colors == {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
+    masks = _three_regions()
+    for out in (overlay(np.zeros((64, 64), np.uint8), masks),
+                overlay(np.zeros((64, 64), np.uint8), masks, colors=RenderConfig().colors)):
+        assert out[8, 10].tolist() == [255, 0, 0]    # top border of the block on the image's left
+        assert out[8, 50].tolist() == [0, 255, 0]    # top border of the block on the image's right
+        assert out[30, 30].tolist() == [0, 0, 255]   # top border of the heart
+        assert out[30, 14].tolist() == [0, 0, 0]     # inside the right lung: no ink
+
+
+def test_masks_land_on_the_source_pixels_of_an_upscaled_small_image():
+    """A 28 x 28 image rendered at 224 (x8): a mask over source rows 4-19, columns 3-10 must cover
+    output rows 32-159, columns 24-87 (to within the sub-pixel sampling), so a mask offset by one
+    *source* pixel (8 output pixels) cannot pass."""
+    from radacx_cache._io import jpeg_bytes
+    src = np.zeros((3, 28, 28), bool)
+    src[0, 4:20, 3:11] = True
+    src[1, 4:20, 17:25] = True
+    src[2, 14:22, 11:17] = True
+    data = jpeg_bytes(np.full((28, 28), 128, np.uint8))
+    rles = {name: encode_rle(m.astype(np.uint8)) for name, m in zip(("right_lung", "left_lung", "heart"), src)}
+    item = render_image(data, rles, (28, 28), RenderConfig(draft=False))
+    right = item["masks"][0].astype(bool)
+    rows, cols = np.flatnonzero(right.any(1)), np.flatnonzero(right.any(0))
+    assert abs(rows[0] - 32) <= 2 and abs(rows[-1] - 159) <= 2, (rows[0], rows[-1])
+    assert abs(cols[0] - 24) <= 2 and abs(cols[-1] - 87) <= 2, (cols[0], cols[-1])
+    heart = item["masks"][2].astype(bool)
+    assert abs(np.flatnonzero(heart.any(1))[0] - 112) <= 2 and abs(np.flatnonzero(heart.any(0))[0] - 88) <= 2

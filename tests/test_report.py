@@ -60,7 +60,8 @@ def test_table1_recomputed_from_the_prediction_files(reported):
         loaded[arm] = preds
         patients = preds["original"].patients
         for v, p in preds.items():
-            point, low, high = bootstrap_ci(p.proba, p.positives, patients, n_boot=n_boot, seed=cfg.seed)
+            point, low, high = bootstrap_ci(p.proba, p.positives, patients, n_boot=n_boot, seed=cfg.seed,
+                                            alpha=0.05)  # the 95% the table prints
             assert (rows[arm][f"acc_argmax_{v}"], rows[arm][f"acc_argmax_{v}_low"],
                     rows[arm][f"acc_argmax_{v}_high"]) == pytest.approx((point, low, high)), (arm, v)
             any_point = bootstrap_ci(p.proba, p.positives, patients, reading="any", n_boot=n_boot, seed=cfg.seed)[0]
@@ -79,35 +80,40 @@ def test_table1_recomputed_from_the_prediction_files(reported):
                                                                                   d["p_value"]))
     ref = data["reference"]["argmax"]
     assert ref["chance"][0] == pytest.approx(0.2)
-    test = loaded["V1"]["original"].positives
-    majority = np.mean(np.argmax(test > 0, 1) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                                                   "Pleural Effusion"].index(ref["majority_class"]))
-    assert ref["majority"][0] == pytest.approx(majority)
+    # the majority row from the raw index: the *train* split's most frequent first-positive target
+    index = pd.read_csv(work / "shards" / "index.csv")
+    classes = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    pos = index[[f"positive_{c}" for c in classes]].to_numpy() > 0
+    first = np.where(pos.any(1), pos.argmax(1), -1)
+    train, test = (index["split"] == "train").to_numpy(), (index["split"] == "test").to_numpy()
+    majority = np.bincount(first[train & (first >= 0)], minlength=5).argmax()
+    assert ref["majority_class"] == classes[majority]
+    assert ref["majority"][0] == pytest.approx(np.mean(first[test & (first >= 0)] == majority))
 
 
-def test_incomplete_or_stale_predictions_are_refused(reported, tmp_path):
+def test_incomplete_or_edited_predictions_are_refused(reported, tmp_path):
     import shutil
     from radacx_cache.config import load_config
     from radacx_cache.formats.predictions import PredictionError
+    from radacx_cache.formats.records import RecordError, write_record
     from radacx_cache.stages.report import build_report
     work = reported["cfg"].work
-    for part in ("cohort", "shards", "predictions"):
+    for part in ("cohort", "shards", "features", "zeroshot", "probes", "predictions"):
         shutil.copytree(work / part, tmp_path / part)
     cfg = load_config(None, [f"workdir={tmp_path}", "seed=7", "report.bootstrap=20"])
     victim = tmp_path / "predictions" / "V1" / "masked.csv"
     df = pd.read_csv(victim, dtype={"dicom_id": str})
     df.iloc[1:].to_csv(victim, index=False)  # one test image never predicted
+    with pytest.raises(RecordError, match="masked.csv changed after `radacx probe` wrote it"):
+        build_report(cfg)
+    record = json.loads((tmp_path / "predictions" / "V1" / "manifest.json").read_text())
+    from radacx_cache.formats.records import Verifier
+    ups = [Verifier(tmp_path).record(tmp_path / rel) for rel in record["upstream"]]
+    facts = {k: record[k] for k in ("arm", "model_spec", "model_fingerprint", "weights_seed")}
+    write_record(tmp_path / "predictions" / "V1" / "manifest.json", tmp_path, "predictions", "radacx probe",
+                 files=list(record["files"]), upstream=ups, **facts)  # even sealed anew, incomplete is refused
     with pytest.raises(PredictionError, match=f"no row for test image {df['dicom_id'].iloc[0]}"):
         build_report(cfg)
-    df.to_csv(victim, index=False)
-    meta_path = tmp_path / "predictions" / "V2" / "original.json"
-    meta = json.loads(meta_path.read_text())
-    meta["shards_fingerprint"] = "an-older-shard-set"  # e.g. made before the cohort changed
-    meta_path.write_text(json.dumps(meta))
-    result = build_report(cfg)
-    table = pd.read_csv(tmp_path / "results" / "table1.csv")
-    assert list(table["arm"]) == ["Baseline", "V1"]  # stale V2 left out, and said so
-    assert "V2 left out" in result["table"] and "an-older-shard-set" in result["table"]
 
 
 def test_predictions_trace_back_to_their_inputs(reported):
@@ -139,15 +145,18 @@ def test_cli_cohort_summary(pipeline, capsys):
 def test_probe_refuses_features_of_other_shards(reported, tmp_path):
     import shutil
     from radacx_cache.config import load_config
-    from radacx_cache.formats.features import FeatureCacheError
+    from radacx_cache.formats.records import RecordError, seal
     from radacx_cache.stages.probe import run_probes
     work = reported["cfg"].work
-    for part in ("shards", "features"):
+    for part in ("cohort", "shards", "features"):
         shutil.copytree(work / part, tmp_path / part)
-    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    manifest["fingerprint"] = "another-shard-set"  # e.g. the shards were rebuilt from another cohort
-    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FeatureCacheError, match="shards: cache has"):
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    old = manifest.pop("fingerprint")
+    manifest["rejects"] += 1  # e.g. the shards were rebuilt after an image came back
+    path.write_text(json.dumps(seal(manifest)))
+    new = json.loads(path.read_text())["fingerprint"]
+    with pytest.raises(RecordError, match=f"shards/manifest.json {old}, which is now {new}; rerun `radacx embed`"):
         run_probes(load_config(None, [f"workdir={tmp_path}", "seed=7"]))
 
 

@@ -21,7 +21,11 @@ class HeartOnly(torch.nn.Module):
         self.features = torch.nn.Conv2d(3, 4, 1)  # 1x1: no receptive field beyond the pixel itself
         self.gate = torch.nn.Identity()
         self.head = torch.nn.Linear(4, 2)
-        torch.manual_seed(0)
+        with torch.no_grad():  # fixed weights (no draw from the session's RNG): class 0 grows with brightness
+            self.features.weight.fill_(1 / 3)
+            self.features.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4]))
+            self.head.bias.zero_()
 
     def forward(self, x):
         f = self.gate(torch.relu(self.features(x)) * self.heart)
@@ -97,7 +101,8 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     from radacx_cache.stages.finetune import train_variant
     from radacx_cache.stages.saliency import run_saliency
     cfg = pipeline["cfg"]
-    (tmp_path / "shards").symlink_to(cfg.work / "shards")
+    for part in ("cohort", "shards"):
+        (tmp_path / part).symlink_to(cfg.work / part)
     run = load_config(None, [f"workdir={tmp_path}", "seed=7", f"archive.root={cfg.archive.root}",
                              "finetune.batch_size=16", "finetune.block_rows=32", "finetune.shuffle_buffer=64",
                              "finetune.lr_encoder=0.002", "finetune.lr_head=0.002", "finetune.warmup_steps=5",
@@ -113,3 +118,24 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
                for m in ("gradcam", "integrated_gradients"))
     assert best > 1.3, v3.groupby("method")[["truth", "truth_area"]].mean()  # clearly above a uniform map
     assert (tmp_path / "results" / "saliency" / "V3.png").exists() and "Saliency" in result["table"]
+
+
+def test_anatomy_mass_counts_both_lungs_and_the_heart():
+    """Fixed numbers on hand-made regions: a map inside the right lung, inside the heart, or half
+    inside the left lung and half outside every structure."""
+    masks = np.zeros((3, 40, 40), np.uint8)
+    masks[0, 5:35, 2:14] = 1
+    masks[1, 5:35, 26:38] = 1
+    masks[2, 20:30, 15:25] = 1
+    reg = regions(masks, 1)
+    right, heart = np.zeros((40, 40)), np.zeros((40, 40))
+    right[10, 5] = 1.0
+    heart[25, 20] = 1.0
+    half = np.zeros((40, 40))
+    half[10, 30], half[0, 0] = 1.0, 1.0
+    assert image_metrics(right, reg, "Edema")["anatomy"] == pytest.approx(1.0)
+    assert image_metrics(heart, reg, "Edema")["anatomy"] == pytest.approx(1.0)
+    assert image_metrics(half, reg, "Edema")["anatomy"] == pytest.approx(0.5)
+    assert image_metrics(heart, reg, "Cardiomegaly")["organ"] == pytest.approx(1.0)
+    assert image_metrics(right, reg, "Cardiomegaly")["organ"] == pytest.approx(0.0)
+    assert image_metrics(right, reg, "Edema")["anatomy_area"] == pytest.approx((360 + 360 + 100) / 1600)

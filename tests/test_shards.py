@@ -169,21 +169,22 @@ def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp
     victim = sorted((tmp_path / "shards").glob("val-*.h5"))[0]
     with h5py.File(victim, "r+") as f:
         f.attrs["render_fingerprint"] = "0123456789abcdef"
-    with pytest.raises(ShardError, match="size"):  # the manifest no longer describes the file
-        embed_all(cfg, progress=False)
-    manifest_path = tmp_path / "shards" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == victim.name:
-            entry["bytes"] = victim.stat().st_size  # a hand-edited manifest that hides the size change
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="sha256"):  # ... the checksum still sees it
+    with pytest.raises(ShardError, match=f"{victim.name} changed after `radacx shards` wrote it"):
         embed_all(cfg, progress=False)
     from radacx_cache._io import file_sha256
-    for entry in manifest["shards"]:
-        if entry["name"] == victim.name:
-            entry["sha256"] = file_sha256(victim)  # a fully forged manifest entry
+    from radacx_cache.formats.records import seal
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = {"bytes": victim.stat().st_size, "sha256": file_sha256(victim)}
+    manifest["files"][victim.name] = entry  # a hand-edited manifest that hides the change ...
+    for shard in manifest["shards"]:
+        if shard["name"] == victim.name:
+            shard.update(entry)
     manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="was edited after it was written"):  # ... its fingerprint sees it
+        embed_all(cfg, progress=False)
+    manifest.pop("fingerprint")
+    manifest_path.write_text(json.dumps(seal(manifest)))  # a fully forged, re-sealed record ...
     with pytest.raises(ShardError, match="render config 0123456789abcdef"):  # ... the render config still does
         embed_all(cfg, progress=False)
 

@@ -31,6 +31,10 @@ RECORD_VERSION = 1
 # (the cohort's cache key: touched but unchanged tables give the same cohort)
 VOLATILE = ("fingerprint", "created_with", "inputs_fingerprint")
 VERIFIED = ".verified.json"
+# the command that writes the records of each top-level workdir folder (for a missing one's message)
+WRITERS = {"cohort": "radacx cohort", "shards": "radacx shards", "features": "radacx embed",
+           "zeroshot": "radacx zeroshot", "probes": "radacx probe", "finetune": "radacx finetune",
+           "predictions": "radacx zeroshot / probe / finetune", "results": "radacx saliency / report"}
 
 
 class RecordError(RuntimeError):
@@ -177,7 +181,7 @@ class Verifier:
         rel = rel_to(self.root, Path(path))
         if rel in self.done:
             return self.done[rel]
-        rec = read_record(Path(path), stage, command)
+        rec = read_record(Path(path), stage, command or WRITERS.get(rel.split("/")[0]))
         cmd = rec.get("command", command or "")
         check_files(rec.path.parent, rec.get("files", {}), str(rec.path), cmd, self.rehash)
         for up_rel, up_fp in rec.get("upstream", {}).items():

@@ -21,6 +21,8 @@ from .records import RecordError, Verifier, check_files, read_record
 
 SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
+# the names inside a shard folder are the format's, for readers that have only the folder
+MANIFEST_NAME, INDEX_NAME = "manifest.json", "index.csv"
 
 
 class ShardError(RuntimeError):
@@ -81,19 +83,19 @@ class ShardSet:
         self.root = Path(root)
         if manifest is None:
             try:
-                manifest = read_record(self.root / "manifest.json", "shards").data
+                manifest = read_record(self.root / MANIFEST_NAME, "shards").data
             except RecordError as exc:
                 raise ShardError(str(exc)) from None
             if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-                raise ShardError(f"{self.root / 'manifest.json'}: schema {manifest.get('schema')} "
+                raise ShardError(f"{self.root / MANIFEST_NAME}: schema {manifest.get('schema')} "
                                  f"v{manifest.get('schema_version')}; this reader understands {SCHEMA} v{SCHEMA_VERSION}")
         self.manifest = manifest
         if index is None:
-            index = pd.read_csv(self.root / "index.csv", dtype={"dicom_id": str, "shard": str})
+            index = pd.read_csv(self.root / INDEX_NAME, dtype={"dicom_id": str, "shard": str})
             # a row may only name a shard the record lists (never a path out of the folder)
             unknown = sorted(set(index["shard"]) - {s["name"] for s in manifest["shards"]})
             if unknown:
-                raise ShardError(f"{self.root / 'index.csv'}: names shard {unknown[0]!r}, which the folder's "
+                raise ShardError(f"{self.root / INDEX_NAME}: names shard {unknown[0]!r}, which the folder's "
                                  f"manifest does not list; rerun `radacx shards`")
         self.index = index.reset_index(drop=True)
         self._handles: dict = {}
@@ -111,7 +113,7 @@ class ShardSet:
         hashed once per (inode, ctime, size, mtime) (``records.check_files``); then each shard's
         schema, row counts and render config. Raises ShardError naming the file and the reason.
         """
-        where = str(self.root / "manifest.json")
+        where = str(self.root / MANIFEST_NAME)
         try:
             if checksum:
                 check_files(self.root, self.manifest.get("files", {}), where, "radacx shards")

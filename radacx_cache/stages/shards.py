@@ -306,13 +306,13 @@ def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, coho
     label_cols = [f"{kind}_{c}" for kind in ("target", "positive", "uncertain") for c in attrs["target_names"]]
     index = index.merge(cohort[["dicom_id", "subject_id", "study_id", *label_cols]], on="dicom_id",
                         how="left", validate="one_to_one")
-    write_csv(out / "index.csv", index)
+    write_csv(work.shards_index, index)
     write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason", "retry"]))
     # the cohort's decisions travel with the shards (readers elsewhere have only this folder); the
     # record's upstream fingerprint ties them to the cohort record they were copied from
     record = write_record(
         work.shards_manifest, work.root, "shards", "radacx shards",
-        files=["index.csv", "rejects.csv", *(s["name"] for s in shards)], upstream=[cohort_rec],
+        files=[work.shards_index.name, "rejects.csv", *(s["name"] for s in shards)], upstream=[cohort_rec],
         schema=SCHEMA, schema_version=SCHEMA_VERSION, shards=shards, rows=len(index), rejects=len(rejects),
         render_config=attrs["render_config"], render_fingerprint=attrs["render_fingerprint"],
         cohort_fingerprint=attrs["cohort_fingerprint"], target_names=attrs["target_names"],
