@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +32,61 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tmp_name(path: Path) -> Path:
-    # pid in the name: two processes never share a temporary file
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+class UnsafePath(OSError):
+    """A write would go through a link planted in the workdir."""
+
+
+_WRITE_ROOT: list[Path] = []  # the workdir of the stage running in this process (set by stage_lock)
+
+
+def refuse_links_below_root(folder: Path) -> None:
+    """Refuse a folder reached through a link below the running stage's workdir (a workdir others can
+    write: ``predictions/`` replaced by a link to another place). The workdir itself may be a link."""
+    if not _WRITE_ROOT:
+        return
+    root = _WRITE_ROOT[-1].absolute()
+    try:
+        rel = Path(os.path.normpath(folder.absolute())).relative_to(os.path.normpath(root))
+    except ValueError:
+        return  # not below the workdir (e.g. the phantom's output folder): not a stage output
+    here = root
+    for part in rel.parts:
+        here = here / part
+        if here.is_symlink():
+            raise UnsafePath(errno.ELOOP, f"{here} is a link; refusing to write through it (remove the link: "
+                                          f"stage outputs stay inside the workdir)", str(here))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def private_tmp(path: Path) -> Path:
+    """A new, empty temporary file beside ``path`` with an unpredictable name, created exclusively
+    (``mkstemp``: a link planted at a guessed name is never followed), mode as the umask says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_links_below_root(path.parent)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
+    return Path(name)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds
+    (``os.replace`` replaces a link at ``path`` itself, never its target)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
+    tmp = private_tmp(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 
@@ -97,7 +137,17 @@ def stage_lock(workdir: str | Path, stage: str):
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".radacx-{stage}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a planted link: O_NOFOLLOW refuses one at the lock's name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePath(errno.ELOOP, f"{path} is a link; refusing to open the stage lock through it "
+                                      f"(remove it)", str(path)) from None
+    if not os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+        os.close(fd)
+        raise StageBusy(f"{path} changed while it was opened; run the stage again")
+    _WRITE_ROOT.append(folder)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,6 +161,7 @@ def stage_lock(workdir: str | Path, stage: str):
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        _WRITE_ROOT.pop()
         os.close(fd)  # closing releases the lock
 
 

@@ -33,18 +33,19 @@ class ArchiveKind:
     label_key: tuple  # labels are per study (MIMIC) or per image
     sizes_in_tables: bool  # False: CheXmask's Height x Width is checked against the image itself
     scaled_copies: bool  # True: a downscaled copy of the archive is read when its aspect ratio agrees
+    image_formats: tuple = ("JPEG",)  # the only formats its image files are opened as
 
 
 KINDS = {
     "mimic": ArchiveKind("MIMIC-CXR-JPG", "MIMIC-CXR-JPG", "dicom_id",
                          {"metadata": "metadata", "labels": "{labeler} labels", "split": "split table"},
-                         ("subject_id", "study_id"), True, False),
+                         ("subject_id", "study_id"), True, False, ("JPEG",)),
     "nih": ArchiveKind("NIH ChestX-ray14", "ChestX-Ray8", "Image Index",
                        {"metadata": "Data_Entry_2017_v2020.csv", "labels": "Data_Entry_2017_v2020.csv",
-                        "split": "train_val_list.txt / test_list.txt"}, ("dicom_id",), False, False),
+                        "split": "train_val_list.txt / test_list.txt"}, ("dicom_id",), False, False, ("PNG",)),
     "chexpert": ArchiveKind("CheXpert", "CheXpert", "Path",
                             {"metadata": "train.csv / valid.csv", "labels": "train.csv / valid.csv",
-                             "split": "train.csv / valid.csv"}, ("dicom_id",), False, True),
+                             "split": "train.csv / valid.csv"}, ("dicom_id",), False, True, ("JPEG",)),
 }
 
 

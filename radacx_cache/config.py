@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,30 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
-def _at_least(default, minimum):
-    """A numeric field whose values below ``minimum`` are refused at load time."""
-    return field(default=default, metadata={"min": minimum})
+class _NoAliasLoader(yaml.SafeLoader):
+    """Plain YAML data without anchors and aliases: an 80-line alias bomb expands without limit."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"alias *{event.anchor} at line {event.start_mark.line + 1}: YAML aliases "
+                                 f"are refused (write the value out)")
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _within(default, minimum, maximum):
+    """A numeric field whose values outside [minimum, maximum] are refused at load time (every
+    config number is bounded: a value from an untrusted file cannot ask for 10^5 processes)."""
+    return field(default=default, metadata={"min": minimum, "max": maximum})
+
+
+def _open_interval(key: str, value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ConfigError(f"config key '{key}': {value!r} is not in ({low}, {high})")
 
 
 @dataclass
@@ -38,14 +60,16 @@ class ArchiveConfig:
     root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
     chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
     labeler: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which of its two label tables
+    # links inside the archive are its owner's and are followed; true: a file must resolve inside root
+    strict_links: bool = False
 
 
 @dataclass
 class PhantomConfig:
     out: str = "data/phantom"
     layout: Literal["mimic", "nih", "chexpert"] = "mimic"  # which archive's file and table layout
-    n_patients: int = _at_least(300, 1)
-    long_side: int = _at_least(448, 64)  # scaled down for speed; real MIMIC images are ~3000 px
+    n_patients: int = _within(300, 1, 100_000)
+    long_side: int = _within(448, 64, 4096)  # scaled down for speed; real MIMIC images are ~3000 px
     faults: bool = True
 
 
@@ -56,9 +80,12 @@ class CohortConfig:
     uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
     multi_positive: Literal["any", "single", "first"] = "first"  # the headline (argmax) reading's target
     priority: list = field(default_factory=lambda: list(FINDINGS))
-    min_mask_quality: float = 0.7
+    min_mask_quality: float = _within(0.7, 0.0, 1.0)
     split: Literal["official", "paper"] = "paper"
-    val_fraction: float = 1 / 6  # paper: train:val ~ 5:1
+    val_fraction: float = 1 / 6  # paper: train:val ~ 5:1; in (0, 1)
+
+    def __post_init__(self):
+        _open_interval("cohort.val_fraction", self.val_fraction, 0.0, 1.0)
 
 
 _DEFAULT_COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
@@ -66,13 +93,13 @@ _DEFAULT_COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart":
 
 @dataclass
 class RenderConfig:
-    size: int = _at_least(224, 16)
+    size: int = _within(224, 16, 1024)
     overlay: Literal["boundary", "fill", "crop"] = "boundary"
-    line_width: int = _at_least(2, 1)
+    line_width: int = _within(2, 1, 64)
     colors: dict = field(default_factory=lambda: dict(_DEFAULT_COLORS))
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
-    mask_supersample: int = _at_least(2, 1)
+    mask_supersample: int = _within(2, 1, 8)
 
     def __post_init__(self):
         # a partial `colors` (e.g. only the heart) is merged with the defaults; each is an RGB triple
@@ -92,9 +119,9 @@ class RenderConfig:
 
 @dataclass
 class ShardsConfig:
-    rows_per_shard: int = _at_least(1024, 1)
-    n_jobs: int = _at_least(2, 1)
-    max_reject_share: float = 0.05  # more of the cohort rejected than this: stop, reasons counted
+    rows_per_shard: int = _within(1024, 1, 1 << 20)
+    n_jobs: int = _within(2, 1, 1024)
+    max_reject_share: float = _within(0.05, 0.0, 1.0)  # more of the cohort rejected than this: stop, reasons counted
     backend: Literal["loky", "dask", "sequential", "threading"] = "loky"
     dask_scheduler: str = ""  # address of a running Dask scheduler; empty: start a local cluster
 
@@ -116,22 +143,27 @@ class RuntimeConfig:
 
 @dataclass
 class EmbedConfig:
-    batch_size: int = _at_least(256, 1)
-    num_workers: int = _at_least(0, 0)
-    block_rows: int = _at_least(4096, 1)
+    batch_size: int = _within(256, 1, 65536)
+    num_workers: int = _within(0, 0, 256)
+    block_rows: int = _within(4096, 1, 1 << 20)
 
 
 @dataclass
 class ProbeConfig:
     feature: Literal["features", "pre_projection"] = "features"
     preprocess: Literal["standardize", "l2", "none"] = "standardize"
-    c_min_log10: float = -6.0
-    c_max_log10: float = 6.0
-    refine_steps: int = _at_least(4, 0)
-    patience: int = _at_least(2, 1)  # grid points in a row below the best before the walk stops
-    max_iter: int = _at_least(500, 1)
-    tol: float = 1e-4  # largest gradient component at convergence (scikit-learn's rule)
-    sweep_max_rows: int = _at_least(0, 0)  # >0: inexact shortcut, search C on a subsample of this many rows
+    c_min_log10: float = _within(-6.0, -12.0, 12.0)
+    c_max_log10: float = _within(6.0, -12.0, 12.0)
+    refine_steps: int = _within(4, 0, 20)
+    patience: int = _within(2, 1, 100)  # grid points in a row below the best before the walk stops
+    max_iter: int = _within(500, 1, 100_000)
+    tol: float = _within(1e-4, 1e-12, 1.0)  # largest gradient component at convergence (scikit-learn's rule)
+    sweep_max_rows: int = _within(0, 0, 1 << 32)  # >0: inexact shortcut, search C on a subsample of this many rows
+
+    def __post_init__(self):
+        if self.c_min_log10 > self.c_max_log10:
+            raise ConfigError(f"config keys 'probe.c_min_log10' {self.c_min_log10} > 'probe.c_max_log10' "
+                              f"{self.c_max_log10}")
 
 
 @dataclass
@@ -142,31 +174,31 @@ class ZeroShotConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _at_least(3, 1)
-    batch_size: int = _at_least(32, 1)
-    lr_encoder: float = 1e-5
-    lr_head: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = _at_least(20, 0)
-    grad_clip: float = 1.0
-    accumulate: int = _at_least(1, 1)
-    shuffle_buffer: int = _at_least(512, 0)
-    block_rows: int = _at_least(64, 1)
-    num_workers: int = _at_least(0, 0)
+    epochs: int = _within(3, 1, 1000)
+    batch_size: int = _within(32, 1, 65536)
+    lr_encoder: float = _within(1e-5, 0.0, 1.0)
+    lr_head: float = _within(1e-3, 1e-12, 1.0)
+    weight_decay: float = _within(0.05, 0.0, 10.0)
+    warmup_steps: int = _within(20, 0, 10_000_000)
+    grad_clip: float = _within(1.0, 1e-6, 1e6)
+    accumulate: int = _within(1, 1, 4096)
+    shuffle_buffer: int = _within(512, 0, 10_000_000)
+    block_rows: int = _within(64, 1, 1 << 20)
+    num_workers: int = _within(0, 0, 256)
     augment: bool = False  # small crop/rotation/intensity jitter; hurt the small phantom task
-    patience: int = _at_least(3, 1)
+    patience: int = _within(3, 1, 1000)
     grad_checkpointing: bool = False
-    max_steps: int = _at_least(0, 0)  # 0: no cap (tests cap it)
-    checkpoint_every: int = _at_least(50, 0)  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
+    max_steps: int = _within(0, 0, 1 << 40)  # 0: no cap (tests cap it)
+    checkpoint_every: int = _within(50, 0, 1 << 40)  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
 
 
 @dataclass
 class SaliencyConfig:
     methods: list = field(default_factory=lambda: ["gradcam", "integrated_gradients"])
-    images: int = _at_least(48, 2)  # seeded test images per arm (the same for every arm and variant)
-    ig_steps: int = _at_least(16, 2)  # Integrated Gradients path steps
-    batch_size: int = _at_least(16, 1)
-    panels: int = _at_least(4, 0)  # images per arm in the figure (half correct, half wrong)
+    images: int = _within(48, 2, 100_000)  # seeded test images per arm (the same for every arm and variant)
+    ig_steps: int = _within(16, 2, 1024)  # Integrated Gradients path steps
+    batch_size: int = _within(16, 1, 4096)
+    panels: int = _within(4, 0, 64)  # images per arm in the figure (half correct, half wrong)
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"gradcam", "integrated_gradients"})
@@ -177,13 +209,13 @@ class SaliencyConfig:
 
 @dataclass
 class ReportConfig:
-    bootstrap: int = _at_least(1000, 10)
+    bootstrap: int = _within(1000, 10, 100_000)
 
 
 @dataclass
 class Config:
     config_version: int = CONFIG_VERSION
-    seed: int = 0
+    seed: int = _within(0, 0, 2**32 - 1)
     workdir: str = "runs/demo"
     # who may read what the stages write (MIMIC-CXR is under a data use agreement): umask | group | private
     permissions: Literal["umask", "group", "private"] = "umask"
@@ -235,9 +267,12 @@ def _coerce(value, typ, key):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
     if typ in (float, "float"):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
+        return number
     if typ in (str, "str"):
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
@@ -269,9 +304,9 @@ def _build(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         key = prefix + name
         kwargs[name] = _coerce(value, hints[name], key)
-        minimum = fields[name].metadata.get("min")
-        if minimum is not None and kwargs[name] < minimum:
-            raise ConfigError(f"config key '{key}': {kwargs[name]!r} is below its minimum {minimum}")
+        low, high = fields[name].metadata.get("min"), fields[name].metadata.get("max")
+        if low is not None and not low <= kwargs[name] <= high:
+            raise ConfigError(f"config key '{key}': {kwargs[name]!r} is outside its range [{low}, {high}]")
     return cls(**kwargs)
 
 
@@ -318,7 +353,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load refuses to build it
             raise ConfigError(f"config file {path}: not plain YAML data ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -328,7 +363,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _yaml(raw) if raw else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: not a plain value ({str(exc).splitlines()[0]})") from None
         _set_dotted(data, key.strip(), value)

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -205,6 +206,9 @@ def _build(name: str, model_cfg: dict, checkpoint: str | None, seed: int):
         try:
             model = open_clip.create_model(name, pretrained=checkpoint, pretrained_image=False,
                                            pretrained_text=False)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something not a tensor
+            raise ModelError(f"checkpoint {checkpoint} holds objects other than tensors and was not loaded "
+                             f"({str(exc).splitlines()[0][:200]}); use the hub's .safetensors weights") from None
         except RuntimeError as exc:
             if checkpoint and ("size mismatch" in str(exc) or "Missing key" in str(exc)
                                or "Unexpected key" in str(exc)):

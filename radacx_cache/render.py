@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .config import RenderConfig
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
@@ -98,8 +98,12 @@ MAX_PIXELS = 64_000_000  # ~8000 x 8000: far above any radiograph, far below a d
 MIN_OVERLAY_SHARE = 0.002  # an overlay that changes fewer pixels than this drew (almost) nothing
 
 
+IMAGE_FORMATS = ("JPEG", "PNG")  # every archive's image formats; an archive reads only its own
+
+
 def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, int] | None = None,
-                max_pixels: int = MAX_PIXELS, scaled_ok: bool = False) -> tuple[np.ndarray, int, tuple[int, int]]:
+                max_pixels: int = MAX_PIXELS, scaled_ok: bool = False,
+                formats: tuple[str, ...] = IMAGE_FORMATS) -> tuple[np.ndarray, int, tuple[int, int]]:
     """Decode an image to 8-bit grey, with libjpeg's DCT scaling when ``min_side`` allows it.
 
     With ``min_side`` the JPEG is decoded at the smallest 1/1, 1/2, 1/4 or 1/8 scale whose result
@@ -110,12 +114,18 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
     declaring a huge image costs nothing; with ``scaled_ok`` a smaller image of the same aspect ratio
     (a downscaled copy) passes too. 16-bit images are windowed to 8 bit between their 0.5th
     and 99.5th percentiles (a hot pixel cannot turn the image black).
+    Only ``formats`` are opened (Pillow never hands a PostScript file named ``.jpg`` to Ghostscript).
     Returns the pixels, the reduction factor and the original (height, width).
     """
     if len(data) == 0:
         raise RenderError("file is empty (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        im = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
+    except UnidentifiedImageError:
+        raise RenderError(f"cannot decode image: not a {' or '.join(formats)} file") from None
+    except Exception as exc:
+        raise RenderError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    try:
         height, width = im.height, im.width
         want = None if expected is None else tuple(int(v) for v in expected)
         if want is not None and not fits_frame((height, width), want, scaled_ok):
@@ -256,7 +266,7 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
 
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
                  cfg: RenderConfig | None = None, expected: tuple[int, int] | None = None,
-                 scaled_ok: bool = False) -> dict:
+                 scaled_ok: bool = False, formats: tuple[str, ...] = IMAGE_FORMATS) -> dict:
     """Decode → pad → resize → masks → overlay for one image. Raises RenderError with the reason.
 
     ``expected``: the image's (height, width) according to the archive's metadata, checked before
@@ -265,7 +275,8 @@ def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
     """
     cfg = cfg or RenderConfig()
     size = cfg.size
-    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected, scaled_ok=scaled_ok)
+    pixels, reduce, (height, width) = decode_grey(data, size if cfg.draft else None, expected, scaled_ok=scaled_ok,
+                                                  formats=formats)
     if not fits_frame((height, width), mask_shape, scaled_ok):
         raise RenderError(f"mask Height x Width {mask_shape[0]}x{mask_shape[1]} does not match the "
                           f"image's {height}x{width}")

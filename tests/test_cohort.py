@@ -237,3 +237,41 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
         load_cohort(Workdir(work))  # withdrawn: nothing downstream can read a mix
     monkeypatch.setattr(cohort_module, "write_csv", real_write_csv)
     assert cohort_module.build_cohort(run, progress=False)["rows"] > 0
+
+
+# ---------------------------------------------------------------- hostile tables (issue 19)
+def _mimic_tables(phantom, tmp_path):
+    import shutil
+    root = tmp_path / "archive"
+    shutil.copytree(phantom["root"], root, ignore=shutil.ignore_patterns("*.jpg", "files"))
+    return root
+
+
+def test_a_non_utf8_byte_names_the_file_and_line(phantom, tmp_path):
+    import gzip
+    from radacx_cache.sources.mimic import read_metadata, table_path
+    root = _mimic_tables(phantom, tmp_path)
+    path = table_path(root, "metadata")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    view = next(i for i, line in enumerate(lines) if i and (b",PA," in line or b",AP," in line))
+    lines[view] = lines[view].replace(b",PA,", b",P\xe9,").replace(b",AP,", b",A\xe9,")  # in a column read
+    with opener(path, "wb") as f:
+        f.write(b"\n".join(lines))
+    with pytest.raises(ValueError, match=rf"line {view + 1} \(byte 0xe9\): not UTF-8 text"):
+        read_metadata(root)
+
+
+def test_a_duplicated_header_or_an_empty_table_is_refused_by_name(phantom, tmp_path):
+    from radacx_cache.sources.mimic import read_metadata, table_path
+    root = _mimic_tables(phantom, tmp_path)
+    path = table_path(root, "metadata")
+    df = pd.read_csv(path, dtype=str)
+    flipped = df.assign(ViewPosition2=df["ViewPosition"].map({"PA": "LATERAL", "AP": "LL"}).fillna("LL"))
+    flipped.to_csv(path, index=False, header=[*df.columns, "ViewPosition"])  # a second, disagreeing copy
+    with pytest.raises(ValueError, match="column 'ViewPosition' appears 2 times in the header"):
+        read_metadata(root)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{path.name}: empty table"):
+        read_metadata(root)

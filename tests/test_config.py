@@ -19,7 +19,7 @@ def test_defaults_and_overrides(tmp_path):
     ("config_version=4", "config_version 4"),
     ("archive.kind=padchest", "'archive.kind'"),
     ("archive.mimic_root=/x", "unknown config key 'archive.mimic_root'"),  # a v3 file spells it archive.root
-    ("shards.rows_per_shard=0", "'shards.rows_per_shard': 0 is below its minimum 1"),
+    ("shards.rows_per_shard=0", "'shards.rows_per_shard': 0 is outside its range"),
     ("render.line_width=-2", "'render.line_width'"),
     ("seed", "expected key=value"),
 ])
@@ -51,3 +51,37 @@ def test_version_2_configs_are_migrated_to_archive_root(tmp_path):
     assert (cfg.archive.kind, cfg.archive.root, cfg.archive.labeler) == ("mimic", "/data/mimic", "negbio")
     with pytest.raises(ConfigError, match="archive.labeler"):
         load_config(path, ["archive.kind=nih"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("shards.max_reject_share=nan", "'shards.max_reject_share': 'nan' is not a finite number"),
+    ("cohort.val_fraction=nan", "'cohort.val_fraction': 'nan' is not a finite number"),
+    ("cohort.val_fraction=-1", "'cohort.val_fraction': -1.0 is not in (0.0, 1.0)"),
+    ("cohort.val_fraction=0", "'cohort.val_fraction': 0.0 is not in (0.0, 1.0)"),
+    ("cohort.min_mask_quality=nan", "'cohort.min_mask_quality'"),
+    ("probe.tol=nan", "'probe.tol'"),
+    ("probe.tol=inf", "'probe.tol'"),
+    ("finetune.grad_clip=nan", "'finetune.grad_clip'"),
+    ("finetune.lr_head=-1", "'finetune.lr_head': -1.0 is outside its range"),
+    ("shards.n_jobs=100000", "'shards.n_jobs': 100000 is outside its range [1, 1024]"),
+    ("render.line_width=1000000000", "'render.line_width': 1000000000 is outside its range [1, 64]"),
+    ("seed=-1", "'seed': -1 is outside its range [0, 4294967295]"),
+    ("probe.c_min_log10=8", "'probe.c_min_log10' 8.0 > 'probe.c_max_log10' 6.0"),
+    ("render.fill_alpha=nan", "'render.fill_alpha'"),
+])
+def test_every_config_number_is_finite_and_bounded(override, message):
+    """Each value below was once accepted (nan, negative, 10^5 processes, a 10^9-pixel line)."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    """An alias bomb: nine levels of nine aliases expand to 9^9 strings; refused at the first alias."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nzeroshot:\n  prompts:\n    Edema: *a9\n")
+    with pytest.raises(ConfigError, match="alias \\*a0 at line 2: YAML aliases are refused"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="aliases are refused"):
+        load_config(None, ["zeroshot.template=[&x a, *x]"])

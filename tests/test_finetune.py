@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,32 @@ def test_test_predictions_come_from_the_best_checkpoint(pipeline, tmp_path):
     if best["state"]["epoch"] != last["state"]["epoch"]:  # the last epoch was not the best
         assert np.abs(got - evaluate(model, test, "masked", lm, torch.device("cpu"), None)).max() > 1e-4
     assert summary["best_val_accuracy"] == max(h["val_accuracy"] for h in last["state"]["history"])
+
+
+def test_a_kill_during_the_checkpoint_write_keeps_log_and_checkpoint_together(pipeline, tmp_path, monkeypatch):
+    """Killed while ``last.pt`` was being written, then ``--resume``: the log has its header and
+    exactly the rows of an uninterrupted run (was: header and 3 rows lost), no temporary file stays."""
+    import pandas as pd
+    extra = ("finetune.epochs=2", "finetune.checkpoint_every=3", "finetune.patience=5")
+    a, b = cfg_for(pipeline, tmp_path / "a", *extra), cfg_for(pipeline, tmp_path / "b", *extra)
+    train_variant(a, "original", progress=False)
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            Path(f).write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_variant(b, "original", progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = b.work / "finetune" / "original"
+    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"what a SIGKILL leaves behind")
+    assert list(pd.read_csv(out / "train_log.csv").columns)[:2] == ["epoch", "step"]
+    train_variant(b, "original", progress=False, resume=True)
+    cols = ["epoch", "step", "loss", "lr_head", "val_accuracy"]
+    logs = [pd.read_csv(c.work / "finetune" / "original" / "train_log.csv")[cols] for c in (a, b)]
+    pd.testing.assert_frame_equal(logs[0], logs[1])
+    assert not list(out.glob(".*.tmp"))

@@ -2,6 +2,7 @@
 attack or fault and asserts what must happen instead."""
 import errno
 import io
+import json
 import os
 import shutil
 import stat
@@ -90,11 +91,39 @@ def test_a_path_leaving_the_archive_is_never_read(tmp_path):
     (tmp_path / "archive").mkdir()
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "o.jpg").write_bytes(b"not yours")
-    with pytest.raises(ValueError, match="leaves the archive"):
-        archive_path(tmp_path / "archive", "files/../../outside/o.jpg")
+    for bad in ("files/../../outside/o.jpg", "/etc/passwd", "", "files//../x.jpg"):
+        with pytest.raises(ValueError, match="leaves the archive"):
+            archive_path(tmp_path / "archive", bad)
+    # a link the archive's owner made (a tree of links into a read-only store) is followed ...
     (tmp_path / "archive" / "link.jpg").symlink_to(tmp_path / "outside" / "o.jpg")
-    with pytest.raises(ValueError, match="leaves the archive"):
-        archive_path(tmp_path / "archive", "link.jpg")
+    assert archive_path(tmp_path / "archive", "link.jpg").read_bytes() == b"not yours"
+    # ... unless the strict mode is asked for
+    with pytest.raises(ValueError, match="a link that leaves the archive root"):
+        archive_path(tmp_path / "archive", "link.jpg", strict_links=True)
+
+
+def test_an_archive_of_links_into_another_store_renders(pipeline, tmp_path):
+    """A common cluster layout: the archive tree holds links into a read-only mount. Every image
+    renders as from the original tree (was: every image rejected as leaving the root)."""
+    from radacx_cache.stages.shards import build_shards
+    cfg = pipeline["cfg"]
+    store, links = Path(cfg.archive.root), tmp_path / "links"
+    for src in store.rglob("*"):
+        dst = links / src.relative_to(store)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+    run = copy_work(pipeline, tmp_path / "w", "cohort", extra=(f"archive.root={links}",))
+    manifest = build_shards(run, progress=False)
+    assert manifest["rows"] == pipeline["shards"]["rows"] and manifest["rejects"] == pipeline["shards"]["rejects"]
+    strict = load_config(None, [f"workdir={tmp_path / 'w2'}", f"archive.root={links}", "archive.strict_links=true",
+                                "shards.max_reject_share=1", "shards.rows_per_shard=64"])
+    shutil.copytree(tmp_path / "w" / "cohort", tmp_path / "w2" / "cohort")
+    assert build_shards(strict, progress=False)["rows"] == 0  # every image a reject row, with the reason
+    reasons = pd.read_csv(tmp_path / "w2" / "shards" / "rejects.csv")["reason"]
+    assert reasons.str.contains("a link that leaves the archive root").mean() > 0.9
 
 
 def test_hostile_metadata_rows_become_rejects_not_tracebacks(pipeline, tmp_path):
@@ -325,3 +354,171 @@ def test_cli_prints_one_clear_line_and_exits_non_zero(pipeline, tmp_path, caplog
     code = main(["cohort", "--set", f"workdir={blocker / 'run'}", "--set", f"archive.root={cfg.archive.root}",
                  "--set", f"archive.chexmask_csv={cfg.archive.chexmask_csv}"])
     assert code == 2 and "Not a directory" in caplog.text and str(blocker) in caplog.text
+
+
+# ---------------------------------------------------------------- issue 19: hostile files and values
+def test_writes_never_follow_a_planted_link(pipeline, tmp_path):
+    """A link at the lock's name, at a temporary name, or in place of an output folder: nothing is
+    written outside the workdir."""
+    from radacx_cache._io import UnsafePath, atomic_path, stage_run, write_json
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".radacx-report.lock").symlink_to(victim)
+    with pytest.raises(UnsafePath, match="is a link; refusing to open the stage lock"):
+        with stage_run(work, "report"):
+            pass
+    assert victim.read_text() == "precious"
+    (work / ".radacx-report.lock").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (work / "predictions").symlink_to(elsewhere)
+    with stage_run(work, "report"):
+        # the old predictable temporary names, planted for every pid nearby: never used
+        for pid in range(os.getpid() - 2, os.getpid() + 3):
+            (work / f".table1.md.{pid}.tmp").symlink_to(victim)
+        with atomic_path(work / "table1.md") as tmp:
+            tmp.write_text("table")
+        with pytest.raises(UnsafePath, match="predictions is a link; refusing to write through it"):
+            write_json(work / "predictions" / "V1" / "original.json", {"x": 1})
+    assert victim.read_text() == "precious" and (work / "table1.md").read_text() == "table"
+    assert not (work / "table1.md").is_symlink() and not list(elsewhere.rglob("*.json"))
+
+
+def _plant_external(path: Path, dataset: str, outside: Path, shape, dtype=np.uint8):
+    """Replace ``dataset`` of an HDF5 file with one whose bytes live in ``outside``."""
+    outside.write_bytes(np.zeros(int(np.prod(shape)), dtype).tobytes())
+    with h5py.File(path, "r+") as f:
+        del f[dataset]
+        f.create_dataset(dataset, shape, dtype, external=[(str(outside), 0, h5py.h5f.UNLIMITED)])
+
+
+def test_hdf5_external_storage_and_links_are_refused(pipeline, features, tmp_path):
+    from radacx_cache.formats.hdf5 import UnsafeHDF5, open_checked
+    from radacx_cache.formats.shardset import ShardSet
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
+    shard = sorted((tmp_path / "shards").glob("test-*.h5"))[0]
+    with h5py.File(shard, "r") as f:
+        shape = f["original"].shape
+    _plant_external(shard, "original", tmp_path / "outside.raw", shape)
+    with pytest.raises(ShardError, match="stored in an outside file"):
+        ShardSet(tmp_path / "shards").file(shard.name)
+    passwd = tmp_path / "inspect.h5"
+    with h5py.File(passwd, "w") as f:
+        f.create_dataset("original", (1, 4, 4), np.uint8, external=[("/etc/passwd", 0, 16)])
+        f["link"] = h5py.ExternalLink("/etc/passwd.h5", "/x")
+    with pytest.raises(UnsafeHDF5, match="external link|outside file"):
+        open_checked(passwd)
+    assert main(["inspect", str(passwd), "--png", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+    # a planted partial cache whose features live in an outside file: never written into
+    from radacx_cache.stages.embed import embed_variant
+    from radacx_cache.models import load_model
+    model = load_model("tiny", seed=7)
+    partial = tmp_path / "features" / model.tag / ".masked.h5.partial"
+    partial.parent.mkdir(parents=True)
+    outside = tmp_path / "outside-features.raw"
+    with h5py.File(partial, "w") as f:
+        f.attrs["fingerprints"] = "{}"
+        f.create_dataset("features", (10, 4), np.float32, external=[(str(outside), 0, h5py.h5f.UNLIMITED)])
+    outside.write_bytes(b"\0" * 160)
+    shards = open_shards(tmp_path / "shards")
+    shutil.copy(pipeline["cfg"].work / "shards" / shard.name, shard)  # the real shard back
+    embed_variant(cfg, model, shards, "masked", progress=False)
+    assert outside.read_bytes() == b"\0" * 160
+
+
+def test_memory_bomb_caches_are_refused_and_set_aside(pipeline, features, tmp_path):
+    """A 6 KB cache declaring 2^40 rows: refused before any read, moved aside, rebuilt."""
+    from radacx_cache.models import load_model
+    from radacx_cache.stages.embed import embed_variant
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards", "features")
+    cache = tmp_path / "features" / "tiny" / "masked.h5"
+    with h5py.File(cache, "r+") as f:
+        del f["features"]
+        f.create_dataset("features", (2 ** 40, 64), np.float32, chunks=(1024, 64))
+    assert cache.stat().st_size < 10 ** 6
+    with pytest.raises(FeatureCacheError, match="declares"):
+        FeatureCache(cache)
+    embed_variant(cfg, load_model("tiny", seed=7), open_shards(tmp_path / "shards"), "masked", progress=False)
+    assert (cache.parent / ".masked.h5.damaged").exists()
+    session = FeatureCache(pipeline["cfg"].work / "features" / "tiny" / "masked.h5").features
+    np.testing.assert_allclose(FeatureCache(cache).features, session, atol=1e-5)  # rebuilt
+
+
+@pytest.mark.parametrize("kind", ["fifo", "sparse", "postscript"])
+def test_hostile_image_files_become_reject_rows(pipeline, tmp_path, kind):
+    """A FIFO at an image path (hung forever), a 1 TiB sparse file (MemoryError), PostScript named
+    .jpg (Ghostscript ran): each is one reject row with its reason, and nothing else happens."""
+    from radacx_cache.stages.shards import build_shards
+    cfg = pipeline["cfg"]
+    archive = tmp_path / "archive"
+    shutil.copytree(cfg.archive.root, archive, symlinks=True)
+    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv", dtype={"dicom_id": str})
+    victim = archive / cohort["path"].iloc[3]
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "sparse":
+        with open(victim, "wb") as f:
+            f.truncate(1 << 40)
+    else:
+        victim.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    run = copy_work(pipeline, tmp_path / "w", "cohort", extra=(f"archive.root={archive}",))
+    build_shards(run, progress=False)
+    rejects = pd.read_csv(tmp_path / "w" / "shards" / "rejects.csv", dtype={"id": str})
+    reason = rejects.loc[rejects["id"] == cohort["dicom_id"].iloc[3], "reason"].iloc[0]
+    expected = {"fifo": "not a regular file", "sparse": "more than the", "postscript": "not a JPEG file"}[kind]
+    assert expected in reason
+
+
+def test_a_shard_sidecar_holding_garbage_is_rebuilt_not_a_traceback(pipeline, tmp_path):
+    from radacx_cache.stages.shards import build_shards
+    cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
+    sidecars = sorted((tmp_path / "shards").glob("train-*.json"))
+    sidecars[0].write_text("[]")
+    sidecars[1].write_text("{not json")
+    (tmp_path / "shards" / ".verified.json").write_text("[]")
+    manifest = build_shards(cfg, progress=False)
+    assert manifest["rows"] == pipeline["shards"]["rows"]
+    assert json.loads(sidecars[0].read_text())["name"] == sidecars[0].with_suffix(".h5").name
+
+
+def test_shards_smaller_than_the_model_input_are_refused_before_embedding(pipeline, tmp_path, caplog):
+    from radacx_cache.formats.records import seal
+    copy_work(pipeline, tmp_path, "cohort", "shards")
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("fingerprint")
+    manifest["render_config"]["size"] = 64  # as if rendered with render.size=64
+    path.write_text(json.dumps(seal(manifest)))
+    assert main(["embed", "--set", f"workdir={tmp_path}", "--set", "seed=7"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "shards are 64 px, model tiny takes 224 px" in errors[0]
+
+
+def test_inspect_lists_groups_and_refuses_dangling_links(tmp_path, capsys):
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("extra")
+        f["original"] = np.zeros((1, 4, 4), np.uint8)
+    assert main(["inspect", str(path)]) == 0
+    assert "extra: (group)" in capsys.readouterr().out
+    with h5py.File(path, "r+") as f:
+        f["dangling"] = h5py.SoftLink("/nowhere")
+    assert main(["inspect", str(path)]) == 2
+
+
+def test_a_shard_declaring_enormous_images_is_refused_unread(pipeline, tmp_path):
+    """8 images of 2^20 x 2^20 pixels declared in a small file: refused by shape, nothing read."""
+    from radacx_cache.formats.shardset import ShardSet
+    copy_work(pipeline, tmp_path, "cohort", "shards")
+    shard = sorted((tmp_path / "shards").glob("test-*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        del f["original"]
+        f.create_dataset("original", (f["dicom_id"].shape[0], 2 ** 20, 2 ** 20), np.uint8, chunks=(1, 256, 256))
+    with pytest.raises(ShardError, match="original has shape"):
+        ShardSet(tmp_path / "shards")[int(np.flatnonzero(ShardSet(tmp_path / "shards").index["shard"]
+                                                          == shard.name)[0])]
+    assert main(["inspect", str(shard), "--png", str(tmp_path / "m.png")]) == 2

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,20 @@ def test_spec_parsing():
     assert parse_model_spec("openclip:ViT-B-16/laion2b_s34b_b88k") == ("openclip", "ViT-B-16/laion2b_s34b_b88k")
     with pytest.raises(ModelError, match="not tiny"):
         parse_model_spec("/no/such/dir")
+
+
+def test_a_pickled_weight_file_in_a_model_folder_runs_nothing(tmp_path):
+    """A ``.bin`` whose unpickling would run code: refused with one line, the payload never runs."""
+    import json
+    import torch
+    from radacx_cache.models import DATA, ModelError, load_model
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": json.loads((DATA / "radacx-tiny.json").read_text())}))
+    torch.save({"state_dict": Payload()}, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(ModelError, match="holds objects other than tensors and was not loaded"):
+        load_model(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..sources.chexmask import MASK_NAMES
 from ..workdir import Workdir
+from .hdf5 import open_checked
 from .records import Record, Verifier
 
 
@@ -92,7 +93,7 @@ def read_rle_rows(path: Path, rows) -> dict[str, dict]:
     """RLE strings and mask shape of the given ``rle_row`` numbers, keyed by dicom_id."""
     out = {}
     rows = np.asarray(rows, dtype=np.int64)
-    with h5py.File(path, "r") as f:
+    with open_checked(path) as f:
         order = np.argsort(rows)
         sel = rows[order]
         ids = f["dicom_id"][sel]

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .._io import stable_hash
+from .hdf5 import UnsafeHDF5, check_shape, open_checked
 from .shardset import ShardSet
 
 CACHE_SCHEMA = "radacx-features"
@@ -34,8 +35,13 @@ def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
 
 def check_fingerprints(path: Path, expected: dict) -> None:
     """Raise FeatureCacheError naming each fingerprint of ``path`` that differs from ``expected``."""
-    with h5py.File(path, "r") as f:
-        found = json.loads(f.attrs.get("fingerprints", "{}"))
+    with _open(path) as f:
+        try:
+            found = json.loads(f.attrs.get("fingerprints", "{}"))
+        except ValueError:
+            raise FeatureCacheError(f"{path}: its fingerprints attribute is not JSON") from None
+    if not isinstance(found, dict):
+        raise FeatureCacheError(f"{path}: its fingerprints attribute is not a mapping")
     diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if diff:
         what = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
@@ -52,10 +58,11 @@ class FeatureCache:
             raise FeatureCacheError(f"{self.path}: no feature cache (run `radacx embed` first)")
         if expected:
             check_fingerprints(self.path, expected)
-        with h5py.File(self.path, "r") as f:
+        with _open(self.path) as f:
             if f.attrs.get("schema") != CACHE_SCHEMA:
                 raise FeatureCacheError(f"{self.path}: not a {CACHE_SCHEMA} file")
             self.fingerprints = json.loads(f.attrs["fingerprints"])
+            _check_shapes(self.path, f)
             self.dicom_id = f["dicom_id"][:].astype(str)
             self.features = f["features"][:]
             self.pre_projection = f["pre_projection"][:] if "pre_projection" in f else None
@@ -79,6 +86,38 @@ class FeatureCache:
         """Rows must be the shard index's rows, in its order."""
         if not np.array_equal(self.dicom_id, shards.index["dicom_id"].to_numpy().astype(str)):
             raise FeatureCacheError(f"{self.path}: rows are not aligned with {shards.root}/index.csv")
+
+
+MAX_ROWS, MAX_WIDTH = 50_000_000, 1 << 16  # far above MIMIC-CXR (377k images) and any encoder's width
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return open_checked(path)
+    except UnsafeHDF5 as exc:
+        raise FeatureCacheError(str(exc)) from None
+    except OSError as exc:
+        raise FeatureCacheError(f"{path}: cannot be read as HDF5 ({exc})") from None
+
+
+def _check_shapes(path: Path, f: h5py.File) -> None:
+    """Rows and widths bounded and consistent before any dataset is read (a memory bomb costs nothing)."""
+    try:
+        n = f["dicom_id"].shape[0] if f["dicom_id"].ndim == 1 else -1
+        if not 0 <= n <= MAX_ROWS:
+            raise FeatureCacheError(f"{path}: dicom_id declares {f['dicom_id'].shape}, expected (N,) with "
+                                    f"N <= {MAX_ROWS}")
+        for name in ("features", "pre_projection"):
+            if name in f:
+                ds = f[name]
+                if ds.ndim != 2 or not 0 < ds.shape[1] <= MAX_WIDTH:
+                    raise FeatureCacheError(f"{path}: {name} has shape {ds.shape}, expected (N, D) with "
+                                            f"D <= {MAX_WIDTH}")
+                check_shape(path, ds, rows=n)
+    except UnsafeHDF5 as exc:
+        raise FeatureCacheError(str(exc)) from None
+    except KeyError as exc:
+        raise FeatureCacheError(f"{path}: no dataset {exc}") from None
 
 
 def content_sha256(ids, features: np.ndarray, pre_projection: np.ndarray | None) -> str:

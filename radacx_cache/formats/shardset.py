@@ -7,6 +7,7 @@ DataLoader workers (h5py handles cannot cross a fork: pytorch/pytorch#11887).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 from .._io import file_sha256
 from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
+from .hdf5 import UnsafeHDF5, check_shape, open_checked
 from .records import RecordError, Verifier, check_files, read_record
 
 SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
@@ -41,7 +43,7 @@ def validate_shard(path: Path, expected: dict | None = None) -> None:
         raise ShardError(f"{path}: size {path.stat().st_size} != {expected['bytes']} bytes in its "
                          f"manifest entry (truncated or overwritten)")
     try:
-        with h5py.File(path, "r") as f:
+        with open_checked(path) as f:
             if f.attrs.get("schema") != SCHEMA:
                 raise ShardError(f"{path}: not a {SCHEMA} file (schema attribute {f.attrs.get('schema')!r})")
             version = int(f.attrs.get("schema_version", -1))
@@ -49,15 +51,36 @@ def validate_shard(path: Path, expected: dict | None = None) -> None:
                 raise ShardError(f"{path}: schema_version {version}; this reader understands "
                                  f"{SCHEMA_VERSION}")
             n = f["dicom_id"].shape[0]
-            for name in ROW_DATASETS:
-                if f[name].shape[0] != n:
-                    raise ShardError(f"{path}: dataset {name} has {f[name].shape[0]} rows, dicom_id {n}")
+            if expected is not None and "rows" in expected and n != expected["rows"]:
+                raise ShardError(f"{path}: {n} rows, its manifest entry says {expected['rows']}")
+            check_row_shapes(path, f, n)
     except ShardError:
         raise
+    except UnsafeHDF5 as exc:
+        raise ShardError(str(exc)) from None
     except Exception as exc:
         raise ShardError(f"{path}: cannot be read as HDF5 ({exc})") from None
     if expected is not None and expected.get("sha256") and file_sha256(path) != expected["sha256"]:
         raise ShardError(f"{path}: sha256 differs from its manifest entry (corrupted)")
+
+
+def check_row_shapes(path: Path, f: h5py.File, n: int) -> None:
+    """Every row dataset has ``n`` rows of the shape the schema gives at the file's ``size``, before
+    anything is read (a small file declaring huge images costs nothing)."""
+    size = int(f.attrs.get("size", 224))
+    if not 16 <= size <= 4096:
+        raise ShardError(f"{path}: @size {size} is outside 16-4096")
+    k = len(json.loads(f.attrs["target_names"])) if "target_names" in f.attrs else None
+    tails = {"original": (size, size), "masked": (size, size, 3), "masks": (3, size, size), "labels": (14,),
+             "geometry": None, "mask_quality": (), "targets": None if k is None else (k,)}
+    try:
+        for name, tail in tails.items():
+            if name in f:
+                check_shape(path, f[name], rows=n, tail=tail)
+            elif name in ROW_DATASETS:
+                raise ShardError(f"{path}: no dataset {name}")
+    except UnsafeHDF5 as exc:
+        raise ShardError(str(exc)) from None
 
 
 def row_blocks(index: pd.DataFrame, max_rows: int):
@@ -122,7 +145,7 @@ class ShardSet:
         for entry in self.manifest["shards"]:
             path = self.root / entry["name"]
             validate_shard(path, {**entry, "sha256": None})
-            with h5py.File(path, "r") as f:
+            with open_checked(path) as f:
                 found = f.attrs.get("render_fingerprint")
             if found != self.manifest["render_fingerprint"]:
                 raise ShardError(f"{path}: rendered with render config {found}, the folder's manifest says "
@@ -157,7 +180,16 @@ class ShardSet:
         if self._pid != os.getpid():
             self._handles, self._views, self._pid = {}, {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = h5py.File(self.root / shard, "r")
+            try:
+                f = open_checked(self.root / shard)
+            except UnsafeHDF5 as exc:
+                raise ShardError(str(exc)) from None
+            try:  # shapes as the schema says before any row is read (a memory bomb costs nothing)
+                check_row_shapes(self.root / shard, f, f["dicom_id"].shape[0])
+            except Exception:
+                f.close()
+                raise
+            self._handles[shard] = f
         return self._handles[shard]
 
     def close(self) -> None:

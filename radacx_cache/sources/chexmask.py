@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ._tables import require_columns
+from ._tables import decoded_chunks, read_table, require_columns
 
 MASK_COLUMNS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
 MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack in this project
@@ -189,7 +189,8 @@ def iter_chexmask(path: str | Path, *, id_column: str | None = "dicom_id", with_
     rename.update({v: k for k, v in MASK_COLUMNS.items()})
     # pandas' C parser reads these long rows at several hundred MB/s and has no field-size limit
     swapped = None
-    for chunk in pd.read_csv(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize):
+    reader = read_table(path, usecols=wanted, dtype={id_column: str}, chunksize=chunksize)
+    for chunk in decoded_chunks(reader, path):
         if swapped is None:
             swapped = dice_columns_swapped(chunk)
             if swapped:

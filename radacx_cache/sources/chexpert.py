@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._tables import require_columns
+from ._tables import read_table, require_columns
 from ..findings import FINDINGS_ALL
 from .mimic import parse_label_cells
 
@@ -54,7 +54,7 @@ def read_tables(root) -> pd.DataFrame:
     parts = []
     for table, path in table_paths(root).items():
         require_columns(path, (*COLUMNS, *FINDINGS_ALL))
-        raw = pd.read_csv(path, usecols=[*COLUMNS, *FINDINGS_ALL], dtype=str, keep_default_na=False)
+        raw = read_table(path, usecols=[*COLUMNS, *FINDINGS_ALL], dtype=str, keep_default_na=False)
         parts.append(_canonical(raw, TABLES[table]))
     return pd.concat(parts, ignore_index=True)
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from ..findings import FINDINGS_ALL
-from ._tables import require_columns
+from ._tables import read_table, require_columns
 
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
@@ -31,7 +31,7 @@ def table_path(root: str | Path, name: str) -> Path:
 def _read(path: Path, columns, ids_as_text: bool = False) -> pd.DataFrame:
     require_columns(path, columns)
     dtype = {c: str for c in ("dicom_id", "subject_id", "study_id")} if ids_as_text else {"dicom_id": str}
-    return pd.read_csv(path, usecols=list(columns), dtype={k: v for k, v in dtype.items() if k in columns},
+    return read_table(path, usecols=list(columns), dtype={k: v for k, v in dtype.items() if k in columns},
                        keep_default_na=not ids_as_text, na_values=[""] if ids_as_text else None)
 
 
@@ -66,7 +66,7 @@ def read_labels(root, labeler: str = "chexpert") -> pd.DataFrame:
         raise ValueError(f"labeler {labeler!r}: expected 'chexpert' or 'negbio'")
     path = table_path(root, labeler)
     require_columns(path, ("subject_id", "study_id", *FINDINGS_ALL))
-    raw = pd.read_csv(path, usecols=["subject_id", "study_id", *FINDINGS_ALL], dtype=str, keep_default_na=False)
+    raw = read_table(path, usecols=["subject_id", "study_id", *FINDINGS_ALL], dtype=str, keep_default_na=False)
     df = _numeric_ids(raw)
     values, problems = parse_label_cells(df, FINDINGS_ALL)
     return df[["subject_id", "study_id"]].assign(**values, label_problem=problems)
@@ -131,10 +131,16 @@ def jpg_relpath(subject_id: int, study_id: int, dicom_id: str) -> str:
     return f"files/{subject[:3]}/{subject}/s{int(study_id)}/{dicom_id}.jpg"
 
 
-def archive_path(root: str | Path, relpath: str) -> Path:
-    """``root / relpath``, refused (ValueError) unless it resolves to a file inside ``root``."""
-    base = Path(root).resolve()
-    path = (base / relpath).resolve()
-    if not path.is_relative_to(base):
-        raise ValueError(f"path {relpath!r} leaves the archive root {base}")
+def archive_path(root: str | Path, relpath: str, strict_links: bool = False) -> Path:
+    """``root / relpath`` for a path built from table values: refused (ValueError) when the path
+    itself would leave ``root`` (absolute, ``..``, an empty part). Links inside the archive are the
+    archive owner's (a tree of links into a read-only store is a common layout) and are followed,
+    unless ``strict_links``: then the resolved file must lie inside the resolved root."""
+    rel = PurePosixPath(str(relpath))
+    if not str(relpath) or rel.is_absolute() or any(p in ("", "..", ".") for p in rel.parts) or "\\" in str(relpath):
+        raise ValueError(f"path {relpath!r} leaves the archive root {root}")
+    path = Path(root) / rel
+    if strict_links and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"path {relpath!r} is a link that leaves the archive root {Path(root).resolve()} "
+                         f"(archive.strict_links is on)")
     return path

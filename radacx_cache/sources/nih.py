@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._tables import require_columns
+from ._tables import read_table, require_columns
 from ..findings import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -51,7 +51,7 @@ def read_data_entry(root) -> pd.DataFrame:
     Rows whose labels cannot be read carry the reason in ``label_problem``."""
     path = data_entry_path(root)
     require_columns(path, COLUMNS)
-    raw = pd.read_csv(path, usecols=list(COLUMNS), dtype=str, keep_default_na=False)
+    raw = read_table(path, usecols=list(COLUMNS), dtype=str, keep_default_na=False)
     df = pd.DataFrame({"dicom_id": raw["Image Index"].str.strip(), "subject_id": raw["Patient ID"].str.strip(),
                        "study_id": raw["Follow-up #"].str.strip(),
                        "ViewPosition": raw["View Position"].str.strip().replace("", None),

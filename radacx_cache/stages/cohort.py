@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._io import read_json, stable_hash, stage_run, tmp_name, write_csv
+from .._io import private_tmp, read_json, stable_hash, stage_run, write_csv
 from ..archives import KINDS, ArchiveTables, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
 from ..formats.cohort_files import RLEStore, rle_content_hash
 from ..formats.records import RecordError, read_record, write_record
@@ -296,8 +296,7 @@ def _build_cohort(cfg: Config) -> dict:
         except RecordError as exc:  # edited or from an older version: built again
             log.warning("cohort: rebuilding (%s)", exc)
     images, rejects = select_images(read_archive_tables(cfg, with_chexmask=False), c, labeler=cfg.archive.labeler)
-    store = tmp_name(work.masks_rle)
-    work.cohort_dir.mkdir(parents=True, exist_ok=True)
+    store = private_tmp(work.masks_rle)
     try:
         masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store, chexmask_id_column(cfg))
         df, more = attach_masks(images, masks, c, seed=cfg.seed,

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .._io import atomic_path, stage_run
+from .._io import atomic_path, refuse_links_below_root, stage_run
 from ..arms import IMAGE_VARIANTS
 from ..config import Config
 from ..formats.features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
                        create_partial)
 from ..models import LoadedModel, load_model
 from ..runtime import autocast, autocast_dtype, barrier, init_distributed
+from ..formats.hdf5 import open_checked
 from ..formats.records import Verifier, write_record
 from ..formats.shardset import ShardError, ShardSet, open_verified
 from ..formats.stream import ordered_loader, ordered_runs
@@ -82,6 +83,10 @@ class _Encoder:
 
 def open_or_resume(partial: Path, fps: dict, encoder: _Encoder, shards: ShardSet) -> np.ndarray:
     """Create the partial cache, or keep a matching one; returns its ``row_done`` flags."""
+    if partial.is_symlink():  # planted: never written through
+        log.warning("embed: removing %s (a link, not a partial cache this stage wrote)", partial)
+        partial.unlink()
+    refuse_links_below_root(partial.parent)
     if partial.exists():
         try:
             check_fingerprints(partial, fps)
@@ -90,7 +95,7 @@ def open_or_resume(partial: Path, fps: dict, encoder: _Encoder, shards: ShardSet
             partial.unlink()
     if not partial.exists():
         create_partial(partial, fps, encoder.model, shards, *encoder.widths())
-    with h5py.File(partial, "r") as f:
+    with open_checked(partial) as f:
         return f["row_done"][:]
 
 
@@ -155,15 +160,16 @@ def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: st
     final.parent.mkdir(parents=True, exist_ok=True)
     fps = cache_fingerprints(model, shards, variant)
     if final.exists():
-        check_fingerprints(final, fps)  # another model or shard set: refused, never reused
         try:
-            FeatureCache(final)  # checksum and rows verified
-            log.info("embed: %s is up to date", final)
-            return final
+            FeatureCache(final)  # safe to open, bounded, checksum and rows verified
         except FeatureCacheError as exc:  # damaged after commit: set aside (not deleted) and rebuilt
             aside = final.with_name(f".{final.name}.damaged")
             os.replace(final, aside)
             log.warning("embed: %s failed verification (%s); moved to %s and rebuilt", final, exc, aside)
+        else:
+            check_fingerprints(final, fps)  # another model or shard set: refused, never reused
+            log.info("embed: %s is up to date", final)
+            return final
     partial = work.features_partial(model.tag, variant, rank, world)
     encoder = _Encoder(model, cfg, device or init_distributed(cfg.runtime.device)[1])
     row_done = open_or_resume(partial, fps, encoder, shards)

@@ -28,7 +28,7 @@ import torch
 from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
-from .._io import atomic_path, stable_hash, stage_run, write_json
+from .._io import atomic_path, remove_stale_tmp, stable_hash, stage_run, write_json
 from ..arms import IMAGE_VARIANTS, arm_for
 from ..augment import augment
 from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
@@ -68,6 +68,21 @@ class TrainState:
     best: float = -1.0
     bad_epochs: int = 0
     history: list = field(default_factory=list)
+    log: list = field(default_factory=list)  # train_log.csv's rows: committed with every checkpoint
+
+
+LOG_HEADER = ["epoch", "step", "loss", "lr_encoder", "lr_head", "images_per_s", "val_accuracy"]
+
+
+class _LogRows:
+    """``csv.writer``-like: rows go into the training state, so ``train_log.csv`` is written only with
+    a checkpoint and a resume continues the log the checkpoint saw (never a half-written one)."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+
+    def writerow(self, row) -> None:
+        self.run.state.log.append([str(v) for v in row])
 
 
 def _rng_state() -> dict:
@@ -122,6 +137,7 @@ class Run:
         return Workdir(self.cfg.workdir).finetune_best(self.variant)
 
     def save(self, path: Path) -> None:
+        """The checkpoint, then the training log as of that checkpoint (each written atomically)."""
         if not self.world.is_main:
             return
         with atomic_path(path) as tmp:
@@ -130,6 +146,11 @@ class Run:
                         "rng": _rng_state(), "stream": self.stream.state_dict(self.state.batches_consumed),
                         "state": dataclasses.asdict(self.state), "config_fingerprint": self.config_fp,
                         "classes": self.classes, "model_spec": self.lm.spec}, tmp)
+        with atomic_path(Workdir(self.cfg.workdir).finetune_log(self.variant)) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(LOG_HEADER)
+                writer.writerows(self.state.log)
 
 
 def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
@@ -348,26 +369,23 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
     if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
         log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir)
         return previous
+    removed = remove_stale_tmp(run.out_dir)  # a checkpoint write that was killed half-way
+    if removed:
+        log.warning("finetune %s: removed %d temporary file(s) left by an interrupted run", variant, removed)
     load_or_init_checkpoint(run, resume)
-    log_path = Workdir(cfg.workdir).finetune_log(variant)
-    new_log = not log_path.exists() or not resume
-    skipped = 0
-    with open(log_path, "w" if new_log else "a", newline="") as log_file:
-        log_rows = csv.writer(log_file)
-        if new_log:
-            log_rows.writerow(["epoch", "step", "loss", "lr_encoder", "lr_head", "images_per_s", "val_accuracy"])
-        loader = torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=ft.num_workers,
-                                             pin_memory=run.device.type == "cuda", persistent_workers=False)
-        while run.state.epoch < ft.epochs and run.state.step < run.total_steps:
-            run.stream.set_epoch(run.state.epoch)
-            outcome = train_one_epoch(run, loader, log_rows, progress=progress, stop_after_steps=stop_after_steps)
-            skipped = max(skipped, outcome["skipped"])
-            if outcome["stop"] == "nan":
-                raise TrainingError(f"finetune {variant}: {outcome['message']}")
-            if outcome["stop"] == "interrupted":
-                return {"interrupted_at_step": run.state.step}
-            if _end_of_epoch(run, val, log_rows):
-                break
+    skipped, log_rows = 0, _LogRows(run)  # the log is committed with each checkpoint (Run.save)
+    loader = torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=ft.num_workers,
+                                         pin_memory=run.device.type == "cuda", persistent_workers=False)
+    while run.state.epoch < ft.epochs and run.state.step < run.total_steps:
+        run.stream.set_epoch(run.state.epoch)
+        outcome = train_one_epoch(run, loader, log_rows, progress=progress, stop_after_steps=stop_after_steps)
+        skipped = max(skipped, outcome["skipped"])
+        if outcome["stop"] == "nan":
+            raise TrainingError(f"finetune {variant}: {outcome['message']}")
+        if outcome["stop"] == "interrupted":
+            return {"interrupted_at_step": run.state.step}
+        if _end_of_epoch(run, val, log_rows):
+            break
     if skipped:
         log.warning("finetune %s: %d training rows were skipped (unreadable shards, see log)", variant, skipped)
     run.model.load_state_dict(load_checkpoint(run.best)["model"])

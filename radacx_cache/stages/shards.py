@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +32,7 @@ from ..archives import KINDS
 from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
 from ..formats.records import Record, Verifier, write_record
 from ..config import Config, RenderConfig
-from ..render import GEOMETRY_FIELDS, RenderError, render_image
+from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, render_image
 from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
 from ..sources.chexmask import MASK_NAMES
 from ..findings import FINDINGS_ALL
@@ -95,30 +97,57 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
                                  ).reshape(n, len(GEOMETRY_FIELDS))
 
 
+MAX_IMAGE_BYTES = 256 << 20  # a MIMIC JPEG is ~1-3 MB, an NIH PNG ~3 MB, a DICOM ~10-30 MB
+
+
+def read_image(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """An image file's bytes, after checking (on the opened file itself) that it is a regular file
+    below ``max_bytes``: a FIFO never hangs the stage, a 1 TiB sparse file is never read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RenderError("not a regular file (a FIFO, device or folder at the image's path); not read")
+        if st.st_size > max_bytes:
+            raise RenderError(f"file is {st.st_size} bytes, more than the {max_bytes} an image may have; not read")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def _image_bytes(root: str, relpath: str, strict_links: bool) -> tuple[bytes | None, str | None, bool]:
+    """(bytes, None, _) or (None, reject reason, whether a rerun may find the file)."""
+    try:
+        return read_image(archive_path(root, relpath, strict_links)), None, False
+    except ValueError as exc:  # a path that would leave the archive: never read (RenderError included)
+        return None, str(exc), False
+    except FileNotFoundError:
+        return None, "image file not found", True
+    except OSError as exc:
+        return None, f"image file unreadable ({exc.strerror or exc})", True
+
+
 def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
                  render_cfg: dict, classes: list, out_dir: str, attrs: dict,
-                 on_written: WrittenHook | None = None) -> dict:
-    """Render one planned shard (runs in a worker): returns its sidecar record."""
+                 on_written: WrittenHook | None = None, source: dict | None = None) -> dict:
+    """Render one planned shard (runs in a worker): returns its sidecar record. ``source``: how the
+    archive's images are read (``formats``, ``strict_links``)."""
     cap_threads(1)
+    source = source or {}
     render = RenderConfig(**render_cfg)
     rles = read_rle_rows(Path(rle_path), [int(rec["rle_row"]) for rec in records])
     items, kept, rejects = [], [], []
     for rec in records:
         retry = False
         try:
-            try:
-                data = archive_path(root, rec["path"]).read_bytes()
-            except ValueError as exc:  # a path that would leave the archive: never read
-                raise RenderError(str(exc)) from None
-            except FileNotFoundError:
-                retry = True
-                raise RenderError("image file not found") from None
-            except OSError as exc:
-                retry = True
-                raise RenderError(f"image file unreadable ({exc.strerror or exc})") from None
+            data, problem, retry = _image_bytes(root, rec["path"], bool(source.get("strict_links")))
+            if problem:
+                raise RenderError(problem)
             mask = rles[rec["dicom_id"]]
             item = render_image(data, mask, mask["shape"], render, expected=(rec["Rows"], rec["Columns"]),
-                                scaled_ok=bool(attrs.get("scaled_copies")))
+                                scaled_ok=bool(attrs.get("scaled_copies")),
+                                formats=tuple(source.get("formats", IMAGE_FORMATS)))
         except RenderError as exc:
             rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})",
                             "path": rec["path"], "retry": retry})
@@ -175,7 +204,11 @@ def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, li
         if not sidecar_path.exists():
             pending.append(task)
             continue
-        sidecar = read_json(sidecar_path)
+        sidecar = _read_sidecar(sidecar_path)
+        if sidecar is None:  # unreadable or not an object: the shard is not known to be finished
+            log.warning("shards: rebuilding %s (its sidecar %s is not a JSON object)", task.name, sidecar_path.name)
+            pending.append(task)
+            continue
         if sidecar.get("fingerprint") != task.fingerprint:
             obsolete.append(task.name)
             pending.append(task)
@@ -195,6 +228,14 @@ def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, li
     planned = {t.name for t in tasks}
     obsolete += sorted(p.name for p in out.glob("*.h5") if p.name not in planned)
     return done, pending, obsolete
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def plan_render(cfg: Config) -> tuple[list[ShardTask], dict, list]:
@@ -253,7 +294,9 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
         with context:
             jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.root,
                                           str(work.masks_rle), cfg.to_dict()["render"],
-                                          attrs["target_names"], str(work.shards_dir), attrs, on_written)
+                                          attrs["target_names"], str(work.shards_dir), attrs, on_written,
+                                          {"formats": KINDS[cfg.archive.kind].image_formats,
+                                           "strict_links": cfg.archive.strict_links})
                     for t in pending)
             bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", disable=not progress)
             for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
@@ -279,8 +322,8 @@ def _check_reject_share(done: dict, n_cohort: int, limit: float) -> None:
 
 def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
     """A shard folder built with another render config is never silently mixed with this one."""
-    for path in sorted(out.glob("*.json")):
-        entry = read_json(path)
+    for path in sorted(out.glob("*-[0-9][0-9][0-9][0-9][0-9].json")):  # the shards' sidecars
+        entry = _read_sidecar(path) or {}
         if entry.get("render_fingerprint", render_fp) != render_fp:
             raise ShardError(
                 f"{out} holds shards rendered with another render config ({path.name}: "
