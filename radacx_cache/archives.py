@@ -59,6 +59,7 @@ class ArchiveTables:
     kind: str = "mimic"
     rejects: list = field(default_factory=list)
     image_folders: dict | None = None  # NIH Kaggle copy: the images_NNN/images folder of each file
+    boxes: pd.DataFrame | None = None  # radiologists' boxes (sources.nih.BOX_COLUMNS), where the archive has them
 
 
 def id_problem(kind: str, row) -> str | None:
@@ -103,7 +104,12 @@ def _nih_tables(root: Path) -> ArchiveTables:
     unlisted = sorted(set(split["dicom_id"]) - set(entries["dicom_id"]))
     rejects = [{"id": i[:80], "stage": "cohort", "reason": f"in the split lists but has no row in {nih.DATA_ENTRY_NAMES[0]}"}
                for i in unlisted]
-    return ArchiveTables(entries, entries, split, kind="nih", rejects=rejects, image_folders=nih.image_folders(root))
+    boxes = None
+    if (path := nih.bbox_path(root)) is not None:
+        boxes, box_rejects = nih.read_bboxes(path)
+        rejects += box_rejects
+    return ArchiveTables(entries, entries, split, kind="nih", rejects=rejects, image_folders=nih.image_folders(root),
+                         boxes=boxes)
 
 
 def chexmask_id_column(cfg: Config) -> str:
@@ -119,6 +125,7 @@ def input_files(cfg: Config) -> list[Path]:
             files = sorted(root.glob(f"{mimic.PREFIX}-*.csv*"))
         elif cfg.archive.kind == "nih":
             files = [nih.data_entry_path(root), *(root / name for name in nih.SPLIT_LISTS)]
+            files += [p for p in [nih.bbox_path(root)] if p is not None]
         else:
             files = list(chexpert.table_paths(root).values())
     except FileNotFoundError:  # the readers say what is missing, and where, when they run

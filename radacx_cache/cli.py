@@ -42,8 +42,9 @@ def _summary(name: str, result) -> str:
     if name == "cohort":
         lines = [f"cohort: {result['rows']} images kept, {result['rejects']} rejected"]
         for split, c in result["counts"].items():
-            per_class = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("images", "patients"))
-            lines.append(f"  {split:5s} {c['images']:6d} images {c['patients']:5d} patients | {per_class}")
+            per_class = ", ".join(f"{k} {v}/{c['positives'][k]}" for k, v in c["targets"].items())
+            lines.append(f"  {split:5s} {c['images']:6d} images {c['patients']:5d} patients | targets/positives: "
+                         f"{per_class}")
         lines += [f"  reject: {n:6d}  {r}" for r, n in result["reject_reasons"].items()]
         return "\n".join(lines)
     if name == "shards":

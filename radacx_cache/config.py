@@ -195,6 +195,8 @@ class FinetuneConfig:
 @dataclass
 class SaliencyConfig:
     methods: list = field(default_factory=lambda: ["gradcam", "integrated_gradients"])
+    # the one method the check against the controls uses, fixed before the run (never the best of several)
+    check_method: Literal["gradcam", "integrated_gradients"] = "integrated_gradients"
     images: int = _within(48, 2, 100_000)  # seeded test images per arm (the same for every arm and variant)
     ig_steps: int = _within(16, 2, 1024)  # Integrated Gradients path steps
     batch_size: int = _within(16, 1, 4096)
@@ -205,6 +207,9 @@ class SaliencyConfig:
         if unknown or not self.methods:
             raise ConfigError(f"config key 'saliency.methods': {unknown or self.methods!r}; valid: gradcam, "
                               f"integrated_gradients")
+        if self.check_method not in self.methods:
+            raise ConfigError(f"config key 'saliency.check_method': {self.check_method!r} is not among "
+                              f"saliency.methods {self.methods}")
 
 
 @dataclass

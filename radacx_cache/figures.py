@@ -100,9 +100,26 @@ def confusion_figure(path: Path, results: dict, classes) -> None:
     plt.close(fig)
 
 
+SYNTHETIC_NOTE = "SYNTHETIC PHANTOM ARCHIVE: a test of the pipeline, not results on real radiographs"
+
+
+def stamp(png: str | Path, text: str = SYNTHETIC_NOTE) -> None:
+    """Add a band with ``text`` above a saved figure, so that it says what it was made from wherever
+    it is copied to."""
+    from PIL import Image, ImageDraw, ImageFont
+    im = Image.open(png).convert("RGB")
+    band = max(22, im.width // 45)
+    out = Image.new("RGB", (im.width, im.height + band), (178, 34, 34))
+    out.paste(im, (0, band))
+    font = ImageFont.load_default(size=int(band * 0.6))
+    ImageDraw.Draw(out).text((8, band // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    out.save(png)
+
+
 def report_figures(out: Path, results: dict, refs: dict, classes, shards_dir: Path, *, published: bool,
-                   published_values: dict) -> list[str]:
-    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths."""
+                   published_values: dict, synthetic: bool = False) -> list[str]:
+    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths.
+    ``synthetic``: each figure says so in a band on top."""
     accuracy_figure(out / "accuracy.png", results, refs, published_values if published else None)
     auroc_figure(out / "auroc_per_class.png", results, classes)
     confusion_figure(out / "confusion.png", results, classes)
@@ -111,6 +128,8 @@ def report_figures(out: Path, results: dict, refs: dict, classes, shards_dir: Pa
     if shard:
         montage(shard[0], out / "figure1_montage.png", n=6)
         paths.append(str(out / "figure1_montage.png"))
+    for path in paths if synthetic else ():
+        stamp(path)
     return paths
 
 

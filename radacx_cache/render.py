@@ -70,6 +70,25 @@ class Geometry:
         return rows, cols
 
 
+def box_to_output(geom: Geometry, x0: float, y0: float, x1: float, y1: float) -> tuple[float, ...]:
+    """A box given as fractions of the image's width and height, in output-pixel edge coordinates
+    (the same padding and scale as the image: a box stays on the anatomy it was drawn on)."""
+    return ((x0 * geom.width + geom.pad_left) * geom.scale, (y0 * geom.height + geom.pad_top) * geom.scale,
+            (x1 * geom.width + geom.pad_left) * geom.scale, (y1 * geom.height + geom.pad_top) * geom.scale)
+
+
+def box_region(boxes, size: int) -> np.ndarray:
+    """(size, size) bool: output pixels whose centre lies inside any of ``boxes`` (x0, y0, x1, y1 in
+    output edge coordinates)."""
+    centres = np.arange(size) + 0.5
+    out = np.zeros((size, size), bool)
+    for x0, y0, x1, y1 in boxes:
+        rows = (centres >= y0) & (centres < y1)
+        cols = (centres >= x0) & (centres < x1)
+        out |= rows[:, None] & cols[None, :]
+    return out
+
+
 def square_geometry(height: int, width: int, size: int, decode_reduce: int = 1,
                     mask_shape: tuple[int, int] | None = None) -> Geometry:
     side = max(height, width)

@@ -2,7 +2,7 @@
 
 ::
 
-    cohort/      cohort.csv  rejects.csv  masks-rle.h5  manifest.json
+    cohort/      cohort.csv  rejects.csv  masks-rle.h5  [boxes.csv]  manifest.json
     shards/      <split>-NNNNN.h5 (+ .json sidecars)  index.csv  rejects.csv  manifest.json
     features/<model-tag>/  <image-variant>.h5  manifest.json
     zeroshot/<model-tag>/  text.npz  manifest.json
@@ -41,6 +41,11 @@ class Workdir:
     @property
     def cohort_manifest(self) -> Path:
         return self.cohort_dir / "manifest.json"
+
+    @property
+    def cohort_boxes(self) -> Path:
+        """Radiologists' boxes of the cohort's images (archives that have them)."""
+        return self.cohort_dir / "boxes.csv"
 
     @property
     def cohort_rejects(self) -> Path:

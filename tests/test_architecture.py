@@ -13,6 +13,7 @@ LAYERS = (
     ("_version", "_io", "findings"),
     ("config", "sources", "sources.*"),
     ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
+    ("saliency_metrics",),
     ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*"),
     ("stages", "stages.*"),
     ("cli", ""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -225,3 +226,65 @@ def test_real_chexmask_rows_are_this_archives_ids(name, kind):
             parsed = chexpert.parse_path(image_id)
             assert parsed is not None and parsed[0] == image_id, image_id
             assert chexpert.id_problem(*parsed) is None
+
+
+# ---------------------------------------------------------------- radiologists' boxes (issue 20)
+def test_nih_box_reader_on_the_real_bbox_table():
+    """torchxrayvision ships NIH's BBox_List_2017.csv.gz (its real header, 'Bbox [x,y,w,h],,,'): 984
+    boxes; the classes the five findings share are counted as NIH publishes them, every box lies in
+    the 1024 x 1024 frame."""
+    xrv = pytest.importorskip("torchxrayvision")
+    from radacx_cache.sources.nih import read_bboxes
+    path = Path(xrv.__file__).parent / "data" / "BBox_List_2017.csv.gz"
+    boxes, rejects = read_bboxes(path)
+    assert rejects == [] and len(pd.read_csv(path)) == 984
+    counts = boxes["finding"].value_counts().to_dict()
+    assert (counts["Atelectasis"], counts["Cardiomegaly"], counts["Pleural Effusion"]) == (180, 146, 153)
+    assert ((boxes[["x0", "y0"]] >= 0).all().all() and (boxes[["x1", "y1"]] <= 1).all().all()
+            and (boxes["x1"] > boxes["x0"]).all() and (boxes["y1"] > boxes["y0"]).all())
+    first = boxes.iloc[0]  # 00013118_008.png,Atelectasis,225.08,547.02,86.78,79.19
+    assert (first["dicom_id"], first["finding"]) == ("00013118_008.png", "Atelectasis")
+    assert first["x0"] * 1024 == pytest.approx(225.084745762712) and first["y1"] * 1024 == pytest.approx(
+        547.019216763771 + 79.1864406779661)
+
+
+@pytest.mark.parametrize("archive", ["nih"], indirect=True)
+def test_torchxrayvision_box_masks_agree_with_the_boxes_in_the_shards(archive):
+    """The NIH phantom's BBox_List_2017.csv read by torchxrayvision's NIH_Dataset(pathology_masks=True)
+    gives, in each image's frame, the boxes that the shards hold in theirs (mapped back through the
+    stored geometry): IoU > 0.9 for every box of the five findings."""
+    xrv = pytest.importorskip("torchxrayvision")
+    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.render import Geometry
+    root, work = archive["phantom"]["root"], archive["cfg"].work
+    ds = xrv.datasets.NIH_Dataset(imgpath=os.path.join(root, "images"),
+                                  csvpath=os.path.join(root, "Data_Entry_2017_v2020.csv"),
+                                  bbox_list_path=os.path.join(root, "BBox_List_2017.csv"), views=["PA", "AP"],
+                                  unique_patients=False, pathology_masks=True)
+    shards = ShardSet(work / "shards")
+    names = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Pleural Effusion": "Effusion"}
+    compared = 0
+    for pos in range(len(shards)):
+        boxes = shards.boxes_at(pos)
+        if not boxes:
+            continue
+        item = shards.row(pos, ("geometry",))
+        geom = Geometry.from_array(item["geometry"])
+        theirs = ds.get_mask_dict(item["dicom_id"], geom.width)
+        ours: dict = {}
+        for k, x0, y0, x1, y1 in boxes:  # back to the image's frame
+            box = np.zeros((geom.height, geom.width), bool)
+            c0, c1 = [int(round(v / geom.scale - geom.pad_left)) for v in (x0, x1)]
+            r0, r1 = [int(round(v / geom.scale - geom.pad_top)) for v in (y0, y1)]
+            box[r0:r1, c0:c1] = True
+            ours.setdefault(shards.target_names[k], []).append(box)
+        for finding, mine in ours.items():
+            if finding not in names:
+                continue
+            # torchxrayvision keeps one box per finding (the table's last): it must be one of ours
+            mask = theirs[ds.pathologies.index(names[finding])][0] > 0
+            assert max((b & mask).sum() / (b | mask).sum() for b in mine) > 0.9, (item["dicom_id"], finding)
+            compared += 1
+        if compared >= 10:
+            break
+    assert compared >= 5

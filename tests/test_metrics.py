@@ -75,7 +75,7 @@ def test_patient_bootstrap_ci_and_paired_difference():
     assert point == accuracy(good, targets)
     diff = paired_bootstrap(bad, good, targets, patients, n_boot=300)
     assert diff["diff"] > 0.2 and diff["p_value"] == 0 and diff["p_below"] and diff["low"] > 0
-    assert format_p(diff["p_value"], 300) == "< 1/300"
+    assert format_p(diff["p_value"], 300) == "< 2/300"
     same = paired_bootstrap(good, good, targets, patients, n_boot=100)
     assert same["diff"] == 0 and same["p_value"] == 1.0
 
@@ -118,3 +118,18 @@ def test_bootstrap_interval_is_95_percent():
     point, low, high = bootstrap_mean(values, np.ones(2000, bool), np.arange(2000), n_boot=4000, seed=1)
     assert point == pytest.approx(0.3)
     assert (high - low) / 2 == pytest.approx(0.0201, rel=0.07)
+
+
+def test_alternative_readings_on_a_hand_worked_example():
+    """Three images: {A}, {A, B}, {B, C}; predictions A, B, C. Worked out by hand:
+    headline (first positive in class order): A, A, B -> 1/3; random positive: 1 + 1/2 + 1/2 = 2/3;
+    one sample per positive: 3 hits of 5 pairs; any: 3/3; single-positive images: 1/1."""
+    from radacx_cache.metrics import best_constant, reading_values
+    positives = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]])
+    got = reading_values(np.array([0, 1, 2]), positives)
+    assert got == pytest.approx({"argmax": 1 / 3, "random_positive": 2 / 3, "per_positive": 3 / 5, "any": 1.0,
+                                 "single": 1.0})
+    reverse = reading_values(np.array([0, 1, 2]), positives, order=[2, 1, 0])  # targets A, B, C
+    assert reverse["argmax"] == pytest.approx(1.0)
+    const = best_constant(positives)
+    assert const["any"] == (pytest.approx(2 / 3), 0) and const["argmax"] == (pytest.approx(2 / 3), 0)

@@ -180,7 +180,7 @@ def test_saliency_measures_ink_as_the_shards_drew_it(trained, tmp_path):
     """``--set render.line_width=9`` after the shards were drawn at 2 px changes nothing."""
     from radacx_cache.render import boundary
     from radacx_cache.stages.saliency import run_saliency
-    cfg = copy_run(trained, tmp_path, "render.line_width=9", "saliency.images=4", "saliency.methods=[gradcam]",
+    cfg = copy_run(trained, tmp_path, "render.line_width=9", "saliency.images=4", "saliency.methods=[gradcam]", "saliency.check_method=gradcam",
                    "saliency.panels=0")
     run_saliency(cfg, progress=False)
     rows = pd.read_csv(tmp_path / "results" / "saliency.csv", dtype={"dicom_id": str})

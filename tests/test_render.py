@@ -228,3 +228,14 @@ def test_masks_land_on_the_source_pixels_of_an_upscaled_small_image():
     assert abs(cols[0] - 24) <= 2 and abs(cols[-1] - 87) <= 2, (cols[0], cols[-1])
     heart = item["masks"][2].astype(bool)
     assert abs(np.flatnonzero(heart.any(1))[0] - 112) <= 2 and abs(np.flatnonzero(heart.any(0))[0] - 88) <= 2
+
+
+def test_boxes_take_the_image_s_padding_and_scale():
+    """A 200 (high) x 400 (wide) image is padded to 400 x 400 (100 rows on top) and scaled by 224/400.
+    A box over the left half, full height: output x 0..112, y (0 + 100) * 0.56 = 56 .. (200 + 100) * 0.56 = 168."""
+    from radacx_cache.render import box_region, box_to_output
+    geom = square_geometry(200, 400, 224)
+    assert box_to_output(geom, 0.0, 0.0, 0.5, 1.0) == pytest.approx((0.0, 56.0, 112.0, 168.0))
+    region = box_region([box_to_output(geom, 0.0, 0.0, 0.5, 1.0)], 224)
+    rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (56, 167, 0, 111)

@@ -177,3 +177,17 @@ def test_zeroshot_predicts_each_test_variant_from_its_own_cache(reported):
         feats = FeatureCache(cfg.work / "features" / "tiny" / f"{variant}.h5").features[test]
         got = load_predictions(cfg.work / "predictions" / "Baseline" / f"{variant}.csv").proba
         np.testing.assert_allclose(got, zeroshot_proba(feats, text, scale), atol=1e-5)
+
+
+def test_figures_from_the_phantom_say_so_and_the_readings_table_is_there(reported):
+    from PIL import Image
+    out = reported["cfg"].work / "results"
+    for name in ("accuracy.png", "confusion.png", "figure1_montage.png"):
+        im = Image.open(out / name).convert("RGB")
+        assert im.getpixel((2, 2)) == (178, 34, 34), name  # the band that says "synthetic phantom"
+    md = (out / "table1.md").read_text()
+    assert "The headline assumes one reading" in md and "best constant guess" in md
+    assert "< 1/" not in md
+    cohort = json.loads((reported["cfg"].work / "cohort" / "manifest.json").read_text())
+    counts = cohort["counts"]["train"]
+    assert sum(counts["targets"].values()) == counts["images"] <= sum(counts["positives"].values())

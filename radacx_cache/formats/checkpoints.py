@@ -18,8 +18,12 @@ class Classifier(torch.nn.Module):
         self.visual = visual
         self.head = torch.nn.Linear(embed_dim, n_classes)
 
+    def features(self, x):
+        """What the head reads."""
+        return self.visual(x)
+
     def forward(self, x):
-        return self.head(self.visual(x))
+        return self.head(self.features(x))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -214,6 +214,23 @@ class ShardSet:
                    study_id=int(row["study_id"]), split=row["split"])
         return out
 
+    def boxes_at(self, i: int) -> list[tuple]:
+        """Position ``i``'s radiologists' boxes: (class index, x0, y0, x1, y1) in output-pixel edge
+        coordinates; empty where the archive has none (the ``boxes`` dataset is a v2 addition)."""
+        row = self.index.iloc[int(i)]
+        f = self.file(row["shard"])
+        if "boxes" not in f:
+            return []
+        key = ("boxes", row["shard"])
+        if key not in self._views:
+            table = f["boxes"]
+            if table.ndim != 2 or table.shape[1] != 6 or table.shape[0] > 1_000_000:
+                raise ShardError(f"{self.root / row['shard']}: boxes has shape {table.shape}, expected (M, 6)")
+            self._views[key] = table[:]
+        table = self._views[key]
+        mine = table[table[:, 0] == int(row["row"])]
+        return [(int(b[1]), *map(float, b[2:])) for b in mine]
+
     def get(self, dicom_id: str) -> dict:
         if self._by_id is None:
             self._by_id = {d: i for i, d in enumerate(self.index["dicom_id"])}

@@ -35,7 +35,7 @@ from .truth import phantom_file, truth_file
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump when the phantom's content changes (2: truth/findings.csv.gz; 3: layouts)
+GENERATOR_VERSION = 4  # bump when the phantom's content changes (2: truth/findings.csv.gz; 3: layouts; 4: NIH boxes)
 
 @dataclass
 class Anatomy:
@@ -338,6 +338,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
         planted, meta, labels_df, masks_df = plant_faults(root, meta, labels_df, masks_df, rng, lay)
     root.mkdir(parents=True, exist_ok=True)
     lay.write_tables(root, meta, labels_df, split_df, rng)
+    lay.write_boxes(root, truth_rows)
     chexmask_csv = lay.write_chexmask(chexmask_dir, masks_df)
     with atomic_path(out / truth_file(layout)) as tmp:  # outside the real-format tree: the phantom's own truth
         pd.DataFrame(truth_rows, columns=["dicom_id", "finding", "Height", "Width", "RLE"]).to_csv(

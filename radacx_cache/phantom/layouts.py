@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from PIL import Image
 
 from .._io import atomic_path, jpeg_bytes, stable_hash
 from ..findings import FINDINGS
 from ..sources import chexpert, nih
-from ..sources.chexmask import ID_COLUMNS
+from ..sources.chexmask import ID_COLUMNS, decode_rle
 from ..findings import FINDINGS_ALL
 from ..sources.mimic import PREFIX, jpg_relpath
 
@@ -91,6 +92,9 @@ class Layout:
                          ("negbio", _negbio(labels, rng)), ("split", split)):
             _write_csv(root / f"{PREFIX}-{name}.csv.gz", df, gz=True)
 
+    def write_boxes(self, root: Path, truth_rows: list[dict]) -> None:
+        """Radiologists' boxes in the archive's own format, where it has them (MIMIC-CXR: none)."""
+
     def write_chexmask(self, chexmask_dir: Path, masks: pd.DataFrame) -> Path:
         path = chexmask_dir / f"{self.chexmask_file}.csv"
         _write_csv(path, masks.rename(columns={"dicom_id": ID_COLUMNS[self.chexmask_file]}), gz=False)
@@ -139,6 +143,24 @@ class NIHLayout(_OpenArchiveLayout):
         buf = io.BytesIO()
         im.save(buf, "PNG")
         return buf.getvalue()
+
+    def write_boxes(self, root: Path, truth_rows: list[dict]) -> None:
+        """``BBox_List_2017.csv`` in NIH's exact format (header ``Bbox [x,y,w,h],,,``, coordinates in the
+        1024 x 1024 frame): one box around each connected region where a finding NIH boxes was drawn."""
+        names = {v: k for k, v in nih.BOX_LABELS.items() if v}
+        rows = []
+        for t in truth_rows:
+            if t["finding"] not in names:
+                continue
+            region = decode_rle(t["RLE"], (t["Height"], t["Width"]))
+            labelled, n = ndimage.label(region)
+            for sl in ndimage.find_objects(labelled)[:n]:
+                fy, fx = nih.BBOX_FRAME / t["Height"], nih.BBOX_FRAME / t["Width"]
+                y, x = sl[0].start * fy, sl[1].start * fx
+                rows.append(f"{t['dicom_id']},{names[t['finding']]},{x!r},{y!r},{(sl[1].stop - sl[1].start) * fx!r},"
+                            f"{(sl[0].stop - sl[0].start) * fy!r}\n")
+        with atomic_path(root / nih.BBOX_NAME) as tmp:
+            tmp.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(rows))
 
     def write_tables(self, root: Path, meta, labels, split, rng) -> None:
         df = meta.merge(labels, on=["subject_id", "study_id"], how="inner")  # a study without labels: no row

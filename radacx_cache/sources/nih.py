@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._tables import read_table, require_columns
+from ._tables import header_of, read_table, require_columns
 from ..findings import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -135,3 +135,48 @@ def png_relpath(image_index: str, folders: dict[str, str] | None = None) -> str:
     """``images/00000001_000.png`` (or its Kaggle folder)."""
     folder = "images" if folders is None else folders.get(image_index, "images")
     return f"{folder}/{image_index}"
+
+
+# ---------------------------------------------------------------- radiologists' boxes
+BBOX_NAME = "BBox_List_2017.csv"
+BBOX_FRAME = 1024  # the boxes' coordinates are in the 1024 x 1024 frame NIH resized every PNG to
+# NIH box labels -> FINDINGS_ALL (None: a finding outside the 14 columns; its boxes are not used)
+BOX_LABELS = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+              "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Infiltrate": None, "Infiltration": None,
+              "Mass": None, "Nodule": None}
+BOX_COLUMNS = ["dicom_id", "finding", "x0", "y0", "x1", "y1", "reader"]
+
+
+def bbox_path(root: str | Path) -> Path | None:
+    """``root/BBox_List_2017.csv`` (or ``.csv.gz``), or None when the archive has no box table."""
+    for suffix in ("", ".gz"):
+        if (Path(root) / (BBOX_NAME + suffix)).exists():
+            return Path(root) / (BBOX_NAME + suffix)
+    return None
+
+
+def read_bboxes(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """Radiologists' boxes as ``BOX_COLUMNS`` (x0, y0, x1, y1 as fractions of the image's width and
+    height), and rejects (id, reason) for rows that cannot be boxes.
+
+    The real header is ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: the bracketed name spans four
+    columns (its comma splits it, three unnamed columns follow), so the coordinates are read by
+    position after checking the first two names. ``Effusion`` is pleural effusion."""
+    header = header_of(path)
+    if header[:2] != ["Image Index", "Finding Label"] or len(header) < 6:
+        raise ValueError(f"{path}: header {header[:6]} is not NIH's 'Image Index,Finding Label,Bbox [x,y,w,h],,,'")
+    raw = read_table(path, header=None, skiprows=1, usecols=range(6), dtype=str, keep_default_na=False)
+    raw.columns = ["dicom_id", "label", "x", "y", "w", "h"]
+    xywh = raw[["x", "y", "w", "h"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    x, y, w, h = xywh.T
+    bad = ~np.isfinite(xywh).all(1) | (w <= 0) | (h <= 0) | (x < 0) | (y < 0) \
+        | (x + w > BBOX_FRAME + 1e-6) | (y + h > BBOX_FRAME + 1e-6)
+    unknown = ~raw["label"].isin(list(BOX_LABELS))
+    rejects = [{"id": str(i)[:80], "stage": "cohort", "reason": f"{BBOX_NAME} row: " + (
+               f"unknown Finding Label {lab[:40]!r}" if unk else "box is not inside the 1024 x 1024 frame")}
+               for i, lab, unk, b in zip(raw["dicom_id"], raw["label"], unknown, bad) if unk or b]
+    keep = ~(bad | unknown)
+    out = pd.DataFrame({"dicom_id": raw["dicom_id"].str.strip(), "finding": raw["label"].map(BOX_LABELS),
+                        "x0": x / BBOX_FRAME, "y0": y / BBOX_FRAME, "x1": (x + w) / BBOX_FRAME,
+                        "y1": (y + h) / BBOX_FRAME, "reader": 0})[keep]
+    return out[out["finding"].notna()].reset_index(drop=True)[BOX_COLUMNS], rejects

@@ -81,8 +81,8 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
     ``official`` keeps the split file's assignment (checked to be patient-disjoint); ``paper``
     keeps the official test patients and re-splits the others by patient so that val holds about
     ``val_fraction`` of their images (train:val about 5:1, as in the paper). The paper's exact
-    87,574 / 17,514 counts come from an image-level ``random_split`` of 105,088 images, which puts
-    patients in both train and val; a patient-disjoint split cannot reproduce them, by design.
+    87,574 / 17,514 counts fit an image-level ``random_split`` of 105,088 images (the paper does not
+    say); a patient-disjoint split cannot reproduce them, by design.
     """
     df = pd.DataFrame({"subject": subjects, "official": official})
     per_patient = df.groupby("subject")["official"].nunique()
@@ -295,7 +295,8 @@ def _build_cohort(cfg: Config) -> dict:
             return record.data
         except RecordError as exc:  # edited or from an older version: built again
             log.warning("cohort: rebuilding (%s)", exc)
-    images, rejects = select_images(read_archive_tables(cfg, with_chexmask=False), c, labeler=cfg.archive.labeler)
+    tables = read_archive_tables(cfg, with_chexmask=False)
+    images, rejects = select_images(tables, c, labeler=cfg.archive.labeler)
     store = private_tmp(work.masks_rle)
     try:
         masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store, chexmask_id_column(cfg))
@@ -312,15 +313,26 @@ def _build_cohort(cfg: Config) -> dict:
     write_csv(work.cohort_csv, cohort)
     rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     write_csv(work.cohort_rejects, rejects_df)
+    files = [work.cohort_csv, work.cohort_rejects, work.masks_rle]
+    work.cohort_boxes.unlink(missing_ok=True)
+    if tables.boxes is not None:  # the radiologists' boxes of the cohort's images and classes
+        boxes = tables.boxes[tables.boxes["dicom_id"].isin(set(cohort["dicom_id"]))
+                             & tables.boxes["finding"].isin(c.classes)]
+        write_csv(work.cohort_boxes, boxes.sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"))
+        files.append(work.cohort_boxes)
+    # per class: training targets (under `first`, the first positive in the target order: not a
+    # prevalence) and positives (every image where the finding is positive under the uncertain policy)
     counts = {s: {"images": int((cohort["split"] == s).sum()),
                   "patients": int(cohort.loc[cohort["split"] == s, "subject_id"].nunique()),
-                  **{cl: int(cohort.loc[cohort["split"] == s, f"target_{cl}"].sum()) for cl in c.classes}}
+                  "targets": {cl: int(cohort.loc[cohort["split"] == s, f"target_{cl}"].sum()) for cl in c.classes},
+                  "positives": {cl: int(cohort.loc[cohort["split"] == s, f"positive_{cl}"].sum())
+                                for cl in c.classes}}
               for s in ("train", "val", "test")}
     # the record is the one source of the cohort's decisions for every later stage: the classes,
     # the label policy and the order that makes a multi-positive image one class (findings.first_positive)
     record = write_record(
         work.cohort_manifest, work.root, "cohort", "radacx cohort",
-        files=[p.name for p in (work.cohort_csv, work.cohort_rejects, work.masks_rle)],
+        files=[p.name for p in files],
         inputs_fingerprint=inputs_fp, rle_hash=rle_content_hash(bytes.fromhex(d) for d in df["rle_digest"]),
         rows=len(cohort), rejects=len(rejects_df), reject_reasons=reason_counts(rejects_df["reason"]),
         counts=counts, classes=list(c.classes),

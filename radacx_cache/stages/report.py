@@ -17,12 +17,12 @@ from .._io import atomic_path, read_json, stage_run, write_csv, write_json
 from ..arms import ARMS, IMAGE_VARIANTS, Arm
 from ..config import Config
 from ..figures import report_figures
-from ..metrics import (READING_TEXT, READINGS, bootstrap_mean, correctness, evaluate, format_p,
-                      paired_difference, reference_correctness)
+from ..metrics import (ALTERNATIVES, READING_TEXT, READINGS, best_constant, bootstrap_mean, correctness, evaluate,
+                       format_p, paired_difference, reading_values, reference_correctness)
 from ..models import describe_spec
 from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
 from ..formats.records import Verifier, write_record
-from ..formats.saliency_table import saliency_section
+from ..formats.saliency_table import saliency_sections
 from ..formats.shardset import ShardSet, open_verified
 from ..tables import Section, render_latex, render_markdown
 from ..workdir import Workdir
@@ -169,6 +169,32 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
     return [t1, te, t2, other]
 
 
+def alternative_readings(arms: dict, shards: ShardSet, classes) -> Section:
+    """Each arm's accuracy and rank under every way of making a multi-positive image one label, from
+    the same predictions, beside the best constant guess (docs/metrics.md)."""
+    positives, order = shards.split("test").positives(), shards.target_order
+    values = {(n, v): reading_values(p.proba.argmax(1), positives, order)
+              for n, preds in arms.items() for v, p in preds.items()}
+    sec = Section("The headline assumes one reading: accuracy (rank among the arms) under each",
+                  ["Arm", "Test images", *ALTERNATIVES.values()])
+    for (name, variant), vals in values.items():
+        cells = []
+        for reading in ALTERNATIVES:
+            peers = [values[(n, variant)][reading] for n in arms]
+            rank = 1 + sum(v > vals[reading] for v in peers)
+            cells.append(f"{vals[reading]:.4f} ({rank})" if np.isfinite(vals[reading]) else "n/a")
+        sec.rows.append([name, variant, *cells])
+    const = best_constant(positives, order)
+    sec.rows.append(["best constant guess", "either",
+                     *(f"{const[r][0]:.4f} (always {classes[const[r][1]]})" for r in ALTERNATIVES)])
+    sec.notes.append("The paper does not say how an image with several positive findings becomes one label. "
+                     "Headline: the first positive in the cohort's target order; a random positive (its expected "
+                     "accuracy); every (image, positive finding) pair as one sample; top-1 among the positives; "
+                     "single-positive images only. A constant guess above an arm under a reading means that "
+                     "reading cannot rank that arm.")
+    return sec
+
+
 def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict, notes: list) -> dict | None:
     """The saliency stage's results, read through its verified record, when it ran on the arms of
     this report as they are now."""
@@ -184,7 +210,7 @@ def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict, notes: li
 def _footer(provenance: dict, n_boot: int) -> list[str]:
     pol = provenance["label_policy"]
     return [f"CIs: percentile bootstrap over patients ({n_boot} resamples); p: paired patient bootstrap, "
-            f"two-sided (< 1/{n_boot}: no resample reached 0).",
+            f"two-sided (< 2/{n_boot}: no resample reached 0; the smallest p the doubling can give is 2/B).",
             "Label policy: " + "; ".join(POLICY_TEXT[k][pol[k]] for k in ("uncertain", "multi_positive", "split"))
             + f"; CheXmask Dice RCA (Mean) >= {pol['min_mask_quality']}.",
             f"Archive: {provenance['archive']}. Cohort {provenance['cohort_fingerprint']}, shards "
@@ -225,9 +251,10 @@ def _build_report(cfg: Config) -> dict:
                   "seed": cfg.seed, "archive": archive, "accuracy": READING_TEXT["argmax"],
                   "arm_records": {n: rec.fingerprint for n, rec in records.items()}}
     sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive)
+    sections.append(alternative_readings(arms, shards, classes))
     saliency = out_saliency(work, verifier, records, notes)
     if saliency is not None:
-        sections.append(saliency_section(saliency, n_boot))
+        sections += saliency_sections(saliency, n_boot)
     footer = _footer(provenance, n_boot) + notes
     out = work.results_dir
     md = render_markdown(sections, footer)
@@ -237,7 +264,7 @@ def _build_report(cfg: Config) -> dict:
         tmp.write_text(render_latex(sections, footer))
     _write_data(out, results, effects, refs, descriptions, classes, provenance)
     figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
-                             published_values={a.name: a.published for a in ARMS})
+                             published_values={a.name: a.published for a in ARMS}, synthetic=synthetic)
     written = ["table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
                *(Path(f).name for f in figures)]
     upstream = list(records.values()) + ([verifier.record(work.saliency_record)] if saliency is not None else [])

@@ -29,10 +29,11 @@ from .._io import atomic_path, read_json, stage_run, write_csv, write_json
 from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
 from ..config import Config
 from ..formats.checkpoints import Classifier, load_checkpoint
-from ..figures import saliency_panels
+from ..figures import saliency_panels, stamp
 from ..metrics import bootstrap_mean, paired_difference
 from ..models import LoadedModel, load_model
-from ..render import Geometry, boundary
+from ..render import Geometry, box_region
+from ..saliency_metrics import control_checks, control_rows, image_metrics, regions
 from ..formats.saliency_table import saliency_markdown
 from ..findings import first_positive
 from ..formats.predictions import arm_record
@@ -43,9 +44,10 @@ from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 METHODS = ("gradcam", "integrated_gradients")
-METRICS = ("anatomy", "organ", "pointing", "ink", "truth", "truth_pointing")
+METRICS = ("anatomy", "organ", "pointing", "ink", "truth", "truth_pointing", "box", "box_pointing")
 AREA = {"anatomy": "anatomy_area", "organ": "organ_area", "pointing": "organ_area", "ink": "ink_area",
-        "truth": "truth_area", "truth_pointing": "truth_area"}
+        "truth": "truth_area", "truth_pointing": "truth_area", "box": "box_area", "box_pointing": "box_area"}
+OPTIONAL = ("box", "box_pointing")  # reported only where radiologists' boxes exist
 
 
 class ProbeHead(torch.nn.Module):
@@ -67,14 +69,36 @@ class ProbeHead(torch.nn.Module):
         if self.preprocess not in ("standardize", "l2", "none"):
             raise ValueError(f"probe preprocess {self.preprocess!r}: expected standardize, l2 or none")
 
-    def forward(self, x):
+    def features(self, x):
+        """What the head reads: the chosen features, preprocessed as the probe was."""
         feats, pre = self.lm.encode_image_parts(x)
         f = pre if self.pre else feats
         if self.preprocess == "standardize":
             f = (f - self.mean) / self.scale
         elif self.preprocess == "l2":
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return self.head(f)
+        return f
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class UntrainedHead(torch.nn.Module):
+    """An arm's network with its trained head replaced by a seeded random one of the same scale: the
+    control that shows what a method draws from the architecture alone."""
+
+    def __init__(self, model: torch.nn.Module, seed: int):
+        super().__init__()
+        self.model, self.visual = model, model.visual
+        trained = model.head
+        self.head = torch.nn.Linear(trained.in_features, trained.out_features)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(trained.weight.shape, generator=gen) * trained.weight.std())
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.model.features(x))
 
 
 def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
@@ -128,39 +152,6 @@ def saliency_maps(method: str, model: torch.nn.Module, x: torch.Tensor, targets:
     raise ValueError(f"saliency method {method!r}: expected one of {', '.join(METHODS)}")
 
 
-def regions(masks: np.ndarray, line_width: int) -> dict[str, np.ndarray]:
-    """The regions the metrics need, from one image's (3, H, W) masks (right lung, left lung, heart)."""
-    right, left, heart = (m.astype(bool) for m in masks)
-    lungs = right | left
-    lower = np.zeros_like(lungs)
-    for lung in (right, left):  # the lower third of each lung's height: where pleural fluid collects
-        rows = np.flatnonzero(lung.any(1))
-        if rows.size:
-            cut = rows[0] + 2 * (rows[-1] - rows[0]) // 3
-            lower[cut:] |= lung[cut:]
-    ink = boundary(right, line_width) | boundary(left, line_width) | boundary(heart, line_width)
-    return {"anatomy": lungs | heart, "lungs": lungs, "heart": heart, "lower_lungs": lower, "ink": ink}
-
-
-def relevant_region(finding: str, reg: dict) -> np.ndarray:
-    return {"Cardiomegaly": reg["heart"], "Pleural Effusion": reg["lower_lungs"]}.get(finding, reg["lungs"])
-
-
-def image_metrics(smap: np.ndarray, reg: dict, finding: str, truth: np.ndarray | None = None) -> dict:
-    """Per-image saliency metrics and their area baselines (the value of a uniform map)."""
-    total = smap.sum()
-    s = smap / total if total > 0 else np.full_like(smap, 1.0 / smap.size)
-    peak = np.unravel_index(np.argmax(smap), smap.shape)
-    organ = relevant_region(finding, reg)
-    out = {"anatomy": s[reg["anatomy"]].sum(), "anatomy_area": reg["anatomy"].mean(),
-           "organ": s[organ].sum(), "organ_area": organ.mean(), "pointing": float(organ[peak]),
-           "ink": s[reg["ink"]].sum(), "ink_area": reg["ink"].mean(),
-           "truth": np.nan, "truth_area": np.nan, "truth_pointing": np.nan}
-    if truth is not None and truth.any():
-        out.update(truth=s[truth].sum(), truth_area=truth.mean(), truth_pointing=float(truth[peak]))
-    return {k: float(v) for k, v in out.items()}
-
-
 def sample_images(test: ShardSet, n: int, seed: int) -> np.ndarray:
     """A fixed, seeded sample of test positions (the same images for every arm and variant)."""
     n = min(n, len(test))
@@ -183,13 +174,29 @@ def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
     return out
 
 
-def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict) -> list[dict]:
-    """Per-image rows for one arm: every method on both test image variants of the sampled images."""
+def _box_regions(test: ShardSet, positions, classes) -> dict:
+    """{dicom_id: {finding: region}} of the radiologists' boxes in the shards (empty without boxes)."""
+    size, out = test.render_config["size"], {}
+    for i in positions:
+        by_class: dict = {}
+        for k, *box in test.boxes_at(i):
+            by_class.setdefault(classes[k], []).append(box)
+        if by_class:
+            out[test.index["dicom_id"].iloc[int(i)]] = {f: box_region(b, size) for f, b in by_class.items()}
+    return out
+
+
+def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict,
+            boxes: dict | None = None) -> list[dict]:
+    """Per-image rows for one arm: every method on both test image variants of the sampled images,
+    and, for ``saliency.check_method``, the same method on the arm's network with an untrained head
+    (``source`` says which; the other controls are made from these rows: ``control_rows``)."""
     sc, rows = cfg.saliency, []
     target = first_positive(test.positives(), test.target_order)  # the headline reading's target
     line_width = test.render_config["line_width"]  # the ink as the shards were drawn
     lm = model.lm
     baseline = lm.to_input(torch.zeros(1, lm.image_size, lm.image_size, dtype=torch.uint8))
+    nets = {"model": model, "untrained_head": UntrainedHead(model, cfg.seed).eval()}
     for start in range(0, len(positions), sc.batch_size):
         batch = positions[start:start + sc.batch_size]
         items = [test[i] for i in batch]
@@ -197,27 +204,34 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
         for variant in IMAGE_VARIANTS:
             x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
             with torch.no_grad():
-                proba = torch.softmax(model(x), 1).numpy()
-            pred = proba.argmax(1)
-            for method in sc.methods:
-                maps = saliency_maps(method, model, x, pred.tolist(), baseline=baseline.expand_as(x),
+                pred = torch.softmax(model(x), 1).numpy().argmax(1)
+            runs = [(m, "model") for m in sc.methods] + [(sc.check_method, "untrained_head")]
+            for method, source in runs:
+                # the untrained head explains the arm's own prediction: the same class, the same regions
+                maps = saliency_maps(method, nets[source], x, pred.tolist(), baseline=baseline.expand_as(x),
                                      ig_steps=sc.ig_steps)
                 for pos, it, reg, smap, k in zip(batch, items, regs, maps, pred):
                     finding = classes[k]
-                    m = image_metrics(smap, reg, finding, truth.get(it["dicom_id"], {}).get(finding))
-                    rows.append({"arm": arm, "method": method, "tested_on": variant, "dicom_id": it["dicom_id"],
-                                 "subject_id": it["subject_id"], "position": int(pos), "predicted": finding,
-                                 "correct": bool(k == target[pos]), **m, "_map": smap})
-    return rows
+                    found = truth.get(it["dicom_id"], {}).get(finding)
+                    boxed = (boxes or {}).get(it["dicom_id"], {}).get(finding)
+                    rows.append({"arm": arm, "method": method, "source": source, "tested_on": variant,
+                                 "dicom_id": it["dicom_id"], "subject_id": it["subject_id"], "position": int(pos),
+                                 "predicted": finding, "correct": bool(k == target[pos]),
+                                 **image_metrics(smap, reg, finding, found, boxed), "_map": smap, "_reg": reg,
+                                 "_truth": found, "_box": boxed})
+    checked = [r for r in rows if r["source"] == "model" and r["method"] == sc.check_method]
+    return rows + control_rows(checked, cfg.seed)
 
 
 def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
     """Mean of each metric with its patient bootstrap CI and area baseline; paired masked - original."""
     out = []
-    for (arm, method), grp in df.groupby(["arm", "method"], sort=False):
+    for (arm, method), grp in df[df["source"] == "model"].groupby(["arm", "method"], sort=False):
         by = {v: grp[grp["tested_on"] == v].set_index("dicom_id") for v in IMAGE_VARIANTS}
         common = by["original"].index.intersection(by["masked"].index)
         for metric in METRICS:
+            if metric in OPTIONAL and not np.isfinite(grp[metric].to_numpy(float)).any():
+                continue
             rec = {"arm": arm, "method": method, "metric": metric}
             for v in IMAGE_VARIANTS:
                 vals, area = by[v][metric].to_numpy(), by[v][AREA[metric]].to_numpy()
@@ -258,19 +272,28 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     classes = shards.target_names
     positions = sample_images(test, cfg.saliency.images, cfg.seed)
     truth = _truth_regions(cfg, test, positions, classes)
+    boxes = _box_regions(test, positions, classes)
     rows = []
     records = _current_arms(work, verifier)
     for rec in tqdm(records, desc="saliency", disable=not progress):
-        rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth)
+        rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth,
+                        boxes)
     if not rows:
         raise FileNotFoundError(f"no trained arm in {work.root} (run probe and finetune first)")
-    df = pd.DataFrame([{k: v for k, v in r.items() if k != "_map"} for r in rows])
+    df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
     summary = summarise(df, cfg.report.bootstrap, cfg.seed)
+    checks = control_checks(df, cfg.saliency.check_method, cfg.report.bootstrap, cfg.seed)
     write_csv(work.saliency_file("csv"), df)
-    write_json(work.saliency_file("json"), {"summary": summary, "images": int(len(positions)),
-                                            "methods": list(cfg.saliency.methods), "phantom_truth": bool(truth),
+    write_json(work.saliency_file("json"), {"summary": summary, "checks": checks, "images": int(len(positions)),
+                                            "methods": list(cfg.saliency.methods),
+                                            "check_method": cfg.saliency.check_method,
+                                            "phantom_truth": bool(truth), "radiologist_boxes": len(boxes),
                                             "shards_fingerprint": shards.fingerprint})
-    panels = saliency_panels(work.saliency_dir, rows, test, cfg.saliency.panels, cfg.seed)
+    panels = saliency_panels(work.saliency_dir, [r for r in rows if r["source"] == "model"], test,
+                             cfg.saliency.panels, cfg.seed)
+    if verifier.record(work.cohort_manifest, "cohort").get("synthetic_archive"):
+        for png in panels:
+            stamp(png)  # a figure made from the phantom says so
     md = saliency_markdown(read_json(work.saliency_file("json")), cfg.report.bootstrap)
     with atomic_path(work.saliency_file("md")) as tmp:
         tmp.write_text(md)

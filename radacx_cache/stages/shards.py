@@ -32,7 +32,7 @@ from ..archives import KINDS
 from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
 from ..formats.records import Record, Verifier, write_record
 from ..config import Config, RenderConfig
-from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, render_image
+from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, box_to_output, render_image
 from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
 from ..sources.chexmask import MASK_NAMES
 from ..findings import FINDINGS_ALL
@@ -95,6 +95,10 @@ def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict
         f["mask_quality"] = np.array([r["quality_mean"] for r in records], np.float32)
         f["geometry"] = np.array([it["geometry"].as_array() for it in items], np.float32
                                  ).reshape(n, len(GEOMETRY_FIELDS))
+        if attrs.get("boxes"):  # radiologists' boxes: (row, class index, x0, y0, x1, y1) in output pixels
+            rows = [[i, classes.index(b[0]), *box_to_output(it["geometry"], *b[1:])]
+                    for i, (it, r) in enumerate(zip(items, records)) for b in r.get("_boxes", ())]
+            f["boxes"] = np.array(rows, np.float32).reshape(len(rows), 6)
 
 
 MAX_IMAGE_BYTES = 256 << 20  # a MIMIC JPEG is ~1-3 MB, an NIH PNG ~3 MB, a DICOM ~10-30 MB
@@ -281,10 +285,25 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
              "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
              "archive": cfg.archive.kind, "scaled_copies": KINDS[cfg.archive.kind].scaled_copies}
+    if "boxes.csv" in record.get("files", {}):
+        attrs["boxes"] = True  # a format addition, only where the archive has radiologists' boxes
     if pending:
-        _render(cfg, work, pending, cohort.to_dict("records"), attrs, done, progress, on_written)
+        _render(cfg, work, pending, _with_boxes(cohort, record), attrs, done, progress, on_written)
     _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
     return _commit(work, tasks, done, attrs, cohort, record)
+
+
+def _with_boxes(cohort: pd.DataFrame, record: Record) -> list[dict]:
+    """The cohort's rows, each with its radiologists' boxes (finding, x0, y0, x1, y1 as fractions)."""
+    records = cohort.to_dict("records")
+    if "boxes.csv" in record.get("files", {}):
+        boxes = pd.read_csv(record.file("boxes.csv"), dtype={"dicom_id": str})
+        by_id: dict = {}
+        for b in boxes.itertuples(index=False):
+            by_id.setdefault(b.dicom_id, []).append((b.finding, b.x0, b.y0, b.x1, b.y1))
+        for rec in records:
+            rec["_boxes"] = by_id.get(rec["dicom_id"], [])
+    return records
 
 
 def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dict, done: dict, progress: bool,
