@@ -55,8 +55,8 @@ report: install ## results table, confidence intervals and figures
 test: install ## the test suite (CPU, generated data, ~minutes)
 	$(PY) -m pytest -q -x tests
 
-test-quick: install ## unit tests only (no end-to-end)
-	$(PY) -m pytest -q -m "not slow" tests
+test-quick: install ## the tests that build no phantom pipeline (under a minute)
+	$(PY) -m pytest -q -m "not slow and not pipeline" tests
 
 bench: install ## throughput benchmarks (ratios against named baselines)
 	$(PY) benchmarks/shards.py

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,16 @@ def write_json(path: str | Path, obj) -> None:
 def write_csv(path: str | Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def write_npz(path: str | Path, **arrays) -> None:
+    """``np.savez`` with fixed zip timestamps, written atomically: the same arrays give the same bytes,
+    so a rerun that computes the same thing does not change the records built on it."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
 def read_json(path: str | Path):

@@ -1,46 +1,61 @@
-"""The ``radacx`` command: a thin layer that parses arguments and calls the library."""
+"""The radacx command: a thin layer that parses arguments and calls one stage of the library.
+
+Each stage is imported only when it runs (torch and open_clip load in seconds; --help does not wait
+for them). See README.md for the two commands that do it all (make demo, make test).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 
-from .arms import IMAGE_VARIANTS
-from .stages.cohort import build_cohort
-from .config import ConfigError, load_config
-from .stages.embed import embed_all
-from .stages.finetune import run_finetune
-from .stages.inspect import inspect_path
-from .phantom.generator import generate
-from .stages.probe import run_probes
-from .stages.report import build_report
-from .stages.saliency import run_saliency
-from .stages.shards import build_shards
-from .stages.verify import verify_workdir
-from .stages.zeroshot import run_zeroshot
-
 log = logging.getLogger("radacx_cache")
-STAGES = ("demo-data", "cohort", "shards", "embed", "probe", "zeroshot", "finetune", "saliency", "report")
+# stage -> (module under radacx_cache, function, one-line description)
+STAGES = {
+    "demo-data": ("phantom.generator", "generate", "write the synthetic phantom archive in a real archive's layout"),
+    "cohort": ("stages.cohort", "build_cohort", "filter the archive, apply the label policy, split by patient"),
+    "shards": ("stages.shards", "build_shards", "render original + overlay images, masks and labels into HDF5"),
+    "embed": ("stages.embed", "embed_all", "frozen-encoder feature caches of both image variants"),
+    "probe": ("stages.probe", "run_probes", "linear probes V1 / V2 on the cached features"),
+    "zeroshot": ("stages.zeroshot", "run_zeroshot", "the zero-shot baseline from the cached features"),
+    "finetune": ("stages.finetune", "run_finetune", "fine-tune encoder + head (V3 / V4), streaming from shards"),
+    "saliency": ("stages.saliency", "run_saliency", "where each arm looks, against anatomy, controls and boxes"),
+    "report": ("stages.report", "build_report", "Table 1 with CIs, paired tests, readings, figures"),
+}
+
+
+def _call(name: str, *args, **kwargs):
+    module, function, _ = STAGES[name]
+    return getattr(importlib.import_module(f"radacx_cache.{module}"), function)(*args, **kwargs)
 
 
 def _stage(name: str, cfg, args) -> dict | None:
     if name == "demo-data":
         p = cfg.phantom
-        return generate(p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
-                        seed=cfg.seed, faults=p.faults or args.faults, layout=args.layout or p.layout)
+        faults = (p.faults or args.faults) and not args.no_faults
+        return _call(name, p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
+                     seed=cfg.seed, faults=faults, layout=args.layout or p.layout)
     if name == "finetune":
-        return run_finetune(cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
+        return _call(name, cfg, variants=args.variant or ("original", "masked"), resume=args.resume)
     if name == "shards":
-        return build_shards(cfg, rebuild=args.rebuild)
-    stages = {"cohort": build_cohort, "embed": embed_all, "probe": run_probes,
-              "zeroshot": run_zeroshot, "saliency": run_saliency, "report": build_report}
-    return stages[name](cfg)
+        return _call(name, cfg, rebuild=args.rebuild)
+    return _call(name, cfg)
 
 
-def _summary(name: str, result) -> str:
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _summary(name: str, result, cfg) -> str:
+    """What a person reads after a stage: a few lines and where the outputs are."""
+    work = cfg.workdir
+    if name == "demo-data":
+        return (f"demo-data: {result['images']} images of {result.get('patients', '?')} patients in the "
+                f"{result['kind']} layout under {result['root']} ({len(result['planted'])} planted faults)")
     if name == "cohort":
-        lines = [f"cohort: {result['rows']} images kept, {result['rejects']} rejected"]
+        lines = [f"cohort: {result['rows']} images kept, {result['rejects']} rejected -> {work}/cohort/"]
         for split, c in result["counts"].items():
             per_class = ", ".join(f"{k} {v}/{c['positives'][k]}" for k, v in c["targets"].items())
             lines.append(f"  {split:5s} {c['images']:6d} images {c['patients']:5d} patients | targets/positives: "
@@ -48,24 +63,40 @@ def _summary(name: str, result) -> str:
         lines += [f"  reject: {n:6d}  {r}" for r, n in result["reject_reasons"].items()]
         return "\n".join(lines)
     if name == "shards":
-        return (f"shards: {result['rows']} images in {len(result['shards'])} shards, "
-                f"{result['rejects']} rejected (see shards/rejects.csv)")
-    if name in ("report", "saliency") and isinstance(result, dict) and "table" in result:
-        return result["table"]
-    return json.dumps(result, indent=2, default=str)[:4000] if result is not None else ""
+        return (f"shards: {result['rows']} images in {len(result['shards'])} shards, {result['rejects']} rejected "
+                f"-> {work}/shards/ (rejects.csv says why)")
+    if name == "report":
+        return result["table"].split("\n\n### ")[0] + f"\n\nreport: Table 1 and figures -> {result['results']}/"
+    if name == "saliency":
+        return f"saliency: {result['images']} test images per arm -> {work}/results/saliency.md, saliency/"
+    if isinstance(result, dict):
+        lines = [f"  {k}: {_fmt(v)}" for k, v in result.items() if not isinstance(v, (dict, list))]
+        nested = {k: v for k, v in result.items() if isinstance(v, dict)}
+        return "\n".join([f"{name}: done -> {work}", *lines, *(f"  {k}: {json.dumps(v, default=str)[:300]}"
+                                                             for k, v in nested.items())])
+    return ""
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="radacx", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="stage", required=True)
-    for name in STAGES:
-        p = sub.add_parser(name)
+class _QuietThirdParty(logging.Filter):
+    """Without -v only this package's records pass (open_clip logs to the root logger at INFO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("radacx_cache") or record.levelno >= logging.ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radacx", description="Anatomy-aware chest X-ray shards, feature caches, "
+                                     "probes, fine-tuning, saliency and Table 1. Stages in pipeline order:")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, third-party logs too")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, _, text) in STAGES.items():
+        p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", "-c", default=None, help="pipeline YAML (default: built-in defaults)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set shards.n_jobs=4")
         if name == "demo-data":
-            p.add_argument("--faults", action="store_true", help="plant bad inputs (see docs)")
+            p.add_argument("--faults", action="store_true", help="plant bad inputs (docs/archives.md)")
+            p.add_argument("--no-faults", action="store_true", help="a clean phantom (overrides phantom.faults)")
             p.add_argument("--layout", choices=("mimic", "nih", "chexpert"), default=None,
                            help="the archive whose file and table layout the phantom takes (default: phantom.layout)")
             p.add_argument("--full-resolution", action="store_true",
@@ -74,28 +105,41 @@ def main(argv=None) -> int:
             p.add_argument("--rebuild", action="store_true",
                            help="replace finished shards that no longer match the plan (never done otherwise)")
         if name == "finetune":
-            p.add_argument("--variant", action="append", choices=("original", "masked"))
+            p.add_argument("--variant", action="append", choices=("original", "masked"),
+                           help="train only this image variant (repeatable; default both)")
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p = sub.add_parser("verify", help="re-hash every stage record of a workdir and check each chain")
-    p.add_argument("workdir")
-    p = sub.add_parser("inspect", help="summary of a shard or feature file, optional PNG montage")
-    p.add_argument("path")
-    p.add_argument("--png", default=None)
-    p.add_argument("--n", type=int, default=8)
-    args = parser.parse_args(argv)
+    p = sub.add_parser("verify", help="re-hash every stage record of a workdir and check each chain",
+                       description="re-hash every stage record of a workdir and check each chain")
+    p.add_argument("workdir", help="the run's workdir, e.g. runs/demo")
+    p = sub.add_parser("inspect", help="summary of a shard or feature file, optional PNG montage",
+                       description="summary of a shard or feature file, optional PNG montage")
+    p.add_argument("path", help="a shard (.h5), a feature cache (.h5) or a shard folder")
+    p.add_argument("--png", default=None, help="write a montage of original vs masked images to this PNG")
+    p.add_argument("--n", type=int, default=8, help="images in the montage (default 8)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _QuietThirdParty) for f in handler.filters):
+                handler.addFilter(_QuietThirdParty())
+    from .config import ConfigError, load_config
     try:
         if args.stage == "inspect":
+            from .stages.inspect import inspect_path
             print(inspect_path(args.path, png=args.png, n=args.n))
             return 0
         if args.stage == "verify":
+            from .stages.verify import verify_workdir
             lines, ok = verify_workdir(args.workdir)
             print("\n".join(lines))
             return 0 if ok else 2
         cfg = load_config(args.config, args.set)
-        result = _stage(args.stage, cfg, args)
-        text = _summary(args.stage, result)
+        text = _summary(args.stage, _stage(args.stage, cfg, args), cfg)
         if text:
             print(text)
         return 0

@@ -36,7 +36,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def _yaml(text: str):
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    loader = _NoAliasLoader(text)  # what yaml.load does, with the safe loader that refuses aliases
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _within(default, minimum, maximum):

@@ -107,7 +107,7 @@ def stamp(png: str | Path, text: str = SYNTHETIC_NOTE) -> None:
     """Add a band with ``text`` above a saved figure, so that it says what it was made from wherever
     it is copied to."""
     from PIL import Image, ImageDraw, ImageFont
-    im = Image.open(png).convert("RGB")
+    im = Image.open(png, formats=("PNG",)).convert("RGB")
     band = max(22, im.width // 45)
     out = Image.new("RGB", (im.width, im.height + band), (178, 34, 34))
     out.paste(im, (0, band))

@@ -55,3 +55,13 @@ def pipeline(phantom, tmp_path_factory):
 def features(pipeline):
     from radacx_cache.stages.embed import embed_all
     return embed_all(pipeline["cfg"], progress=False)
+
+
+PIPELINE_FIXTURES = {"phantom", "pipeline", "features", "archive", "trained", "reported", "item"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that build a phantom pipeline are marked ``pipeline``: ``make test-quick`` leaves them out."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)

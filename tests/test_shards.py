@@ -209,3 +209,23 @@ def test_masked_images_are_the_overlay_of_the_originals_with_the_configured_colo
         differ = np.any(item["masked"] != item["original"][..., None], axis=2).mean()
         assert 0.01 < differ < 0.25  # the overlay changes a plausible share of the pixels
     assert all(r < 112 < l for r, l in zip(right_x, left_x))
+
+
+def test_an_unknown_split_name_is_an_error_not_an_empty_set(pipeline):
+    from radacx_cache import open_shards as lazily_imported
+    shards = lazily_imported(pipeline["cfg"].work / "shards")
+    assert len(shards.split("val")) > 0
+    for wrong in ("validation", "validate", "Test"):
+        with pytest.raises(ValueError, match="expected one of train, val, test"):
+            shards.split(wrong)
+
+
+def test_radacx_help_imports_no_heavy_library():
+    """``radacx --help`` answers at once: the stages (torch, open_clip, h5py) load only when they run."""
+    import subprocess
+    import sys
+    code = ("import sys; from radacx_cache.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'h5py', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -46,10 +46,6 @@ def record_fingerprint(data: dict) -> str:
     return stable_hash({k: v for k, v in data.items() if k not in VOLATILE}, n=24)
 
 
-def file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
 def safe_relpath(name: str, what: str) -> PurePosixPath:
     """A name from a record or a table: relative, no ``..``, no empty part (never leaves its folder)."""
     rel = PurePosixPath(str(name))
@@ -86,11 +82,21 @@ def seal(data: dict) -> dict:
     return data
 
 
-def write_record(path: Path, root: Path, stage: str, command: str, files=(), upstream=(), **facts) -> Record:
+def write_record(path: Path, root: Path, stage: str, command: str, files=(), upstream=(), known=None,
+                 **facts) -> Record:
     """Hash ``files`` (names relative to ``path``'s folder), chain the ``upstream`` records (each
-    verified by the caller), and write the record last: the stage's commit point."""
+    verified by the caller), and write the record last: the stage's commit point. ``known``: sha256
+    the caller has just computed or verified ({name: sha256}), and files whose (inode, ctime, size,
+    mtime) the folder's verified-once cache knows, are not hashed again (the shards of a 100k-image set)."""
     folder = path.parent
-    entries = {name: file_entry(folder / safe_relpath(name, str(path))) for name in files}
+    cached, known = _load_verified(folder), dict(known or {})
+    entries = {}
+    for name in files:
+        target = folder / safe_relpath(name, str(path))
+        key = _stat_key(target)
+        seen = cached.get(name)
+        sha = known.get(name) or (seen[4] if isinstance(seen, list) and len(seen) == 5 and seen[:4] == key else None)
+        entries[name] = {"bytes": key[2], "sha256": sha or file_sha256(target)}
     ups = {rel_to(root, rec.path): rec.fingerprint for rec in upstream}
     data = seal({"stage": stage, "command": command, "files": entries, "upstream": ups, **facts})
     write_json(path, data)

@@ -25,6 +25,7 @@ SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_widt
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
 # the names inside a shard folder are the format's, for readers that have only the folder
 MANIFEST_NAME, INDEX_NAME = "manifest.json", "index.csv"
+SPLITS = ("train", "val", "test")
 
 
 class ShardError(RuntimeError):
@@ -198,6 +199,11 @@ class ShardSet:
         self._handles, self._views = {}, {}
 
     def split(self, name: str) -> "ShardSet":
+        """The rows of split ``name``: ``train``, ``val`` or ``test`` (anything else is an error, not
+        an empty set: MIMIC's ``validate`` is ``val`` here)."""
+        if name not in SPLITS:
+            hint = " (MIMIC's 'validate' split is called 'val' here)" if name in ("validate", "validation") else ""
+            raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)}{hint}")
         return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest)
 
     def __getitem__(self, i: int) -> dict:

@@ -32,6 +32,9 @@ def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd
     meta_ok = meta[meta["dicom_id"].isin(eligible) & pd.Series(in_positive, index=meta.index)
                    & ((meta["Rows"] != meta["Columns"]) | layout.square)].drop_duplicates(["subject_id", "study_id"])
     faults = [f for f in FAULTS if f not in NOT_IN_LAYOUT.get(layout.name, ())]
+    if len(meta_ok) < len(faults):  # a tiny phantom: fewer studies than faults to plant
+        raise ValueError(f"phantom: {len(meta_ok)} studies can carry a planted fault, {len(faults)} are planted; "
+                         f"use more patients (--set phantom.n_patients=...) or --no-faults")
     picks = meta_ok.sample(len(faults), random_state=int(rng.integers(2 ** 31))).to_dict("records")
     planted = []
     for fault, row in zip(faults, picks):
@@ -58,7 +61,7 @@ def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd
             masks.loc[m, ["Height", "Width"]] = ([row["Columns"], row["Rows"]] if row["Rows"] != row["Columns"]
                                                  else [row["Rows"] + 16, row["Columns"]])
         elif fault == "jpeg_size_mismatch":  # the file on disk is not the image the tables describe
-            with Image.open(path) as im:  # another aspect ratio: not a downscaled copy either
+            with Image.open(path, formats=("JPEG", "PNG")) as im:  # another aspect ratio: not a downscaled copy either
                 small = im.convert("L").resize((im.width - max(7, im.width // 8), im.height - 5))
             buf = io.BytesIO()
             small.save(buf, im.format)

@@ -256,7 +256,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     subject_ids = lay.subjects(rng, n_patients)
     study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), n_patients * 5, replace=False))
     images = []  # (row dict, labels) kept only long enough to write
-    for subject in tqdm(subject_ids, desc="phantom patients", disable=not progress):
+    for subject in tqdm(subject_ids, desc="phantom patients", disable=None if progress else True):
         split = lay.split(rng)
         date = 2100_00_00 + int(rng.integers(1, 80)) * 1_00_00 + 101
         for study_number in range(int(rng.integers(1, 5))):
@@ -287,7 +287,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                                    "split": split})
                 images.append((row, labels))
     log.info("phantom (%s): %d patients, %d studies, %d images", layout, n_patients, len(label_rows), len(images))
-    for row, labels in tqdm(images, desc="phantom images", disable=not progress):
+    for row, labels in tqdm(images, desc="phantom images", disable=None if progress else True):
         img_rng = np.random.default_rng([seed, int(row["study_id"]), lay.image_seed(row)])
         path = root / row["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)

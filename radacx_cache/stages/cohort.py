@@ -346,9 +346,10 @@ def _build_cohort(cfg: Config) -> dict:
 
 
 def reason_counts(reasons: pd.Series) -> dict:
-    """Reject reasons with their numbers (sizes, scores) written N, counted: "mask quality ... N < N"."""
+    """Reject reasons counted with their image-specific numbers (sizes, scores) written N: "mask quality
+    ... N < 0.7"; the numbers a rule names (a threshold, the labels 1, 0, -1) are kept."""
     generic = (reasons.str.replace(r"\d+x\d+", "NxN", regex=True)
-               .str.replace(r"(?<![A-Za-z_\d])-?\d+(?:\.\d+)?(?![A-Za-z_\d])", "N", regex=True))
+               .str.replace(r"(Dice RCA \(Mean\) )-?\d+(?:\.\d+)?", r"\1N", regex=True))
     return generic.value_counts().to_dict()
 
 

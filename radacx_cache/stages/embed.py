@@ -123,7 +123,8 @@ def _compute(partial: Path, runs: list[tuple], encoder: _Encoder, shards: ShardS
     """Encode ``runs`` into ``partial``, one block's rows written at a time."""
     loader = ordered_loader(shards, variant, [r for _, r in runs], num_workers=num_workers,
                             pin_memory=encoder.device.type == "cuda")
-    bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img", disable=not progress)
+    bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img",
+               disable=None if progress else True)
     block, parts = None, []
     t0 = time.perf_counter()
 

@@ -228,7 +228,7 @@ def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
     aug_gen = torch.Generator().manual_seed(run.cfg.seed)
     run.model.train()
     bar = tqdm(total=len(run.stream), initial=state.batches_consumed, unit="batch",
-               desc=f"{run.arm} epoch {state.epoch}", disable=not progress)
+               desc=f"{run.arm} epoch {state.epoch}", disable=None if progress else True)
     t0, seen, skipped = time.perf_counter(), 0, 0
     join = contextlib.nullcontext()
     if run.world.distributed:

@@ -1,20 +1,23 @@
 """``radacx inspect``: what is in a shard or feature file, and a montage of original vs masked."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
 
 from ..figures import montage
 from ..formats.hdf5 import open_checked
-from ..formats.shardset import check_row_shapes
+from ..formats.shardset import MANIFEST_NAME, SPLITS, ShardSet, check_row_shapes
 
 
 def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) -> str:
     path = Path(path)
     lines = [str(path)]
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return _folder_summary(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file (expected a shard, a feature cache or a shard folder)")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path}: not an HDF5 file (expected a shard or a feature cache)")
     with open_checked(path) as f:  # no links, external storage or virtual datasets
@@ -28,9 +31,21 @@ def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) ->
         is_shard = "original" in f and "dicom_id" in f
         if png and is_shard:
             check_row_shapes(path, f, f["dicom_id"].shape[0])  # before any image is read
-    if png:
-        if not is_shard:
-            raise ValueError(f"{path}: --png needs a shard file (with original/masked images)")
+    if png and not is_shard:
+        lines.append("  no montage: --png needs a shard file (with original/masked images)")
+    elif png:
         montage(path, png, n)
         lines.append(f"  montage written to {png}")
     return "\n".join(lines)
+
+
+def _folder_summary(folder: Path) -> str:
+    """A shard folder: its record's counts per split, render settings and fingerprint."""
+    shards = ShardSet(folder)
+    counts = shards.index["split"].value_counts().to_dict()
+    m = shards.manifest
+    return "\n".join([f"{folder}: shard set, {len(shards)} images in {len(m['shards'])} files, {m['rejects']} rejected",
+                      "  " + ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS),
+                      f"  classes: {', '.join(shards.target_names)}", f"  render: {json.dumps(m['render_config'])}",
+                      f"  fingerprint {shards.fingerprint} (record_version {m.get('record_version')})",
+                      "  read it with h5py alone: docs/shard-format.md"])

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from .._io import atomic_path, stage_run
+from .._io import stage_run, write_npz
 from ..arms import ARM_BY_NAME, IMAGE_VARIANTS, arm_for
 from ..config import Config
 from ..formats.features import FeatureCache
@@ -64,11 +64,9 @@ def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tu
 
 def save_probe(path, probe: LinearProbe, feature: str, shards_fingerprint: str) -> None:
     """The fitted head as plain arrays (np.load(allow_pickle=False) reads it back)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, coef=probe.coef_, intercept=probe.intercept_, mean=probe.mean_.numpy(),
-                     scale=probe.scale_.numpy(), feature=np.array(feature), preprocess=np.array(probe.preprocess),
-                     shards_fingerprint=np.array(shards_fingerprint))
+    write_npz(path, coef=probe.coef_, intercept=probe.intercept_, mean=probe.mean_.numpy(),
+              scale=probe.scale_.numpy(), feature=np.array(feature), preprocess=np.array(probe.preprocess),
+              shards_fingerprint=np.array(shards_fingerprint))
 
 
 def run_probes(cfg: Config) -> dict:
@@ -112,7 +110,9 @@ def _run_probes(cfg: Config) -> dict:
                     "model_fingerprint": caches[test_variant].fingerprints["model"],
                     "feature_fingerprints": caches[test_variant].fingerprints,
                     "features_file": caches[test_variant].path.name, "shards_fingerprint": shards.fingerprint,
-                    "probe": {k: v for k, v in result.items() if k not in ("path", "probe", "_train", "_val")},
+                    # the search's summary, less its wall time: a rerun with the same result writes the same file
+                    "probe": {k: v for k, v in result.items() if k not in ("path", "probe", "_train", "_val",
+                                                                          "seconds")},
                     "c_path": result["path"], "config": cfg.to_dict()["probe"]}
             write_predictions(work.predictions(name, test_variant), rows, proba, classes, meta)
             summary[f"{name}/{test_variant}"] = accuracy(proba, Pte, order=shards.target_order)

@@ -275,7 +275,7 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     boxes = _box_regions(test, positions, classes)
     rows = []
     records = _current_arms(work, verifier)
-    for rec in tqdm(records, desc="saliency", disable=not progress):
+    for rec in tqdm(records, desc="saliency", disable=None if progress else True):
         rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth,
                         boxes)
     if not rows:

@@ -317,7 +317,8 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
                                           {"formats": KINDS[cfg.archive.kind].image_formats,
                                            "strict_links": cfg.archive.strict_links})
                     for t in pending)
-            bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", disable=not progress)
+            bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
+                       disable=None if progress else True)
             for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
                 done[sidecar["name"]] = sidecar
                 bar.update(sidecar["rows"] + len(sidecar["rejects"]))
@@ -375,10 +376,11 @@ def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, coho
     record = write_record(
         work.shards_manifest, work.root, "shards", "radacx shards",
         files=[work.shards_index.name, "rejects.csv", *(s["name"] for s in shards)], upstream=[cohort_rec],
+        known={s["name"]: s["sha256"] for s in shards},  # hashed by the workers, or verified on resume
         schema=SCHEMA, schema_version=SCHEMA_VERSION, shards=shards, rows=len(index), rejects=len(rejects),
         render_config=attrs["render_config"], render_fingerprint=attrs["render_fingerprint"],
         cohort_fingerprint=attrs["cohort_fingerprint"], target_names=attrs["target_names"],
         target_order=cohort_rec["target_order"], multi_positive=cohort_rec["policy"]["multi_positive"],
         uncertain=cohort_rec["policy"]["uncertain"], archive=attrs["archive"], created_with=attrs["created_with"])
-    log.info("shards: %d images in %d shards, %d rejected", len(index), len(shards), len(rejects))
+    log.debug("shards: %d images in %d shards, %d rejected", len(index), len(shards), len(rejects))
     return record.data

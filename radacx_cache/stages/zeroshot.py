@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from .._io import atomic_path, stage_run
+from .._io import stage_run, write_npz
 from ..arms import IMAGE_VARIANTS
 from ..config import Config
 from ..formats.features import FeatureCache, cache_fingerprints
@@ -74,9 +74,7 @@ def _run_zeroshot(cfg: Config) -> dict:
     # computed every run (a few prompts through the text tower): a stored copy is never read back
     text = text_embeddings(model, prompts)
     scale = float(model.model.logit_scale.exp().item())
-    with atomic_path(work.zeroshot_text(model.tag)) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, text=text, logit_scale=np.array(scale))
+    write_npz(work.zeroshot_text(model.tag), text=text, logit_scale=np.array(scale))
     zs = write_record(work.zeroshot_record(model.tag), work.root, "zeroshot", "radacx zeroshot",
                       files=["text.npz"], upstream=[features], prompts=prompts, logit_scale=scale,
                       **model_facts(model))
