@@ -15,7 +15,9 @@ import h5py
 import numpy as np
 
 from .._io import stable_hash
+from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
+from .records import Record, RecordError, Verifier
 from .shardset import ShardSet
 
 CACHE_SCHEMA = "radacx-features"
@@ -24,6 +26,17 @@ CACHE_VERSION = 2  # 2: content_sha256, verified before commit and on open
 
 class FeatureCacheError(RuntimeError):
     """A feature cache does not match what was asked for, or is unreadable."""
+
+
+def features_record(work: Workdir, model_tag: str, verifier: Verifier, model_fingerprint: str | None = None) -> Record:
+    """The verified record of a model's feature caches, built from the current shards (and, when
+    ``model_fingerprint`` is given, by that model)."""
+    record = verifier.record(work.features_record(model_tag), "embed")
+    verifier.require_upstream(record, verifier.record(work.shards_manifest, "shards"))
+    if model_fingerprint is not None and record["model_fingerprint"] != model_fingerprint:
+        raise RecordError(f"{record.path}: built with model {record['model_fingerprint']}, the configured model "
+                          f"is {model_fingerprint}; rerun `radacx embed`")
+    return record
 
 
 def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 from .._io import stage_run, write_npz
 from ..arms import ARM_BY_NAME, IMAGE_VARIANTS, arm_for
 from ..config import Config
-from ..formats.features import FeatureCache
+from ..formats.features import FeatureCache, features_record
 from ..estimators.linear_probe import LinearProbe, fit_final, sweep_c
 from ..metrics import accuracy
 from ..models import model_tag, weights_seed
@@ -83,8 +83,7 @@ def _run_probes(cfg: Config) -> dict:
     # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
     # here the spec, the shard set, the variant and the seed of a random-weight model must match,
     # without loading the model again
-    features = verifier.record(work.features_record(model_tag(cfg.model.spec)), "embed")
-    verifier.require_upstream(features, verifier.record(work.shards_manifest, "shards"))
+    features = features_record(work, model_tag(cfg.model.spec), verifier)
     expected = {"model_spec": cfg.model.spec, "weights_seed": weights_seed(cfg.model.spec, cfg.seed),
                 "shards": shards.fingerprint}
     caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v}) for v in IMAGE_VARIANTS}

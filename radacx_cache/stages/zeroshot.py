@@ -16,11 +16,11 @@ import torch
 from .._io import stage_run, write_npz
 from ..arms import IMAGE_VARIANTS
 from ..config import Config
-from ..formats.features import FeatureCache, cache_fingerprints
+from ..formats.features import FeatureCache, cache_fingerprints, features_record
 from ..metrics import accuracy
 from ..models import load_model
 from ..formats.predictions import model_facts, write_arm_record, write_predictions
-from ..formats.records import RecordError, Verifier, write_record
+from ..formats.records import Verifier, write_record
 from ..formats.shardset import open_verified
 from ..workdir import Workdir
 
@@ -68,7 +68,7 @@ def _run_zeroshot(cfg: Config) -> dict:
     verifier = Verifier(work.root)
     shards = open_verified(work, verifier)
     model = load_model(cfg.model.spec, seed=cfg.seed)
-    features = features_record(work, model, verifier)
+    features = features_record(work, model.tag, verifier, model.fingerprint)
     classes = shards.target_names
     prompts = class_prompts(classes, cfg.zeroshot.template, cfg.zeroshot.prompts)
     # computed every run (a few prompts through the text tower): a stored copy is never read back
@@ -95,13 +95,3 @@ def _run_zeroshot(cfg: Config) -> dict:
         summary[f"Baseline/{variant}"] = accuracy(proba, positives, order=shards.target_order)
     write_arm_record(work, "Baseline", "radacx zeroshot", [zs, features], **model_facts(model))
     return summary
-
-
-def features_record(work: Workdir, model, verifier: Verifier):
-    """The verified record of ``model``'s feature caches, built from the current shards."""
-    record = verifier.record(work.features_record(model.tag), "embed")
-    verifier.require_upstream(record, verifier.record(work.shards_manifest, "shards"))
-    if record["model_fingerprint"] != model.fingerprint:
-        raise RecordError(f"{record.path}: built with model {record['model_fingerprint']}, the configured model "
-                          f"{model.spec} is {model.fingerprint}; rerun `radacx embed`")
-    return record
