@@ -219,3 +219,29 @@ def test_the_intercept_is_solved_from_a_far_start():
     assert np.abs(far.gb.numpy()).max() <= 1e-6
     prior = Y[:2000].mean(0)  # at W = 0 the optimal intercept reproduces the class frequencies
     np.testing.assert_allclose(torch.softmax(far.b, 0).numpy(), prior, atol=1e-5)
+
+
+def test_linear_probe_passes_scikit_learns_estimator_checks():
+    """All of ``check_estimator`` (55 checks in scikit-learn 1.9): fitted-state errors, input
+    validation, binary decision_function, label types, pickling, cloning."""
+    import warnings
+    from sklearn.utils.estimator_checks import check_estimator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(LinearProbe(), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    assert failed == [] and len(results) >= 40
+
+
+def test_cross_validation_with_any_scorer_and_a_seed():
+    """``cross_val_score(LinearProbe(), X, y, scoring="roc_auc")`` gave [nan nan nan] (a binary
+    decision_function of shape (n, 2)); now the scores of a separable problem, reproducibly."""
+    from sklearn.model_selection import cross_val_score
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * rng.normal(size=300) > 0).astype(int)
+    scores = cross_val_score(LinearProbe(C=1.0), X, y, scoring="roc_auc", cv=3)
+    assert np.isfinite(scores).all() and scores.min() > 0.9
+    a = LinearProbe(random_state=3).fit(X, y).coef_
+    b = LinearProbe(random_state=3).fit(X, y).coef_
+    np.testing.assert_array_equal(a, b)

@@ -19,7 +19,9 @@ import time
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .logistic_solver import Evaluation, Problem, lbfgs
 from ..metrics import accuracy_argmax
@@ -52,6 +54,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     max_iter, tol : L-BFGS limits (tol: largest gradient component, scikit-learn's rule).
     warm_start : bool
         Start from the previous ``coef_`` when refitting (the regularisation path).
+    random_state : None, int or RandomState
+        Seeds the one random choice: the rows the preconditioner's covariance is estimated on (it
+        changes the number of passes, not the optimum). ``sample_weight`` is not supported yet.
+
+    ``y`` is class labels (scikit-learn's contract: ``check_estimator`` passes) or an (N, K >= 2)
+    multi-hot / soft-target matrix (the probe stage's targets, rows normalised).
 
     Attributes
     ----------
@@ -79,32 +87,30 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise ValueError(f"preprocess={self.preprocess!r}: expected standardize, l2 or none")
         return X
 
-    def _targets(self, X: np.ndarray, y) -> np.ndarray:
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
-        if not np.isfinite(X).all():
-            raise ValueError("X holds NaN or inf values (a bad feature cache?)")
+    def _targets(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """(X as float32, soft targets). ``y``: class labels (N,) as scikit-learn's classifiers take
+        them, or an (N, K) multi-hot / soft-target matrix (K >= 2 columns: the probe stage's targets)."""
         if not self.C > 0:
             raise ValueError(f"C must be > 0, got {self.C}")
-        y = np.asarray(y)
-        if y.ndim == 1:
-            self.classes_ = np.unique(y)
-            if len(self.classes_) < 2:
-                raise ValueError(f"needs samples of at least 2 classes; got only {self.classes_}")
-            Q = soft_targets(np.searchsorted(self.classes_, y), len(self.classes_))
-        else:
+        y = None if y is None else np.asarray(y)
+        multi = y is not None and y.ndim == 2 and y.shape[1] > 1
+        X, y = validate_data(self, X, y, dtype=np.float32, multi_output=multi, y_numeric=multi)
+        if multi:
             self.classes_ = np.arange(y.shape[1])
-            Q = soft_targets(y)
-        if len(Q) != len(X):
-            raise ValueError(f"X has {len(X)} rows but y has {len(Q)}")
-        return Q
+            return X, soft_targets(y)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"needs samples of at least 2 classes; got 1 class: {self.classes_}")
+        return X, soft_targets(np.searchsorted(self.classes_, y), len(self.classes_))
 
     def fit(self, X, y):
-        X = np.asarray(X, np.float32)
-        Q = self._targets(X, y)
+        X, Q = self._targets(X, y)
         warm = self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (Q.shape[1], X.shape[1])
         rows = self._transform(X) if warm and hasattr(self, "mean_") else self._learn_scaling(X)
-        return self._fit_problem(Problem([(rows, torch.as_tensor(Q))], seed=0))
+        # the only randomness: which rows the preconditioner's covariance is estimated on (speed, not the optimum)
+        seed = 0 if self.random_state is None else int(check_random_state(self.random_state).randint(2 ** 31 - 1))
+        return self._fit_problem(Problem([(rows, torch.as_tensor(Q))], seed=seed))
 
     def _learn_scaling(self, X: np.ndarray) -> torch.Tensor:
         """Learn the standardisation on the training rows (kept whatever ``preprocess`` says) and
@@ -141,23 +147,29 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.intercept_ = self.evaluation_.b.numpy().copy()
         return self
 
-    def decision_function(self, X) -> np.ndarray:
+    def _scores(self, X) -> np.ndarray:
+        """(N, K) logits, after scikit-learn's checks (fitted, finite, dense 2-D, same width)."""
         check_is_fitted(self, "coef_")
-        X = np.asarray(X, np.float32)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features; the probe was fitted on {self.n_features_in_}")
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         with torch.no_grad():
             return torch.nn.functional.linear(self._transform(X), torch.as_tensor(self.coef_),
                                               torch.as_tensor(self.intercept_)).numpy()
 
+    def decision_function(self, X) -> np.ndarray:
+        """(N, K) logits; for two classes (N,), the score of ``classes_[1]`` (scikit-learn's convention,
+        so that scorers such as ``roc_auc`` work)."""
+        z = self._scores(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
     def predict_proba(self, X) -> np.ndarray:
-        z = self.decision_function(X)
+        z = self._scores(X)
         z = z - z.max(1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(1)]
+        best = self._scores(X).argmax(1)  # first: it raises NotFittedError before fit
+        return self.classes_[best]
 
 
 def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0, grid_points=7,
@@ -181,8 +193,7 @@ def sweep_c(X_train, Y_train, X_val, Y_val, *, c_min_log10=-6.0, c_max_log10=6.0
         X_train, Y_train = X_train[keep], Y_train[keep]
     c_scale = n_full / len(X_train)
     template = LinearProbe(1.0, preprocess=preprocess, max_iter=max_iter, tol=tol)
-    Xtr = np.asarray(X_train, np.float32)
-    Q = template._targets(Xtr, Y_train)
+    Xtr, Q = template._targets(X_train, Y_train)
     problem = Problem([(template._learn_scaling(Xtr), torch.as_tensor(Q))], seed=seed)
     Zva = template._transform(np.asarray(X_val, np.float32))  # standardised once for every fit
     fitted: dict[float, LinearProbe] = {}
