@@ -32,6 +32,8 @@ def montage(path: str | Path, png: str | Path, n: int = 8) -> None:
             ax.axis("off")
     axes[0, 0].text(-10, 112, "original", rotation=90, va="center", ha="right", fontsize=8)
     axes[1, 0].text(-10, 112, "masked", rotation=90, va="center", ha="right", fontsize=8)
+    fig.suptitle("Original (top) and overlay (bottom) images; titles: training targets. Overlay key: "
+                 "red = right lung, green = left lung, blue = heart (the patient's sides)", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -62,40 +64,51 @@ def accuracy_figure(path: Path, results: dict, refs: dict, published: dict | Non
 
 
 def auroc_figure(path: Path, results: dict, classes) -> None:
+    """Per-class AUROC: one panel per test image variant, one colour per arm, a key outside the bars."""
     names = list(results)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.8 / (2 * len(names))
-    for i, name in enumerate(names):
-        for j, v in enumerate(("original", "masked")):
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    width = 0.8 / len(names)
+    for ax, v in zip(axes, ("original", "masked")):
+        for i, name in enumerate(names):
             au = np.array(results[name][v]["auroc"], float)
-            ax.bar(np.arange(len(classes)) + (2 * i + j - len(names)) * width + width / 2, np.nan_to_num(au),
-                   width, label=f"{name} {v}", alpha=0.9 if v == "original" else 0.55)
-    ax.set_xticks(np.arange(len(classes)), classes, fontsize=8)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("AUROC (one-vs-rest, multi-hot positives)", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=len(names))
+            ax.bar(np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width, np.nan_to_num(au), width,
+                   color=colors[i % len(colors)], label=name)
+        ax.set_xticks(np.arange(len(classes)), [c.replace(" ", "\n") for c in classes], fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{v} test images", fontsize=8)
+    axes[0].set_ylabel("AUROC (one-vs-rest, multi-hot positives)", fontsize=8)
+    axes[1].legend(title="arm", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Per-class AUROC by arm (dashed: chance 0.5)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def confusion_figure(path: Path, results: dict, classes) -> None:
+    """Counts per (target, prediction) with row shares as colour, full class names and a colour bar."""
     names = list(results)
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.6), squeeze=False)
-    short = [c[:5] for c in classes]
+    fig, axes = plt.subplots(2, len(names), figsize=(3.1 * len(names) + 1.2, 6.6), squeeze=False)
+    labels = [c.replace(" ", "\n") for c in classes]
+    image = None
     for i, name in enumerate(names):
         for j, v in enumerate(("original", "masked")):
-            cm = np.array(results[name][v]["confusion"], float)
-            cm = cm / cm.sum(1, keepdims=True).clip(1)
+            counts = np.array(results[name][v]["confusion"], float)
+            share = counts / counts.sum(1, keepdims=True).clip(1)
             ax = axes[j, i]
-            ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
-            ax.set_title(f"{name} / {v}", fontsize=8)
-            ax.set_xticks(range(len(classes)), short, fontsize=6, rotation=45)
-            ax.set_yticks(range(len(classes)), short, fontsize=6)
-    fig.supylabel("target: first positive finding", fontsize=8)
-    fig.supxlabel("top-1 prediction (rows normalised)", fontsize=8)
-    fig.tight_layout()
+            image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+            for (r, c), n in np.ndenumerate(counts):
+                ax.text(c, r, f"{int(n)}", ha="center", va="center", fontsize=6,
+                        color="white" if share[r, c] > 0.6 else "black")
+            ax.set_title(f"{name}, {v} test images", fontsize=7)
+            ax.set_xticks(range(len(classes)), labels, fontsize=5, rotation=90)
+            ax.set_yticks(range(len(classes)), labels if i == 0 else [""] * len(classes), fontsize=5)
+    fig.supylabel("target: first positive finding (target order)", fontsize=8)
+    fig.supxlabel("top-1 prediction; numbers: images, colour: share of the row", fontsize=8)
+    fig.suptitle("Confusion matrices", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(image, ax=axes, fraction=0.02, pad=0.01, label="share of the target's images")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -160,7 +173,8 @@ def saliency_panels(folder: Path, rows: list[dict], test, n: int, seed: int) -> 
                 ax = axes[i, j * (1 + len(methods))]
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
                 r0 = maps[(pos, methods[0], variant)]
-                ax.set_title(f"{variant}: {r0['predicted'][:12]} ({'ok' if r0['correct'] else 'wrong'})", fontsize=6)
+                verdict = "= target" if r0["correct"] else "≠ target"
+                ax.set_title(f"{variant}: predicted {r0['predicted']}\n({verdict})", fontsize=5)
                 for k, method in enumerate(methods):
                     ax = axes[i, j * (1 + len(methods)) + 1 + k]
                     grey = img if img.ndim == 2 else img.mean(2)
