@@ -73,8 +73,8 @@ def test_shard_schema_and_reader(pipeline):
         np.testing.assert_array_equal(np.asarray(shards.view(shard, variant)),
                                       shards.read(shard, variant, 0, 10 ** 9))
     ds = ShardMapDataset(shards, "masked")
-    pixels, target = ds[5]
-    assert tuple(pixels.shape) == (224, 224, 3) and target.sum() >= 1
+    item = ds[5]
+    assert tuple(item["pixels"].shape) == (224, 224, 3) and item["targets"].sum() >= 1 and item["index"] == 5
     with pytest.raises(KeyError):
         shards.get("no-such-id")
 

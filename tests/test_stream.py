@@ -95,3 +95,19 @@ def test_augment_is_small_and_deterministic():
     b = augment(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == x.shape
     assert 0 < (a - x).abs().mean() < 0.1
+
+
+def test_every_setting_in_the_constructor_and_the_worker_count_learnt(pipeline):
+    """``ShardStream(train, "masked")`` works with defaults; with ``num_workers=None`` it learns the
+    loader's worker count and yields exactly what ``num_workers=2`` yields; a wrong count is refused."""
+    train = open_shards(pipeline["cfg"].work / "shards").split("train")
+    learnt = ShardStream(train, "masked", 16, seed=4, block_rows=32)
+    assert learnt.batch_size == 16 and ShardStream(train, "masked").batch_size == 32
+    with pytest.raises(TypeError, match="num_workers"):
+        len(learnt)
+    told = ShardStream(train, "masked", 16, seed=4, block_rows=32, num_workers=2)
+    loader = lambda s: [b["index"].tolist() for b in torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)]
+    assert loader(learnt) == loader(told) and len(told) == len(loader(told))
+    wrong = ShardStream(train, "masked", 16, num_workers=3)
+    with pytest.raises(RuntimeError, match="the DataLoader runs 2 workers"):
+        loader(wrong)

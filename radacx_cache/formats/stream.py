@@ -82,17 +82,25 @@ def skip_per_worker(worker_batches: list[int], consumed: int) -> tuple[list[int]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches of uint8 images and targets from one split and variant of a shard set.
+    """Shuffled batches of uint8 images and targets from one split and variant of a shard set, for
+    training (docs/training.md). Use it with ``DataLoader(stream, batch_size=None, num_workers=N)``:
+    the stream batches itself.
 
     Yields dicts ``pixels`` (B, H, W) or (B, H, W, 3) uint8, ``targets`` (B, K) float32, ``index``
     (B,) positions in the split's index, ``skipped`` (rows this worker lost to unreadable shards).
+    ``num_workers``: the DataLoader's (0 and 1 both mean one reader); None learns it from the loader
+    when iteration starts (``torch.utils.data.get_worker_info``), but ``len()`` then cannot be known
+    in advance. The batch order is a function of ``seed``, the epoch (``set_epoch``) and the worker
+    count, so a resumed run (``state_dict`` / ``load_state_dict``) must keep the worker count.
     """
 
-    def __init__(self, shards: ShardSet, variant: str, batch_size: int, *, seed: int = 0,
+    def __init__(self, shards: ShardSet, variant: str = "original", batch_size: int = 32, *, seed: int = 0,
                  block_rows: int = 64, shuffle_buffer: int = 512, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, num_workers: int | None = None):
         if variant not in ("original", "masked"):
             raise ValueError(f"variant {variant!r}: expected original or masked")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: expected >= 1 (and DataLoader(..., batch_size=None))")
         self.shards, self.variant, self.batch_size = shards, variant, batch_size
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world = rank, world
@@ -101,14 +109,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.targets = torch.from_numpy(shards.targets())
         self.epoch = 0
         self.resume_batches = 0
-        self.num_workers = 1
+        self.num_workers = None if num_workers is None else max(1, int(num_workers))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def state_dict(self, batches_consumed: int) -> dict:
         return {"epoch": self.epoch, "batches_consumed": int(batches_consumed), "seed": self.seed,
-                "world": self.world, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "world": self.world, "num_workers": self.num_workers or 1, "batch_size": self.batch_size,
                 "rows": len(self.shards)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,14 +137,17 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (all its workers together)."""
+        if self.num_workers is None:
+            raise TypeError("ShardStream(num_workers=None) learns the worker count when iteration starts; pass "
+                            "num_workers= (the DataLoader's) to know the number of batches in advance")
         return sum(self._worker_batches(self.num_workers))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        if n_workers != self.num_workers:
-            raise RuntimeError(f"ShardStream.num_workers={self.num_workers} but the DataLoader runs "
-                               f"{n_workers} workers; set it to the loader's num_workers")
+        if self.num_workers is not None and n_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream(num_workers={self.num_workers}) but the DataLoader runs "
+                               f"{n_workers} workers; pass the loader's num_workers (or None to learn it)")
         n_consumers = self.world * n_workers
         skips, start = skip_per_worker(self._worker_batches(n_workers), self.resume_batches)
         worker = (physical + start) % n_workers
@@ -195,9 +206,15 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 class ShardMapDataset(torch.utils.data.Dataset):
-    """Map-style view (one image per item) for inspection and small jobs; see ShardStream for training."""
+    """Map-style view, one image per item, for evaluation and small jobs (ShardStream for training).
+
+    Items are dicts like ShardStream's batches, for one image: ``pixels`` (H, W) or (H, W, 3) uint8,
+    ``targets`` (K,) float32, ``index`` (its position); a DataLoader's default collation turns them
+    into the same batches ShardStream yields (without ``skipped``)."""
 
     def __init__(self, shards: ShardSet, variant: str = "original"):
+        if variant not in ("original", "masked"):
+            raise ValueError(f"variant {variant!r}: expected original or masked")
         self.shards, self.variant = shards, variant
         self.targets = torch.from_numpy(shards.targets())
 
@@ -207,7 +224,7 @@ class ShardMapDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row = self.shards.index.iloc[int(i)]
         pixels = self.shards.read(row["shard"], self.variant, int(row["row"]), int(row["row"]) + 1)[0]
-        return torch.from_numpy(pixels), self.targets[int(i)]
+        return {"pixels": torch.from_numpy(pixels), "targets": self.targets[int(i)], "index": int(i)}
 
 
 def ordered_runs(shards: ShardSet, batch_size: int, block_rows: int) -> list[tuple[int, tuple]]:

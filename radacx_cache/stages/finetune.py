@@ -169,8 +169,8 @@ def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
                              "shards": shards.fingerprint, "variant": variant, "seed": cfg.seed,
                              "precision": cfg.runtime.precision})
     stream = ShardStream(shards.split("train"), variant, ft.batch_size, seed=cfg.seed, block_rows=ft.block_rows,
-                         shuffle_buffer=ft.shuffle_buffer, rank=world.rank, world=world.size)
-    stream.num_workers = max(1, ft.num_workers)
+                         shuffle_buffer=ft.shuffle_buffer, rank=world.rank, world=world.size,
+                         num_workers=ft.num_workers)
     total = math.ceil(len(stream) / ft.accumulate) * ft.epochs
     if ft.max_steps:
         total = min(total, ft.max_steps)
