@@ -300,6 +300,8 @@ def open_verified(work: Workdir, verifier: Verifier | None = None) -> ShardSet:
     """The workdir's shard set, with the chain above it verified (cohort record -> shard record ->
     every listed file) and each shard's structure checked: what every later stage reads."""
     verifier = verifier or Verifier(work.root)
+    if not work.shards_manifest.exists() and not work.cohort_manifest.exists():
+        raise ShardError(f"{work.root}: no cohort and no shards yet; run `radacx cohort`, then `radacx shards`")
     try:
         record = verifier.record(work.shards_manifest, "shards")
     except RecordError as exc:
