@@ -245,3 +245,14 @@ def test_cross_validation_with_any_scorer_and_a_seed():
     a = LinearProbe(random_state=3).fit(X, y).coef_
     b = LinearProbe(random_state=3).fit(X, y).coef_
     np.testing.assert_array_equal(a, b)
+
+
+def test_importing_the_probe_does_not_import_torch():
+    """``from radacx_cache.estimators.linear_probe import LinearProbe`` costs no torch import (~5 s);
+    torch loads on the first fit."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom radacx_cache.estimators.linear_probe import LinearProbe\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

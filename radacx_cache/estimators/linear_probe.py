@@ -17,14 +17,16 @@ import math
 import time
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._lazy import LazyModule
 from .logistic_solver import Evaluation, Problem, lbfgs
 from ..metrics import accuracy_argmax
+
+torch = LazyModule("torch")  # imported on first use: `import` of the estimator stays light
 
 
 def soft_targets(y, n_classes: int | None = None) -> np.ndarray:

@@ -17,7 +17,10 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import torch
+
+from .._lazy import LazyModule
+
+torch = LazyModule("torch")  # imported on first use: `import` of the estimator stays light
 
 log = logging.getLogger(__name__)
 
