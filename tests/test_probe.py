@@ -228,9 +228,36 @@ def test_linear_probe_passes_scikit_learns_estimator_checks():
     from sklearn.utils.estimator_checks import check_estimator
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = check_estimator(LinearProbe(), on_fail=None)
+        results = check_estimator(LinearProbe(), on_fail=None, expected_failed_checks=DELIBERATELY_SKIPPED)
     failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
-    assert failed == [] and len(results) >= 40
+    assert failed == [] and len(results) >= 60
+
+
+# the one check left out, and why (docs/probe.md)
+DELIBERATELY_SKIPPED = {
+    "check_sample_weight_equivalence_on_dense_data":
+        "the solver works in float32 and stops at scikit-learn's rule (largest gradient component <= tol, "
+        "1e-4 by default): weighted and repeated rows agree to that tolerance, not to rtol=1e-7 "
+        "(test_sample_weight_matches_scikit_learn checks the weighted optimum itself)"}
+
+
+def test_sample_weight_matches_scikit_learn():
+    """Weights (scaled to mean 1) give scikit-learn's weighted optimum; all-ones weights change nothing."""
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 400)
+    X[:, 0] += y
+    w = rng.uniform(0.1, 3, 400)
+    ours = LinearProbe(C=0.5, preprocess="none", tol=1e-7, max_iter=2000).fit(X, y, sample_weight=w)
+    ref = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(X, y, sample_weight=w * len(w) / w.sum())
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+    unweighted = LinearProbe(C=0.5, preprocess="none", tol=1e-7).fit(X, y)
+    assert not np.allclose(ours.coef_, unweighted.coef_, atol=1e-3)  # the weights do change the fit
+    ones = LinearProbe(C=0.5, preprocess="none", tol=1e-7).fit(X, y, sample_weight=np.ones(400))
+    np.testing.assert_array_equal(ones.coef_, unweighted.coef_)
+    with pytest.raises(ValueError, match="non-zero"):
+        LinearProbe().fit(X, y, sample_weight=np.zeros(400))
 
 
 def test_cross_validation_with_any_scorer_and_a_seed():

@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .._lazy import LazyModule
 from .logistic_solver import Evaluation, Problem, lbfgs
@@ -58,7 +58,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Start from the previous ``coef_`` when refitting (the regularisation path).
     random_state : None, int or RandomState
         Seeds the one random choice: the rows the preconditioner's covariance is estimated on (it
-        changes the number of passes, not the optimum). ``sample_weight`` is not supported yet.
+        changes the number of passes, not the optimum). ``fit`` takes ``sample_weight``.
 
     ``y`` is class labels (scikit-learn's contract: ``check_estimator`` passes) or an (N, K >= 2)
     multi-hot / soft-target matrix (the probe stage's targets, rows normalised).
@@ -106,13 +106,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise ValueError(f"needs samples of at least 2 classes; got 1 class: {self.classes_}")
         return X, soft_targets(np.searchsorted(self.classes_, y), len(self.classes_))
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
+        """Fit on features ``X`` (N, d) and labels ``y`` (N,) or soft targets (N, K); ``sample_weight``
+        (N,) non-negative: the loss is their weighted mean (scaled to mean 1, so C means the same)."""
         X, Q = self._targets(X, y)
+        weights = None
+        if sample_weight is not None:
+            sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)  # refuses all 0
+            weights = torch.as_tensor(sw * len(sw) / sw.sum(), dtype=torch.float32)
         warm = self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (Q.shape[1], X.shape[1])
         rows = self._transform(X) if warm and hasattr(self, "mean_") else self._learn_scaling(X)
         # the only randomness: which rows the preconditioner's covariance is estimated on (speed, not the optimum)
         seed = 0 if self.random_state is None else int(check_random_state(self.random_state).randint(2 ** 31 - 1))
-        return self._fit_problem(Problem([(rows, torch.as_tensor(Q))], seed=seed))
+        return self._fit_problem(Problem([(rows, torch.as_tensor(Q))], seed=seed, weights=weights))
 
     def _learn_scaling(self, X: np.ndarray) -> torch.Tensor:
         """Learn the standardisation on the training rows (kept whatever ``preprocess`` says) and

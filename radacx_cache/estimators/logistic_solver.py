@@ -50,10 +50,12 @@ class Problem:
 
     ``blocks`` is a list of (X, Q) pairs read in turn (train, or train then val: no concatenated
     copy). The eigendecomposition ``U diag(s) U^T`` of the features' covariance drives the
-    preconditioner.
+    preconditioner. ``weights``: one per row (all blocks, in order), mean 1, or None (all 1): the loss
+    is then ``sum_i w_i CE_i / n`` and its gradients and curvatures weighted alike.
     """
 
-    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], eig: tuple | None = None, seed: int = 0):
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], eig: tuple | None = None, seed: int = 0,
+                 weights: torch.Tensor | None = None):
         self.blocks = blocks
         self.n = sum(len(X) for X, _ in blocks)
         self.n_classes, self.n_features = blocks[0][1].shape[1], blocks[0][0].shape[1]
@@ -66,6 +68,9 @@ class Problem:
             eig = (s.clamp_min(0).float(), U.float())
         self.eig = eig
         self.Q = torch.cat([Q for _, Q in blocks])
+        self.w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1)
+        if self.w is not None:
+            self.Q = self.Q * self.w  # w_i q_i: the loss's target term; P is weighted where it appears
         self.q_mean = self.Q.sum(0, dtype=torch.float64) / self.n
         self.passes = 0
 
@@ -79,8 +84,9 @@ class Problem:
         loss = -torch.sum(self.Q * logp, dtype=torch.float64)  # float64: a float32 sum's rounding
         # (~1e-7) would be as large as the last iterations' decrease and stall the line search
         p = logp.exp_()
-        curvature = torch.diag(p.sum(0, dtype=torch.float64)) - (p.T @ p).double()
-        G = p.sub_(self.Q)
+        wp = p if self.w is None else p * self.w
+        curvature = torch.diag(wp.sum(0, dtype=torch.float64)) - (wp.T @ p).double()
+        G = wp.sub_(self.Q) if self.w is None else wp - self.Q
         gW, row = torch.zeros_like(W), 0
         for X, _ in self.blocks:
             for s in range(0, len(X), _CHUNK):
@@ -102,11 +108,12 @@ class Problem:
             # float64: float32's rounding of p^T p (~1e-8) can flip the sign of the Hessian's smallest
             # curvatures (a class whose probability underflowed), and with it the step's
             p = logp.exp().double()
-            p_mean = p.sum(0) / n
+            wp = p if self.w is None else p * self.w.double()
+            p_mean = wp.sum(0) / n
             g = p_mean - self.q_mean
             if float(g.abs().max()) <= tol:
                 break
-            H = torch.diag(p_mean) - p.T @ p / n
+            H = torch.diag(p_mean) - wp.T @ p / n
             step = torch.linalg.solve(H + regulariser, -g)
             # a bounded step in Newton's direction: far from the optimum (a class whose probability
             # underflowed, or one without positives, heading to -inf) the quadratic model overshoots
