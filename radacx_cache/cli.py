@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from .arms import IMAGE_VARIANTS  # plain data: no heavy import
+
 log = logging.getLogger("radacx_cache")
 # stage -> (module under radacx_cache, function, one-line description)
 STAGES = {
@@ -38,7 +40,7 @@ def _stage(name: str, cfg, args) -> dict | None:
         return _call(name, p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
                      seed=cfg.seed, faults=faults, layout=args.layout or p.layout)
     if name == "finetune":
-        return _call(name, cfg, variants=args.variant or ("original", "masked"), resume=args.resume)
+        return _call(name, cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
     if name == "shards":
         return _call(name, cfg, rebuild=args.rebuild)
     return _call(name, cfg)
@@ -105,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--rebuild", action="store_true",
                            help="replace finished shards that no longer match the plan (never done otherwise)")
         if name == "finetune":
-            p.add_argument("--variant", action="append", choices=("original", "masked"),
+            p.add_argument("--variant", action="append", choices=IMAGE_VARIANTS,
                            help="train only this image variant (repeatable; default both)")
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p = sub.add_parser("verify", help="re-hash every stage record of a workdir and check each chain",

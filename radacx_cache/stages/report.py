@@ -195,7 +195,7 @@ def alternative_readings(arms: dict, shards: ShardSet, classes) -> Section:
     return sec
 
 
-def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict, notes: list) -> dict | None:
+def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict) -> dict | None:
     """The saliency stage's results, read through its verified record, when it ran on the arms of
     this report as they are now."""
     if not work.saliency_record.exists():
@@ -230,7 +230,6 @@ def _build_report(cfg: Config) -> dict:
     shards = open_verified(work, verifier)
     cohort = verifier.record(work.cohort_manifest, "cohort")  # the policy the shards were built with
     policy, n_boot, classes = cohort["policy"], cfg.report.bootstrap, shards.target_names
-    notes: list[str] = []
     arms = {a.name: p for a in ARMS if (p := load_arm(a, work, shards, verifier)) is not None}
     if not arms:
         raise FileNotFoundError(f"no predictions under {work.predictions_dir}; run zeroshot / probe / finetune first")
@@ -252,10 +251,10 @@ def _build_report(cfg: Config) -> dict:
                   "arm_records": {n: rec.fingerprint for n, rec in records.items()}}
     sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive)
     sections.append(alternative_readings(arms, shards, classes))
-    saliency = out_saliency(work, verifier, records, notes)
+    saliency = out_saliency(work, verifier, records)
     if saliency is not None:
         sections += saliency_sections(saliency, n_boot)
-    footer = _footer(provenance, n_boot) + notes
+    footer = _footer(provenance, n_boot)
     out = work.results_dir
     md = render_markdown(sections, footer)
     with atomic_path(out / "table1.md") as tmp:
