@@ -1,5 +1,5 @@
 # radacx-cache: `make demo` (install + every stage on the phantom archive) and `make test`.
-# ARCHIVE=nih or ARCHIVE=chexpert: the demo on a phantom in that archive's layout (pipelines/demo-*.yaml)
+# ARCHIVE=nih, chexpert or vindr: the demo on a phantom in that archive's layout (pipelines/demo-*.yaml)
 ARCHIVE ?= mimic
 CONFIG ?= $(if $(filter mimic,$(ARCHIVE)),pipelines/demo.yaml,pipelines/demo-$(ARCHIVE).yaml)
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick bench clean
+.PHONY: help install demo demo-ablation demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -33,7 +33,10 @@ demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-
 	$(call radacx,saliency)
 	$(call radacx,report)
 
-demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout; ARCHIVE=nih|chexpert)
+demo-ablation: install ## overlay ablations on the phantom: six overlay variants x every arm (pipelines/ablation.yaml)
+	$(MAKE) demo CONFIG=pipelines/ablation.yaml
+
+demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout; ARCHIVE=nih|chexpert|vindr)
 	$(call radacx,demo-data)
 cohort: install ## filter, label policy and patient-level split
 	$(call radacx,cohort)

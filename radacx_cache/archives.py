@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Config
-from .sources import chexpert, mimic, nih
+from .sources import chexpert, mimic, nih, vindr
 from .sources.chexmask import ID_COLUMNS, read_chexmask
 
 
@@ -46,6 +46,10 @@ KINDS = {
     "chexpert": ArchiveKind("CheXpert", "CheXpert", "Path",
                             {"metadata": "train.csv / valid.csv", "labels": "train.csv / valid.csv",
                              "split": "train.csv / valid.csv"}, ("dicom_id",), False, True, ("JPEG",)),
+    "vindr": ArchiveKind("VinDr-CXR", "VinDr-CXR", "image_id",
+                         {"metadata": "annotations_*.csv", "labels": "annotations_*.csv",
+                          "split": "annotations_train.csv / annotations_test.csv"}, ("dicom_id",), False, False,
+                         ("DICOM",)),
 }
 
 
@@ -60,11 +64,13 @@ class ArchiveTables:
     rejects: list = field(default_factory=list)
     image_folders: dict | None = None  # NIH Kaggle copy: the images_NNN/images folder of each file
     boxes: pd.DataFrame | None = None  # radiologists' boxes (sources.nih.BOX_COLUMNS), where the archive has them
+    boxes_in_pixels: bool = False  # VinDr: the boxes are in the image's pixels (the cohort makes them fractions)
 
 
 def id_problem(kind: str, row) -> str | None:
     """Why a metadata row's identifiers are not this archive's, or None (then paths may be built)."""
-    check = {"mimic": mimic.id_problem, "nih": nih.id_problem, "chexpert": chexpert.id_problem}[kind]
+    check = {"mimic": mimic.id_problem, "nih": nih.id_problem, "chexpert": chexpert.id_problem,
+             "vindr": vindr.id_problem}[kind]
     return check(row["dicom_id"], row["subject_id"], row["study_id"])
 
 
@@ -74,6 +80,8 @@ def relpath(tables: ArchiveTables, row) -> str:
         return mimic.jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
     if tables.kind == "nih":
         return nih.png_relpath(row["dicom_id"], tables.image_folders)
+    if tables.kind == "vindr":
+        return vindr.dicom_relpath(row["prefix"], row["dicom_id"])
     return chexpert.jpg_relpath(row["prefix"], row["dicom_id"])
 
 
@@ -89,6 +97,9 @@ def read_archive_tables(cfg: Config, with_chexmask: bool = True) -> ArchiveTable
                                mimic.read_split(root))
     elif kind == "nih":
         tables = _nih_tables(root)
+    elif kind == "vindr":
+        entries, split, boxes, rejects = vindr.read_tables(root, cfg.cohort.min_readers)
+        tables = ArchiveTables(entries, entries, split, kind="vindr", rejects=rejects, boxes=boxes, boxes_in_pixels=True)
     else:
         entries = chexpert.read_tables(root)
         tables = ArchiveTables(entries, entries, entries[["dicom_id", "split"]], kind="chexpert")
@@ -126,6 +137,8 @@ def input_files(cfg: Config) -> list[Path]:
         elif cfg.archive.kind == "nih":
             files = [nih.data_entry_path(root), *(root / name for name in nih.SPLIT_LISTS)]
             files += [p for p in [nih.bbox_path(root)] if p is not None]
+        elif cfg.archive.kind == "vindr":
+            files = list(vindr.table_paths(root).values())
         else:
             files = list(chexpert.table_paths(root).values())
     except FileNotFoundError:  # the readers say what is missing, and where, when they run

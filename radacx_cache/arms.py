@@ -36,3 +36,22 @@ def arm_for(method: str, trained_on: str | None) -> Arm:
         if arm.method == method and arm.trained_on == trained_on:
             return arm
     raise KeyError(f"no arm for method {method!r} trained on {trained_on!r}")
+
+
+def variant_arm(method: str, trained_on: str) -> str:
+    """The arm ``method`` trains on ``trained_on`` images: Table 1's V1-V4 for the stored variants, and
+    ``V2-<variant>`` (probe) or ``V4-<variant>`` (fine-tune) for an overlay ablation's derived one."""
+    if trained_on in IMAGE_VARIANTS:
+        return arm_for(method, trained_on).name
+    return f"{arm_for(method, 'masked').name}-{trained_on}"
+
+
+# the overlay ablation's columns (docs/pipeline.md): what is compared across variants, and the arm
+# whose predictions on a variant's test images fill each cell
+ABLATION_COLUMNS = (
+    ("zero-shot", lambda v: "Baseline"),
+    ("linear head trained on original, tested on each variant", lambda v: "V1"),
+    ("linear head trained and tested on each variant", lambda v: variant_arm("probe", v)),
+    ("encoder + head fine-tuned on original, tested on each variant", lambda v: "V3"),
+    ("encoder + head fine-tuned and tested on each variant", lambda v: variant_arm("finetune", v)),
+)

@@ -11,15 +11,13 @@ import json
 import logging
 import sys
 
-from .arms import IMAGE_VARIANTS  # plain data: no heavy import
-
 log = logging.getLogger("radacx_cache")
 # stage -> (module under radacx_cache, function, one-line description)
 STAGES = {
     "demo-data": ("phantom.generator", "generate", "write the synthetic phantom archive in a real archive's layout"),
     "cohort": ("stages.cohort", "build_cohort", "filter the archive, apply the label policy, split by patient"),
     "shards": ("stages.shards", "build_shards", "render original + overlay images, masks and labels into HDF5"),
-    "embed": ("stages.embed", "embed_all", "frozen-encoder feature caches of both image variants"),
+    "embed": ("stages.embed", "embed_all", "frozen-encoder feature caches, one per image variant"),
     "probe": ("stages.probe", "run_probes", "linear probes V1 / V2 on the cached features"),
     "zeroshot": ("stages.zeroshot", "run_zeroshot", "the zero-shot baseline from the cached features"),
     "finetune": ("stages.finetune", "run_finetune", "fine-tune encoder + head (V3 / V4), streaming from shards"),
@@ -40,7 +38,7 @@ def _stage(name: str, cfg, args) -> dict | None:
         return _call(name, p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
                      seed=cfg.seed, faults=faults, layout=args.layout or p.layout)
     if name == "finetune":
-        return _call(name, cfg, variants=args.variant or IMAGE_VARIANTS, resume=args.resume)
+        return _call(name, cfg, variants=args.variant or None, resume=args.resume)
     if name == "shards":
         return _call(name, cfg, rebuild=args.rebuild)
     return _call(name, cfg)
@@ -99,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo-data":
             p.add_argument("--faults", action="store_true", help="plant bad inputs (docs/archives.md)")
             p.add_argument("--no-faults", action="store_true", help="a clean phantom (overrides phantom.faults)")
-            p.add_argument("--layout", choices=("mimic", "nih", "chexpert"), default=None,
+            p.add_argument("--layout", choices=("mimic", "nih", "chexpert", "vindr"), default=None,
                            help="the archive whose file and table layout the phantom takes (default: phantom.layout)")
             p.add_argument("--full-resolution", action="store_true",
                            help="real MIMIC image sizes (~3000 px; slow, large) instead of phantom.long_side")
@@ -107,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--rebuild", action="store_true",
                            help="replace finished shards that no longer match the plan (never done otherwise)")
         if name == "finetune":
-            p.add_argument("--variant", action="append", choices=IMAGE_VARIANTS,
-                           help="train only this image variant (repeatable; default both)")
+            p.add_argument("--variant", action="append",
+                           help="train only on this image variant (repeatable; default original, masked and "
+                                "finetune.variants)")
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p = sub.add_parser("verify", help="re-hash every stage record of a workdir and check each chain",
                        description="re-hash every stage record of a workdir and check each chain")

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from .findings import FINDINGS, FINDINGS_ALL
+from .overlays import STRUCTURES, overlay_variants
 
 CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
 
@@ -57,10 +58,11 @@ def _open_interval(key: str, value: float, low: float, high: float) -> None:
 @dataclass
 class ArchiveConfig:
     """Which archive the cohort reads (docs/archives.md): its kind, its root folder, its CheXmask file."""
-    kind: Literal["mimic", "nih", "chexpert"] = "mimic"
+    kind: Literal["mimic", "nih", "chexpert", "vindr"] = "mimic"
     # mimic: the folder holding files/ and mimic-cxr-2.0.0-*.csv.gz; nih: the folder holding
     # Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and images/; chexpert: the folder
-    # holding CheXpert-v1.0(-small)/ (the tables' Path column is relative to it)
+    # holding CheXpert-v1.0(-small)/ (the tables' Path column is relative to it); vindr: the folder
+    # holding annotations/ (PhysioNet) or train.csv (Kaggle), and train/ (test/) with the DICOMs
     root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
     chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
     labeler: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which of its two label tables
@@ -71,7 +73,7 @@ class ArchiveConfig:
 @dataclass
 class PhantomConfig:
     out: str = "data/phantom"
-    layout: Literal["mimic", "nih", "chexpert"] = "mimic"  # which archive's file and table layout
+    layout: Literal["mimic", "nih", "chexpert", "vindr"] = "mimic"  # which archive's file and table layout
     n_patients: int = _within(300, 1, 100_000)
     long_side: int = _within(448, 64, 4096)  # scaled down for speed; real MIMIC images are ~3000 px
     faults: bool = True
@@ -87,6 +89,9 @@ class CohortConfig:
     min_mask_quality: float = _within(0.7, 0.0, 1.0)
     split: Literal["official", "paper"] = "paper"
     val_fraction: float = 1 / 6  # paper: train:val ~ 5:1; in (0, 1)
+    # VinDr-CXR (three readers per training image): a finding is positive where at least this many
+    # marked it, uncertain (-1, then `uncertain` decides) where fewer did; the consensus test set: one
+    min_readers: int = _within(2, 1, 3)
 
     def __post_init__(self):
         _open_interval("cohort.val_fraction", self.val_fraction, 0.0, 1.0)
@@ -104,6 +109,9 @@ class RenderConfig:
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
     mask_supersample: int = _within(2, 1, 8)
+    # overlay ablations (docs/pipeline.md, overlays.py): name -> settings on top of the paper's overlay
+    # above; drawn at read time from the stored original and masks (adding one re-decodes nothing)
+    variants: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # a partial `colors` (e.g. only the heart) is merged with the defaults; each is an RGB triple
@@ -119,6 +127,15 @@ class RenderConfig:
         self.colors = {k: list(v) for k, v in colors.items()}
         if not 0 < self.fill_alpha <= 1:
             raise ConfigError(f"config key 'render.fill_alpha': {self.fill_alpha!r} is not in (0, 1]")
+        try:
+            self.variants = overlay_variants(self.variants, self.paper_overlay())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def paper_overlay(self) -> dict:
+        """The full settings of the paper's overlay, the stored ``masked`` variant."""
+        return {"style": self.overlay, "line_width": self.line_width, "colors": {k: list(v) for k, v in self.colors.items()},
+                "ink": None, "structures": list(STRUCTURES), "fill_alpha": self.fill_alpha}
 
 
 @dataclass
@@ -194,6 +211,9 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
     max_steps: int = _within(0, 0, 1 << 40)  # 0: no cap (tests cap it)
     checkpoint_every: int = _within(50, 0, 1 << 40)  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
+    # overlay ablations: also fine-tune on these render.variants (arms V4-<name>; the expensive arm, so
+    # none by default: V3 is tested on every variant either way)
+    variants: list = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +225,7 @@ class SaliencyConfig:
     ig_steps: int = _within(16, 2, 1024)  # Integrated Gradients path steps
     batch_size: int = _within(16, 1, 4096)
     panels: int = _within(4, 0, 64)  # images per arm in the figure (half correct, half wrong)
+    variants: list = field(default_factory=list)  # overlay ablations: derived variants (render.variants) also explained
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"gradcam", "integrated_gradients"})
@@ -390,5 +411,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.archive.labeler != "chexpert" and cfg.archive.kind != "mimic":
         raise ConfigError(f"config key 'archive.labeler': {cfg.archive.labeler!r} exists only for MIMIC-CXR-JPG; "
                           f"{cfg.archive.kind} has one label table")
+    for key, names in (("finetune.variants", cfg.finetune.variants), ("saliency.variants", cfg.saliency.variants)):
+        unknown = [v for v in names if v not in cfg.render.variants]
+        if unknown:
+            raise ConfigError(f"config key '{key}': {unknown[0]!r} is not one of render.variants "
+                              f"({', '.join(cfg.render.variants) or 'none defined'}); original and masked are always in")
     return cfg
 

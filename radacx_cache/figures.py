@@ -192,3 +192,20 @@ def saliency_panels(folder: Path, rows: list[dict], test, n: int, seed: int) -> 
         plt.close(fig)
         paths.append(str(path))
     return paths
+
+
+def variant_figure(path: Path, test, variants, n: int = 3, seed: int = 0) -> None:
+    """The overlay ablation's variants side by side on the same ``n`` test radiographs (seeded)."""
+    pick = np.random.default_rng([seed, 22]).permutation(len(test))[:n]
+    fig, axes = plt.subplots(len(pick), len(variants), figsize=(1.9 * len(variants), 2.0 * len(pick)), squeeze=False)
+    for i, pos in enumerate(pick):
+        item = test.row(int(pos), tuple(variants))
+        for j, variant in enumerate(variants):
+            axes[i, j].imshow(item[variant], cmap="gray" if item[variant].ndim == 2 else None, vmin=0, vmax=255)
+            axes[i, j].set_title(variant if i == 0 else "", fontsize=7)
+            axes[i, j].axis("off")
+    fig.suptitle("Overlay variants on the same test radiographs (224 x 224 px; settings in shards/variants.json)",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import RenderConfig
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
+from .sources.dicom import DicomError, decode_dicom, is_dicom
 
 GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce",
                    "mask_height", "mask_width")
@@ -117,7 +118,7 @@ MAX_PIXELS = 64_000_000  # ~8000 x 8000: far above any radiograph, far below a d
 MIN_OVERLAY_SHARE = 0.002  # an overlay that changes fewer pixels than this drew (almost) nothing
 
 
-IMAGE_FORMATS = ("JPEG", "PNG")  # every archive's image formats; an archive reads only its own
+IMAGE_FORMATS = ("JPEG", "PNG", "DICOM")  # every archive's image formats; an archive reads only its own
 
 
 def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, int] | None = None,
@@ -133,13 +134,20 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
     declaring a huge image costs nothing; with ``scaled_ok`` a smaller image of the same aspect ratio
     (a downscaled copy) passes too. 16-bit images are windowed to 8 bit between their 0.5th
     and 99.5th percentiles (a hot pixel cannot turn the image black).
-    Only ``formats`` are opened (Pillow never hands a PostScript file named ``.jpg`` to Ghostscript).
+    Only ``formats`` are opened (Pillow never hands a PostScript file named ``.jpg`` to Ghostscript);
+    ``DICOM`` (VinDr-CXR) goes to ``sources.dicom`` (modality LUT, VOI window, MONOCHROME1 inverted).
     Returns the pixels, the reduction factor and the original (height, width).
     """
     if len(data) == 0:
         raise RenderError("file is empty (0 bytes)")
+    if "DICOM" in formats and (is_dicom(data) or not set(formats) - {"DICOM"}):
+        try:  # no DCT scaling for DICOM: the modality LUT and VOI window need every stored value
+            pixels, size = decode_dicom(data, expected, max_pixels, fits=lambda got, want: fits_frame(got, want, scaled_ok))
+        except DicomError as exc:
+            raise RenderError(str(exc)) from None
+        return pixels, 1, size
     try:
-        im = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
+        im = Image.open(io.BytesIO(data), formats=[f for f in formats if f != "DICOM"])  # reads the header only
     except UnidentifiedImageError:
         raise RenderError(f"cannot decode image: not a {' or '.join(formats)} file") from None
     except Exception as exc:
@@ -225,8 +233,12 @@ def masks_at(rles: dict[str, str], mask_shape: tuple[int, int], geom: Geometry, 
         except ValueError as exc:
             raise RenderError(f"{name} mask: {exc}") from None
         hits = sample_rle(starts, ends, geom.width, rows, cols)  # geom is in the mask frame here
-        if k > 1:
-            hits = hits.reshape(size, k, size, k).mean(axis=(1, 3)) >= 0.5
+        if k > 1:  # majority of the k x k sub-samples: 2 * votes >= k * k, i.e. their mean >= 0.5
+            votes = np.zeros((size, size), np.int32)
+            for dy in range(k):
+                for dx in range(k):
+                    votes += hits[dy::k, dx::k]
+            hits = 2 * votes >= k * k
         out[i] = hits
     return out
 
@@ -283,6 +295,28 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
     return np.clip(np.rint(out), 0, 255).astype(np.uint8) if mode == "fill" else out
 
 
+def draw_variant(original: np.ndarray, masks: np.ndarray, spec: dict) -> np.ndarray:
+    """An overlay variant drawn at read time: ``original`` (H, W) or (N, H, W) uint8 and its
+    ``masks`` ((N,) 3, H, W) bool, as the shards store them, drawn with ``spec`` (the full settings of
+    ``RenderConfig.variants``); (..., H, W, 3) uint8. The paper's settings (``RenderConfig.paper_overlay``)
+    give exactly the stored ``masked`` pixels; a style of ``none`` (or no structures) gives the
+    original in three channels."""
+    if original.ndim == 3:
+        out = np.empty((*original.shape, 3), np.uint8)
+        for i in range(len(original)):
+            out[i] = draw_variant(original[i], masks[i], spec)
+        return out
+    masks = np.asarray(masks, dtype=bool)  # the shards store them as uint8 0/1: never an index array
+    chosen = np.array([name in spec["structures"] for name in MASK_NAMES])
+    if spec["style"] == "none" or not chosen.any():
+        return np.repeat(original[..., None], 3, axis=2)
+    if not chosen.all():
+        masks = masks & chosen[:, None, None]  # a structure left out draws nothing
+    colors = spec["colors"] if spec["ink"] is None else {name: [spec["ink"]] * 3 for name in MASK_NAMES}
+    return overlay(original, masks, spec["style"], colors=colors, line_width=spec["line_width"],
+                   alpha=spec["fill_alpha"])
+
+
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
                  cfg: RenderConfig | None = None, expected: tuple[int, int] | None = None,
                  scaled_ok: bool = False, formats: tuple[str, ...] = IMAGE_FORMATS) -> dict:
@@ -304,7 +338,8 @@ def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
     original = pad_resize(pixels, geom, size)
     masked = overlay(original, masks, cfg.overlay, colors=cfg.colors, line_width=cfg.line_width,
                      alpha=cfg.fill_alpha)
-    changed = float(np.any(masked != original[..., None], axis=2).mean())
+    differs = masked != original[..., None]
+    changed = np.count_nonzero(differs[..., 0] | differs[..., 1] | differs[..., 2]) / original.size
     if changed < MIN_OVERLAY_SHARE:
         raise RenderError(f"the overlay changed {changed:.2%} of the pixels (expected >= {MIN_OVERLAY_SHARE:.1%}): "
                           f"empty masks, or a render config that draws nothing")

@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "radacx_cache"
 # the layer order, bottom first; a module may import a lower layer, or its own subpackage's modules
 LAYERS = (
-    ("_version", "_io", "_lazy", "findings"),
+    ("_version", "_io", "_lazy", "findings", "overlays"),
     ("config", "sources", "sources.*"),
     ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
     ("saliency_metrics",),

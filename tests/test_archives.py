@@ -1,5 +1,5 @@
-"""NIH ChestX-ray14 and CheXpert: readers, phantoms in their layouts, the torchxrayvision peer,
-the real label tables torchxrayvision ships, and the same planted faults as the MIMIC phantom."""
+"""NIH ChestX-ray14, CheXpert and VinDr-CXR: readers, phantoms in their layouts, the torchxrayvision
+peer, the real label tables torchxrayvision ships, and the same planted faults as the MIMIC phantom."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import pytest
 from conftest import shared_path
 from test_cohort import FAULT_EXPECTATIONS
 
-LAYOUTS = ("nih", "chexpert")
+LAYOUTS = ("nih", "chexpert", "vindr")
 # where NIH / CheXpert differ from MIMIC in how a planted fault shows (the fault is the same)
 LAYOUT_EXPECTATIONS = {
     "nih": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # no sizes in NIH's tables:
@@ -24,6 +24,9 @@ LAYOUT_EXPECTATIONS = {
                  "jpeg_size_mismatch": ("shards", "nor a downscaled copy of the same aspect ratio"),
                  "duplicate_label_row": ("cohort", "Path appears several times in train.csv / valid.csv"),
                  "bad_label_value": ("cohort", "= 'yes' is not 1, 0, -1 or blank")},
+    "vindr": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # checked on the DICOM
+              "corrupt_jpeg": ("shards", "not a DICOM file"),
+              "bad_label_value": ("cohort", "class_name 'yes' is not a VinDr-CXR label")},
 }
 
 
@@ -45,7 +48,8 @@ def archive(request, tmp_path_factory):
     from radacx_cache.stages.shards import build_shards
     layout = request.param
     out = tmp_path_factory.mktemp(f"phantom-{layout}")
-    summary = generate(out, n_patients=110, long_side=160, seed=5, faults=True, progress=False, layout=layout)
+    patients = 330 if layout == "vindr" else 110  # VinDr: one image per patient
+    summary = generate(out, n_patients=patients, long_side=160, seed=5, faults=True, progress=False, layout=layout)
     cfg = make_config(summary, tmp_path_factory.mktemp(f"work-{layout}"), f"archive.kind={layout}",
                       "shards.max_reject_share=0.2")
     return {"layout": layout, "phantom": summary, "cfg": cfg, "cohort": build_cohort(cfg, progress=False),
@@ -56,8 +60,10 @@ def test_every_planted_fault_is_rejected_with_its_reason(archive):
     work, layout = archive["cfg"].work, archive["layout"]
     rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"), pd.read_csv(work / "shards" / "rejects.csv")])
     expected = {**FAULT_EXPECTATIONS, **LAYOUT_EXPECTATIONS[layout]}
+    from radacx_cache.phantom.faults import NOT_IN_LAYOUT
     planted = {f["fault"] for f in archive["phantom"]["planted"]}
-    assert planted == set(FAULT_EXPECTATIONS) - ({"missing_label_row"} if layout == "chexpert" else set())
+    assert planted == set(FAULT_EXPECTATIONS) - NOT_IN_LAYOUT.get(layout, set())
+    assert len(planted) >= 11
     for fault in archive["phantom"]["planted"]:
         stage, reason = expected[fault["fault"]]
         row = rejects[rejects["id"] == fault["dicom_id"]]
@@ -73,8 +79,14 @@ def test_the_cohort_contract_holds_on_every_layout(archive):
     assert set(cohort["split"]) == {"train", "val", "test"}
     assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
     assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) == 1).all()
-    assert archive["cohort"]["archive_name"] == {"nih": "NIH ChestX-ray14", "chexpert": "CheXpert"}[layout]
-    if layout == "nih":  # NIH has no uncertain labels, and its Rows x Columns come from CheXmask
+    assert archive["cohort"]["archive_name"] == {"nih": "NIH ChestX-ray14", "chexpert": "CheXpert",
+                                                 "vindr": "VinDr-CXR"}[layout]
+    if layout == "vindr":  # one image per "patient"; the official test table stays the test split
+        assert cohort["path"].str.fullmatch(r"(train|test)/[0-9a-f]{32}\.dicom").all()
+        assert (cohort.loc[cohort["split"] == "test", "path"].str.startswith("test/")).all()
+        assert cohort["subject_id"].is_unique and archive["cohort"]["policy"]["min_readers"] == 2
+        assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() > 0  # one reader of three
+    elif layout == "nih":  # NIH has no uncertain labels, and its Rows x Columns come from CheXmask
         assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() == 0
         assert cohort["path"].str.fullmatch(r"images/\d{8}_\d{3}\.png").all()
     else:
@@ -110,7 +122,8 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
     cohort = pd.read_csv(work / "cohort" / "cohort.csv")
     broken = set(pd.read_csv(work / "shards" / "rejects.csv")["id"])  # the planted bad files
     cohort = cohort[~cohort["dicom_id"].isin(broken)].set_index("path")
-    chexmask = pd.read_csv(summary["chexmask_csv"], usecols=lambda c: c in ("Image Index", "Path", "Height", "Width"))
+    chexmask = pd.read_csv(summary["chexmask_csv"],
+                           usecols=lambda c: c in ("Image Index", "Path", "image_id", "Height", "Width"))
     root = summary["root"]
     if layout == "nih":
         ds = xrv.datasets.NIH_Dataset(imgpath=os.path.join(root, "images"),
@@ -120,6 +133,13 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
         effusion = ds.pathologies.index("Effusion")
         sizes = chexmask.set_index("Image Index")
         keys = ds.csv["Image Index"]
+    elif layout == "vindr":  # labels: torchxrayvision counts a finding any reader marked
+        ds = xrv.datasets.VinDr_Dataset(imgpath=os.path.join(root, "train"),
+                                        csvpath=os.path.join(root, "annotations", "annotations_train.csv"))
+        rel = "train/" + ds.csv["image_id"] + ".dicom"
+        effusion = ds.pathologies.index("Effusion")
+        sizes = chexmask.set_index("image_id")
+        keys = ds.csv["image_id"]
     else:
         ds = xrv.datasets.CheX_Dataset(imgpath=os.path.join(root, "CheXpert-v1.0-small"),
                                        csvpath=os.path.join(root, "CheXpert-v1.0-small", "train.csv"),
@@ -134,10 +154,11 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
     for i in shared:
         ours = cohort.loc[rel.iloc[i]]
         # "Effusion" is pleural effusion; torchxrayvision writes NaN for blank and uncertain labels
-        assert (ds.labels[i, effusion] == 1) == (ours["positive_Pleural Effusion"] == 1)
-        img = ds[i]["img"]  # (1, H, W), read with skimage by torchxrayvision
+        marked = ours["positive_Pleural Effusion"] == 1 or (layout == "vindr" and ours["uncertain_Pleural Effusion"] == 1)
+        assert (ds.labels[i, effusion] == 1) == marked
+        img = ds[i]["img"]  # (1, H, W), read with skimage (pydicom for VinDr) by torchxrayvision
         h, w = sizes.loc[keys.iloc[i], ["Height", "Width"]]
-        want = (h, w) if layout == "nih" else (round(h * 0.75), round(w * 0.75))
+        want = (h, w) if layout in ("nih", "vindr") else (round(h * 0.75), round(w * 0.75))
         assert img.shape[1:] == want
         checked += 1
     assert checked == len(shared)
@@ -288,3 +309,38 @@ def test_torchxrayvision_box_masks_agree_with_the_boxes_in_the_shards(archive):
         if compared >= 10:
             break
     assert compared >= 5
+
+
+@pytest.mark.parametrize("archive", ["vindr"], indirect=True)
+def test_torchxrayvision_vindr_box_masks_agree_with_the_boxes_in_the_shards(archive):
+    """The VinDr phantom's annotations_train.csv read by torchxrayvision's VinDr_Dataset(pathology_masks=True)
+    (the union of every reader's boxes of a finding, in the DICOM's pixels) against the shards' boxes
+    mapped back through the stored geometry: the same region for each finding the readers agreed on."""
+    xrv = pytest.importorskip("torchxrayvision")
+    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.render import Geometry
+    root, work = archive["phantom"]["root"], archive["cfg"].work
+    ds = xrv.datasets.VinDr_Dataset(imgpath=os.path.join(root, "train"), pathology_masks=True,
+                                    csvpath=os.path.join(root, "annotations", "annotations_train.csv"))
+    names = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+             "Pleural Effusion": "Effusion"}
+    train = ShardSet(work / "shards")
+    ious = []
+    for pos in range(len(train)):
+        boxes, item = train.boxes_at(pos), train.row(pos, ("geometry",))
+        if not boxes or not (ds.csv["image_id"] == item["dicom_id"]).any():
+            continue
+        geom = Geometry.from_array(item["geometry"])
+        theirs = ds.get_mask_dict(item["dicom_id"], (1, geom.height, geom.width))
+        ours: dict = {}
+        for k, x0, y0, x1, y1 in boxes:  # back to the DICOM's pixels, cut as torchxrayvision cuts them (int())
+            region = ours.setdefault(train.target_names[k], np.zeros((geom.height, geom.width), bool))
+            c0, c1 = [int(v / geom.scale - geom.pad_left + 1e-4) for v in (x0, x1)]
+            r0, r1 = [int(v / geom.scale - geom.pad_top + 1e-4) for v in (y0, y1)]
+            region[r0:r1, c0:c1] = True
+        for finding, mine in ours.items():
+            if finding not in names:  # Edema: not among torchxrayvision's 14 VinDr classes
+                continue
+            mask = theirs[ds.pathologies.index(names[finding])][0] > 0
+            ious.append((mine & mask).sum() / (mine | mask).sum())
+    assert len(ious) >= 10 and min(ious) > 0.97, sorted(ious)[:5]

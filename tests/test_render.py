@@ -239,3 +239,24 @@ def test_boxes_take_the_image_s_padding_and_scale():
     region = box_region([box_to_output(geom, 0.0, 0.0, 0.5, 1.0)], 224)
     rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
     assert (rows[0], rows[-1], cols[0], cols[-1]) == (56, 167, 0, 111)
+
+
+def test_masks_at_is_the_majority_of_its_sub_samples_ties_inside():
+    """masks_at against the definition, from the fully decoded mask: each output pixel is inside when at
+    least half of its k x k sub-samples are (a 2-of-4 tie counts as inside, as the stored shards have it)."""
+    from radacx_cache.render import masks_at, sample_grid, square_geometry
+    from radacx_cache.sources.chexmask import MASK_NAMES
+    data, masks = wikimedia()
+    shape = masks["heart"].shape
+    rles = {k: encode_rle(v) for k, v in masks.items()}
+    for k in (2, 3):
+        geom = square_geometry(*shape, 224, 1, mask_shape=shape)
+        rows, cols = sample_grid(geom, 224, k)
+        got = masks_at(rles, shape, geom, 224, k)
+        ties = 0
+        for i, name in enumerate(MASK_NAMES):
+            full = masks[name][np.clip(rows, 0, None)][:, np.clip(cols, 0, None)] & (rows[:, None] >= 0) & (cols[None, :] >= 0)
+            share = full.reshape(224, k, 224, k).mean(axis=(1, 3))
+            assert np.array_equal(got[i], share >= 0.5), (k, name)
+            ties += int((share == 0.5).sum())
+        assert k == 3 or ties > 0  # the data holds ties, so the rule for them is tested

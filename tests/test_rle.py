@@ -144,3 +144,25 @@ def test_a_file_with_swapped_dice_headers_is_corrected_with_a_warning(tmp_path, 
     original = read_chexmask(src, id_column=None)
     np.testing.assert_allclose(fixed["quality_mean"], original["quality_mean"])
     assert str(swapped) in caplog.text and "swapped" in caplog.text
+
+
+def test_sampling_runs_in_the_grid_equals_the_per_point_search():
+    """The renderer's shortcut (runs located in the sorted grid, one cumulative sum) against the
+    exact per-point binary search, on grids that punish it: unsorted and repeated rows (an upscaled
+    image), -1 (padding) at both ends, runs shorter than the grid spacing, empty and full masks."""
+    from radacx_cache.sources.chexmask import parse_rle, sample_rle, sample_rle_direct
+    rng = np.random.default_rng(3)
+    for t in range(300):
+        h, w = (int(v) for v in rng.integers(2, 200, 2))
+        mask = rng.random((h, w)) < [0.0, 1.0, 0.02, 0.5, 0.98][t % 5]
+        starts, ends = parse_rle(encode_rle(mask), (h, w))
+        n, m = (int(v) for v in rng.integers(1, 90, 2))
+        rows, cols = np.sort(rng.integers(-1, h, n)), np.sort(rng.integers(-1, w, m))
+        if t % 3 == 1:
+            rows = rng.integers(-1, h, n)
+        if t % 3 == 2:
+            rows = np.r_[-1, -1, np.repeat(np.arange(h), 2), -1]
+        expected = sample_rle_direct(starts, ends, w, rows, cols)
+        assert np.array_equal(sample_rle(starts, ends, w, rows, cols), expected), t
+        inside = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+        assert np.array_equal(expected, inside & mask[np.clip(rows, 0, None)][:, np.clip(cols, 0, None)])

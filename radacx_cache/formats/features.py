@@ -41,9 +41,12 @@ def features_record(work: Workdir, model_tag: str, verifier: Verifier, model_fin
 
 def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
     """What a cache of ``model`` over ``shards``' ``variant`` images must record."""
-    return {"model": model.fingerprint, "model_spec": model.spec, "weights_seed": model.weights_seed,
-            "shards": shards.fingerprint, "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
-            "schema_version": CACHE_VERSION}
+    out = {"model": model.fingerprint, "model_spec": model.spec, "weights_seed": model.weights_seed,
+           "shards": shards.fingerprint, "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
+           "schema_version": CACHE_VERSION}
+    if variant in shards.derived:  # drawn at read time: the settings are part of what the cache holds
+        out["variant_spec"] = stable_hash(shards.derived[variant])
+    return out
 
 
 def check_fingerprints(path: Path, expected: dict) -> None:

@@ -110,11 +110,13 @@ def check_complete(pred: Predictions, test_ids, shards_fingerprint: str, classes
         raise PredictionError(f"{where}: non-finite probabilities for image {ids[bad].iloc[0]}")
 
 
-def write_arm_record(work: Workdir, arm: str, command: str, upstream: list[Record], **facts) -> Record:
-    """An arm's record, written after both of its prediction files: the commit point of the arm."""
-    files = [f"{v}{ext}" for v in IMAGE_VARIANTS for ext in (".csv", ".json")]
+def write_arm_record(work: Workdir, arm: str, command: str, upstream: list[Record], tested_on=IMAGE_VARIANTS,
+                     **facts) -> Record:
+    """An arm's record, written after its prediction files (one per test image variant in ``tested_on``):
+    the commit point of the arm."""
+    files = [f"{v}{ext}" for v in tested_on for ext in (".csv", ".json")]
     return write_record(work.predictions_record(arm), work.root, "predictions", command, files=files,
-                        upstream=upstream, arm=arm, **facts)
+                        upstream=upstream, arm=arm, tested_on=list(tested_on), **facts)
 
 
 def arm_record(work: Workdir, arm: str, verifier: Verifier) -> Record:

@@ -46,6 +46,23 @@ def saliency_section(data: dict, n_boot: int) -> Section:
     return sec
 
 
+def variants_section(data: dict, n_boot: int) -> Section | None:
+    """Saliency on the overlay ablation's derived variants (``saliency.variants``), against original."""
+    sec = Section("Saliency per overlay variant (mean [95% CI], area baseline; paired difference to original)",
+                  ["Arm", "Method", "Metric", "Variant", "Value", "− original [95% CI]", "p"])
+    for rec in data["summary"]:
+        for v in rec.get("variants", [])[2:]:
+            d = rec.get(f"{v}_minus_original")
+            sec.rows.append([rec["arm"], rec["method"], METRIC_TEXT[rec["metric"]], v, _cell(rec[v], rec[f"{v}_area"]),
+                             f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–",
+                             format_p(d["p_value"], n_boot) if d else "–"])
+    if not sec.rows:
+        return None
+    sec.notes.append("The ink metric uses the paper's line width for every variant (the band the stored masked "
+                     "image draws); settings of each variant in shards/variants.json.")
+    return sec
+
+
 def _control_cell(c: dict | None) -> str:
     if c is None:
         return "n/a"
@@ -79,7 +96,8 @@ def checks_section(checks: list[dict], method: str) -> Section:
 
 
 def saliency_sections(data: dict, n_boot: int) -> list[Section]:
-    return [saliency_section(data, n_boot), *checks_sections(data)]
+    variants = variants_section(data, n_boot)
+    return [saliency_section(data, n_boot), *([variants] if variants else []), *checks_sections(data)]
 
 
 def saliency_markdown(data: dict, n_boot: int) -> str:

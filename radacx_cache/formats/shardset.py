@@ -19,12 +19,14 @@ from .._io import file_sha256
 from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
+from ..render import draw_variant
 from .records import RecordError, Verifier, check_files, read_record
 
 SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
 # the names inside a shard folder are the format's, for readers that have only the folder
 MANIFEST_NAME, INDEX_NAME = "manifest.json", "index.csv"
+VARIANTS_NAME = "variants.json"  # the derived overlay variants (a record of its own: adding one keeps the shards)
 SPLITS = ("train", "val", "test")
 
 
@@ -103,8 +105,10 @@ class ShardSet:
     ``stream.ShardStream`` (training) and ``stream.ShardMapDataset`` (one image per item).
     """
 
-    def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None):
+    def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None,
+                 derived: dict | None = None):
         self.root = Path(root)
+        self._derived = derived  # {name: overlay settings} of the variants drawn at read time (variants.json)
         if manifest is None:
             try:
                 manifest = read_record(self.root / MANIFEST_NAME, "shards").data
@@ -204,7 +208,25 @@ class ShardSet:
         if name not in SPLITS:
             hint = " (MIMIC's 'validate' split is called 'val' here)" if name in ("validate", "validation") else ""
             raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)}{hint}")
-        return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest)
+        return ShardSet(self.root, self.index[self.index["split"] == name], self.manifest, self._derived)
+
+    @property
+    def derived(self) -> dict:
+        """{name: overlay settings} of the variants drawn at read time from ``original`` and ``masks``
+        (``variants.json``, written by the shard stage for this very shard set; {} without one)."""
+        if self._derived is None:
+            self._derived = read_variants(self.root, self.fingerprint)
+        return self._derived
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Every image variant this set serves: the stored ``original`` and ``masked``, then the derived ones."""
+        return (*IMAGE_VARIANTS, *self.derived)
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.variants:
+            raise ValueError(f"image variant {variant!r}: this shard set has {', '.join(self.variants)} (add one "
+                             f"under render.variants and rerun `radacx shards`: nothing is re-rendered)")
 
     def __getitem__(self, i: int) -> dict:
         return self.row(i)
@@ -215,7 +237,8 @@ class ShardSet:
         row = self.index.iloc[int(i)]
         f = self.file(row["shard"])
         r = int(row["row"])
-        out = {name: f[name][r] for name in fields}
+        out = {name: f[name][r] if name not in self.derived else self.read(row["shard"], name, r, r + 1)[0]
+               for name in fields}
         out.update(dicom_id=row["dicom_id"], subject_id=int(row["subject_id"]),
                    study_id=int(row["study_id"]), split=row["split"])
         return out
@@ -249,9 +272,14 @@ class ShardSet:
         return row_blocks(self.index, max_rows)
 
     def read(self, shard: str, variant: str, start: int, stop: int) -> np.ndarray:
-        if variant not in IMAGE_VARIANTS + ("masks",):
-            raise ValueError(f"variant {variant!r}: expected one of {IMAGE_VARIANTS} or masks")
-        return self.file(shard)[variant][start:stop]
+        """Rows ``start:stop`` of one shard's image variant (or ``masks``); a derived variant is drawn
+        from the stored original and masks (``render.draw_variant``)."""
+        if variant != "masks":
+            self.check_variant(variant)
+        f = self.file(shard)
+        if variant in self.derived:
+            return draw_variant(f["original"][start:stop], f["masks"][start:stop], self.derived[variant])
+        return f[variant][start:stop]
 
     def view(self, shard: str, variant: str) -> np.ndarray:
         """A read-only memory map of a whole image dataset (zero-copy; opened lazily per process).
@@ -259,6 +287,8 @@ class ShardSet:
         Falls back to reading the dataset when it is chunked or compressed (shards written by
         other tools).
         """
+        if variant in self.derived:
+            return DerivedView(self, shard, variant)
         ds = self.file(shard)[variant]  # also resets the per-process caches after a fork
         if (shard, variant) not in self._views:
             offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
@@ -290,6 +320,43 @@ class ShardSet:
         return self.index[cols].to_numpy(np.float32)
 
 
+class DerivedView:
+    """What ``ShardSet.view`` gives for a derived variant: sliced like the memory map of a stored one,
+    each slice drawn from the stored original and masks."""
+
+    def __init__(self, shards: ShardSet, shard: str, variant: str):
+        self.shards, self.shard, self.variant = shards, shard, variant
+        self.shape = (*shards.view(shard, "original").shape, 3)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a derived variant is read in contiguous row slices")
+        start, stop, _ = key.indices(self.shape[0])
+        return self.shards.read(self.shard, self.variant, start, stop)
+
+
+def read_variants(root: Path, shards_fingerprint: str, verifier: Verifier | None = None) -> dict:
+    """The derived variants recorded in ``root/variants.json`` for the shard set of
+    ``shards_fingerprint`` ({} where there is no such record). A record written for another shard
+    set (or edited) is refused: its variants were not decided for these shards."""
+    path = Path(root) / VARIANTS_NAME
+    if not path.exists():
+        return {}
+    try:
+        record = verifier.record(path, "variants") if verifier else read_record(path, "variants")
+    except RecordError as exc:
+        raise ShardError(str(exc)) from None
+    if shards_fingerprint not in record.get("upstream", {}).values():
+        raise ShardError(f"{path} was written for another shard set (not {shards_fingerprint}); rerun `radacx shards`")
+    variants = record.get("variants", {})
+    if not isinstance(variants, dict):
+        raise ShardError(f"{path}: 'variants' is not a mapping; rerun `radacx shards`")
+    return variants
+
+
 def open_shards(path: str | Path, split: str | None = None) -> ShardSet:
     """Open a finished shard folder (``<workdir>/shards``)."""
     shards = ShardSet(path)
@@ -306,6 +373,7 @@ def open_verified(work: Workdir, verifier: Verifier | None = None) -> ShardSet:
         record = verifier.record(work.shards_manifest, "shards")
     except RecordError as exc:
         raise ShardError(str(exc)) from None
-    shards = ShardSet(work.shards_dir, manifest=record.data)
+    shards = ShardSet(work.shards_dir, manifest=record.data,
+                      derived=read_variants(work.shards_dir, record.fingerprint, verifier))
     shards.validate(checksum=False)  # the files were just verified with the record
     return shards

@@ -97,8 +97,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: ShardSet, variant: str = "original", batch_size: int = 32, *, seed: int = 0,
                  block_rows: int = 64, shuffle_buffer: int = 512, shuffle: bool = True,
                  rank: int = 0, world: int = 1, num_workers: int | None = None):
-        if variant not in ("original", "masked"):
-            raise ValueError(f"variant {variant!r}: expected original or masked")
+        shards.check_variant(variant)  # original, masked or a derived variant (render.variants)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: expected >= 1 (and DataLoader(..., batch_size=None))")
         self.shards, self.variant, self.batch_size = shards, variant, batch_size
@@ -213,8 +212,7 @@ class ShardMapDataset(torch.utils.data.Dataset):
     into the same batches ShardStream yields (without ``skipped``)."""
 
     def __init__(self, shards: ShardSet, variant: str = "original"):
-        if variant not in ("original", "masked"):
-            raise ValueError(f"variant {variant!r}: expected original or masked")
+        shards.check_variant(variant)  # original, masked or a derived variant (render.variants)
         self.shards, self.variant = shards, variant
         self.targets = torch.from_numpy(shards.targets())
 
@@ -243,8 +241,7 @@ class OrderedRuns(torch.utils.data.Dataset):
     index positions), so that a DataLoader item is one batch."""
 
     def __init__(self, shards: ShardSet, variant: str, runs: list[tuple]):
-        if variant not in ("original", "masked"):
-            raise ValueError(f"variant {variant!r}: expected original or masked")
+        shards.check_variant(variant)  # original, masked or a derived variant (render.variants)
         self.shards, self.variant, self.runs = shards, variant, runs
 
     def __len__(self):

@@ -1,18 +1,19 @@
 """Faults the phantom plants (``--faults``), one of each bad input the pipeline must reject with a reason."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from ..findings import FINDINGS
 FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
           "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
           "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view", "bad_label_value")
 # CheXpert's table row *is* the image's only record: without it the image does not exist to reject
-NOT_IN_LAYOUT = {"chexpert": {"missing_label_row"}}
+NOT_IN_LAYOUT = {"chexpert": {"missing_label_row"},
+                 # VinDr: an image *is* its readers' rows (none: no image), a repeated row is the same mark,
+                 # and the tables carry no view
+                 "vindr": {"missing_label_row", "duplicate_label_row", "blank_view"}}
 
 
 def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng, layout):
@@ -61,11 +62,7 @@ def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd
             masks.loc[m, ["Height", "Width"]] = ([row["Columns"], row["Rows"]] if row["Rows"] != row["Columns"]
                                                  else [row["Rows"] + 16, row["Columns"]])
         elif fault == "jpeg_size_mismatch":  # the file on disk is not the image the tables describe
-            with Image.open(path, formats=("JPEG", "PNG")) as im:  # another aspect ratio: not a downscaled copy either
-                small = im.convert("L").resize((im.width - max(7, im.width // 8), im.height - 5))
-            buf = io.BytesIO()
-            small.save(buf, im.format)
-            path.write_bytes(buf.getvalue())
+            path.write_bytes(layout.resized(path.read_bytes(), rng))  # another aspect ratio: not a downscaled copy either
         elif fault == "missing_mask_row":
             masks = masks.drop(index=m)
         elif fault == "missing_label_row":

@@ -35,7 +35,7 @@ from .truth import phantom_file, truth_file
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 4  # bump when the phantom's content changes (2: truth/findings.csv.gz; 3: layouts; 4: NIH boxes)
+GENERATOR_VERSION = 5  # bump when the phantom's content changes (2: truth/findings.csv.gz; 3: layouts; 4: NIH boxes; 5: VinDr)
 
 @dataclass
 class Anatomy:
@@ -237,7 +237,7 @@ def sample_study_findings(rng: np.random.Generator) -> dict[str, float]:
 
 def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, seed: int = 0,
              faults: bool = False, progress: bool = True, layout: str = "mimic") -> dict:
-    """Write the phantom archive under ``out`` in ``layout`` (mimic | nih | chexpert: that archive's
+    """Write the phantom archive under ``out`` in ``layout`` (mimic | nih | chexpert | vindr: that archive's
     real file and table layout, phantom_layouts.py); returns a summary (paths, counts, planted faults)."""
     out = Path(out)
     lay = LAYOUTS[layout]
@@ -259,7 +259,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     for subject in tqdm(subject_ids, desc="phantom patients", disable=None if progress else True):
         split = lay.split(rng)
         date = 2100_00_00 + int(rng.integers(1, 80)) * 1_00_00 + 101
-        for study_number in range(int(rng.integers(1, 5))):
+        for study_number in range(1 if lay.one_image_per_patient else int(rng.integers(1, 5))):
             study = lay.study_id(study_pool, study_number)
             labels = sample_study_findings(rng)
             label_rows.append({"subject_id": int(subject), "study_id": study, **labels})
@@ -281,7 +281,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                        "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior",
                                                         "LATERAL": "lateral"}[view],
                        "PatientOrientationCodeSequence_CodeMeaning": "Erect"}
-                row["relpath"] = lay.relpath(row)
+                row["relpath"] = lay.relpath(row, split)
                 meta_rows.append(row)
                 split_rows.append({"dicom_id": dicom_id, "study_id": study, "subject_id": int(subject),
                                    "split": split})
@@ -337,7 +337,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     if faults:
         planted, meta, labels_df, masks_df = plant_faults(root, meta, labels_df, masks_df, rng, lay)
     root.mkdir(parents=True, exist_ok=True)
-    lay.write_tables(root, meta, labels_df, split_df, rng)
+    lay.write_tables(root, meta, labels_df, split_df, rng, truth_rows)
     lay.write_boxes(root, truth_rows)
     chexmask_csv = lay.write_chexmask(chexmask_dir, masks_df)
     with atomic_path(out / truth_file(layout)) as tmp:  # outside the real-format tree: the phantom's own truth

@@ -104,9 +104,42 @@ def sample_rle(starts: np.ndarray, ends: np.ndarray, width: int,
                rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Mask values at the grid ``rows x cols`` (pixel indices, -1 = outside) without a full decode.
 
-    Costs O(len(rows) * len(cols) * log(runs)) instead of O(H * W): the hot path of the shard
-    renderer, where a 3000x2500 mask is only ever needed at 224 (or 448) sample points.
+    The hot path of the shard renderer, where a 3000x2500 mask is only ever needed at 224 (or 448)
+    sample points. The distinct inside rows and columns make a sorted list of flat indices, so the
+    runs are located *in the grid* (2 x runs binary searches, then one cumulative sum) rather than
+    every grid point in the runs: the same values as ``sample_rle_direct``, a few times faster.
     """
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    out = np.zeros((len(rows), len(cols)), bool)
+    ri, ci = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
+    if starts.size == 0 or not len(ri) or not len(ci):
+        return out
+    urows, rinv = _distinct(rows[ri])
+    ucols, cinv = _distinct(cols[ci])
+    flat = (urows[:, None] * width + ucols[None, :]).ravel()  # strictly increasing (ucols < width)
+    first = np.searchsorted(flat, starts, side="left")  # first grid point of each run [start, end)
+    stop = np.searchsorted(flat, ends, side="left")
+    delta = np.bincount(first, minlength=len(flat) + 1) - np.bincount(stop, minlength=len(flat) + 1)
+    block = (np.cumsum(delta[:-1]) > 0).reshape(len(urows), len(ucols))
+    block = block if rinv is None else block[rinv]
+    block = block if cinv is None else block[:, cinv]
+    if ri[-1] - ri[0] + 1 == len(ri) and ci[-1] - ci[0] + 1 == len(ci):  # sample_grid's case: one block
+        out[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block
+    else:
+        out[np.ix_(ri, ci)] = block
+    return out
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted distinct values, where each value went), or (values, None) when already strictly increasing."""
+    if len(values) < 2 or (np.diff(values) > 0).all():
+        return values, None
+    return np.unique(values, return_inverse=True)
+
+
+def sample_rle_direct(starts: np.ndarray, ends: np.ndarray, width: int,
+                      rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``sample_rle`` by a binary search of every grid point in the runs (the reference it is tested against)."""
     r = rows[:, None].astype(np.int64)
     c = cols[None, :].astype(np.int64)
     flat = r * width + c

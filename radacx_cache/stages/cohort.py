@@ -316,9 +316,10 @@ def _build_cohort(cfg: Config) -> dict:
     files = [work.cohort_csv, work.cohort_rejects, work.masks_rle]
     work.cohort_boxes.unlink(missing_ok=True)
     if tables.boxes is not None:  # the radiologists' boxes of the cohort's images and classes
-        boxes = tables.boxes[tables.boxes["dicom_id"].isin(set(cohort["dicom_id"]))
-                             & tables.boxes["finding"].isin(c.classes)]
-        write_csv(work.cohort_boxes, boxes.sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"))
+        boxes, box_rejects = cohort_boxes(tables.boxes, cohort, c.classes, tables.boxes_in_pixels)
+        rejects_df = pd.concat([rejects_df, pd.DataFrame(box_rejects, columns=REJECT_COLUMNS)], ignore_index=True)
+        write_csv(work.cohort_rejects, rejects_df)
+        write_csv(work.cohort_boxes, boxes)
         files.append(work.cohort_boxes)
     # per class: training targets (under `first`, the first positive in the target order: not a
     # prevalence) and positives (every image where the finding is positive under the uncertain policy)
@@ -339,10 +340,34 @@ def _build_cohort(cfg: Config) -> dict:
         target_order=[c.classes[i] for i in target_order(c.classes, c.priority)],
         policy={"uncertain": c.uncertain, "multi_positive": c.multi_positive, "priority": list(c.priority),
                 "split": c.split, "val_fraction": c.val_fraction, "min_mask_quality": c.min_mask_quality,
-                "views": list(c.views), "seed": cfg.seed},
+                "views": list(c.views), "seed": cfg.seed,
+                **({"min_readers": c.min_readers} if cfg.archive.kind == "vindr" else {})},
         archive=cfg.archive.kind, archive_name=KINDS[cfg.archive.kind].name,
         synthetic_archive=phantom_home(cfg.archive.root) is not None)
     return record.data
+
+
+def cohort_boxes(boxes: pd.DataFrame, cohort: pd.DataFrame, classes, in_pixels: bool) -> tuple[pd.DataFrame, list]:
+    """The boxes that are truth for the cohort: of its images, of a class the image is positive for
+    under the label policy (a finding one of three readers boxed is not what the readers agreed on),
+    as fractions of the image's width and height. Boxes given in pixels (VinDr) are divided by the
+    cohort's Rows x Columns (CheXmask's frame, checked against the image by the shard stage); one
+    that does not lie inside that frame is a reject row, not silently clipped."""
+    boxes = boxes[boxes["finding"].isin(classes)].merge(
+        cohort[["dicom_id", "Rows", "Columns", *(f"positive_{k}" for k in classes)]], on="dicom_id", how="inner")
+    column = boxes["finding"].map({k: i for i, k in enumerate(classes)}).to_numpy(int)
+    boxes = boxes[boxes[[f"positive_{k}" for k in classes]].to_numpy()[np.arange(len(boxes)), column] == 1]
+    rejects = []
+    if in_pixels and len(boxes):
+        w, h = boxes["Columns"].to_numpy(float), boxes["Rows"].to_numpy(float)
+        outside = (boxes["x1"] > w) | (boxes["y1"] > h)
+        rejects = [{"id": i, "stage": "cohort", "reason": f"{f} box by reader {r} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) "
+                    f"is not inside the image's {int(hh)}x{int(ww)} pixels"}
+                   for i, f, r, x0, y0, x1, y1, hh, ww in boxes.loc[outside, ["dicom_id", "finding", "reader", "x0", "y0",
+                                                                           "x1", "y1", "Rows", "Columns"]].to_numpy()]
+        boxes = boxes.assign(x0=boxes["x0"] / w, x1=boxes["x1"] / w, y0=boxes["y0"] / h, y1=boxes["y1"] / h)[~outside]
+    cols = ["dicom_id", "finding", "x0", "y0", "x1", "y1", "reader"]
+    return boxes[cols].sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"), rejects
 
 
 def reason_counts(reasons: pd.Series) -> dict:

@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from .._io import atomic_path, refuse_links_below_root, stage_run
-from ..arms import IMAGE_VARIANTS
 from ..config import Config
 from ..formats.features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
                        create_partial)
@@ -27,7 +26,7 @@ from ..models import LoadedModel, load_model
 from ..runtime import autocast, autocast_dtype, barrier, init_distributed
 from ..formats.hdf5 import open_checked
 from ..formats.records import Verifier, write_record
-from ..formats.shardset import ShardError, ShardSet, open_verified
+from ..formats.shardset import VARIANTS_NAME, ShardError, ShardSet, open_verified
 from ..formats.stream import ordered_loader, ordered_runs
 from ..workdir import Workdir
 
@@ -125,7 +124,7 @@ def _compute(partial: Path, runs: list[tuple], encoder: _Encoder, shards: ShardS
                             pin_memory=encoder.device.type == "cuda")
     bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img",
                disable=None if progress else True)
-    block, parts = None, []
+    block, parts, done = None, [], 0  # counted here: a disabled bar (no terminal) counts nothing
     t0 = time.perf_counter()
 
     def flush():
@@ -141,12 +140,13 @@ def _compute(partial: Path, runs: list[tuple], encoder: _Encoder, shards: ShardS
             feats, pres = encoder(pixels.to(encoder.device, non_blocking=True))
             parts.append((positions.numpy(), feats, pres))
             bar.update(len(pixels))
+            done += len(pixels)
         flush()
     bar.close()
     if runs:
         elapsed = time.perf_counter() - t0
-        log.info("embed %s: %d images in %.1fs (%.0f img/s on %s)", variant, bar.n, elapsed,
-                 bar.n / max(elapsed, 1e-9), encoder.device)
+        log.info("embed %s: %d images in %.1fs (%.0f img/s on %s)", variant, done, elapsed,
+                 done / max(elapsed, 1e-9), encoder.device)
 
 
 def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: str, *, rank: int = 0,
@@ -168,9 +168,17 @@ def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: st
             os.replace(final, aside)
             log.warning("embed: %s failed verification (%s); moved to %s and rebuilt", final, exc, aside)
         else:
-            check_fingerprints(final, fps)  # another model or shard set: refused, never reused
-            log.info("embed: %s is up to date", final)
-            return final
+            found = FeatureCache(final).fingerprints
+            if "variant_spec" in fps and {k: v for k, v in found.items() if k != "variant_spec"} == \
+                    {k: v for k, v in fps.items() if k != "variant_spec"} and found.get("variant_spec") != fps["variant_spec"]:
+                aside = final.with_name(f".{final.name}.superseded")  # render.variants.<name> was redefined
+                os.replace(final, aside)
+                log.warning("embed: %s holds variant %r as it was defined before; moved to %s and rebuilt",
+                            final, variant, aside)
+            else:
+                check_fingerprints(final, fps)  # another model or shard set: refused, never reused
+                log.info("embed: %s is up to date", final)
+                return final
     partial = work.features_partial(model.tag, variant, rank, world)
     encoder = _Encoder(model, cfg, device or init_distributed(cfg.runtime.device)[1])
     row_done = open_or_resume(partial, fps, encoder, shards)
@@ -260,8 +268,9 @@ def merge_rank_partials(work: Workdir, model_tag: str, variant: str, world: int)
     return final
 
 
-def embed_all(cfg: Config, variants=IMAGE_VARIANTS, progress: bool = True) -> dict:
-    """The ``embed`` stage: both image variants, one model. Under torchrun each rank takes its blocks."""
+def embed_all(cfg: Config, variants=None, progress: bool = True) -> dict:
+    """The ``embed`` stage: every image variant of the shard set (original, masked and the derived
+    ones of ``variants.json``; or ``variants``), one model. Under torchrun each rank takes its blocks."""
     world, device = init_distributed(cfg.runtime.device)
     with stage_run(cfg.workdir, f"embed.rank{world.rank}", cfg.permissions):
         return _embed_all(cfg, variants, progress, world, device)
@@ -276,6 +285,9 @@ def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
         raise ShardError(f"{work.shards_manifest}: shards are {shards.render_config['size']} px, model "
                          f"{model.spec} takes {model.image_size} px; render the shards at render.size="
                          f"{model.image_size} (a new workdir) or choose another model")
+    variants = shards.variants if variants is None else tuple(variants)
+    for v in variants:
+        shards.check_variant(v)
     paths = {v: str(embed_variant(cfg, model, shards, v, rank=world.rank, world=world.size,
                                   progress=progress and world.is_main, device=device)) for v in variants}
     if world.distributed:
@@ -286,16 +298,21 @@ def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
                     paths[v] = str(merge_rank_partials(work, model.tag, v, world.size))
         barrier(world)
     if world.is_main:
-        write_features_record(work, model, verifier.record(work.shards_manifest, "shards"))
+        write_features_record(work, model, verifier.record(work.shards_manifest, "shards"), shards)
     return {"model": model.spec, "tag": model.tag, "features": paths}
 
 
-def write_features_record(work: Workdir, model: LoadedModel, shards_record) -> None:
-    """The embed stage's record: every committed cache of this model, chained to the shard record."""
+def write_features_record(work: Workdir, model: LoadedModel, shards_record, shards: ShardSet) -> None:
+    """The embed stage's record: every committed cache of this model whose variant the shard set
+    still serves, chained to the shard record (and to ``variants.json``, where derived variants are cached)."""
     folder = work.features_dir(model.tag)
-    caches = sorted(v for v in IMAGE_VARIANTS if work.features(model.tag, v).exists())
+    caches = [v for v in shards.variants if work.features(model.tag, v).exists()]
+    ups = [shards_record]
+    if any(v in shards.derived for v in caches):
+        ups.append(Verifier(work.root).record(work.shards_dir / VARIANTS_NAME, "variants"))
     write_record(work.features_record(model.tag), work.root, "embed", "radacx embed",
                  files=[work.features(model.tag, v).relative_to(folder).as_posix() for v in caches],
-                 upstream=[shards_record], variants=caches, model_spec=model.spec, model_tag=model.tag,
+                 upstream=ups, variants=caches, variant_specs={v: shards.derived[v] for v in caches if v in shards.derived},
+                 model_spec=model.spec, model_tag=model.tag,
                  model_fingerprint=model.fingerprint, weights_seed=model.weights_seed,
                  preprocess=model.preprocess_spec())

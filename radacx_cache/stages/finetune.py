@@ -29,7 +29,7 @@ from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
 from .._io import atomic_path, remove_stale_tmp, stable_hash, stage_run, write_json
-from ..arms import IMAGE_VARIANTS, arm_for
+from ..arms import IMAGE_VARIANTS, variant_arm
 from ..augment import augment
 from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
 from ..config import Config
@@ -37,8 +37,8 @@ from ..metrics import accuracy
 from ..models import LoadedModel, load_model, unit_pixels
 from ..formats.predictions import model_facts, write_arm_record, write_predictions
 from ..formats.records import RecordError, Verifier, write_record
-from ..runtime import World, autocast, autocast_dtype, init_distributed
-from ..formats.shardset import ShardSet, open_verified
+from ..runtime import World, autocast, autocast_dtype, init_distributed, rng_state, set_rng_state
+from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
 from ..formats.stream import ShardStream, ordered_loader, ordered_runs
 from ..workdir import Workdir
 
@@ -85,24 +85,6 @@ class _LogRows:
         self.run.state.log.append([str(v) for v in row])
 
 
-def _rng_state() -> dict:
-    """RNG states as tensors (numpy's MT19937 key too), so the checkpoint needs no unpickling."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class Run:
     """Everything one variant's training loop reads and updates."""
@@ -126,7 +108,7 @@ class Run:
 
     @property
     def arm(self) -> str:
-        return arm_for("finetune", self.variant).name
+        return variant_arm("finetune", self.variant)
 
     @property
     def last(self) -> Path:
@@ -143,7 +125,7 @@ class Run:
         with atomic_path(path) as tmp:
             torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                         "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                        "rng": _rng_state(), "stream": self.stream.state_dict(self.state.batches_consumed),
+                        "rng": rng_state(), "stream": self.stream.state_dict(self.state.batches_consumed),
                         "state": dataclasses.asdict(self.state), "config_fingerprint": self.config_fp,
                         "classes": self.classes, "model_spec": self.lm.spec}, tmp)
         with atomic_path(Workdir(self.cfg.workdir).finetune_log(self.variant)) as tmp:
@@ -200,7 +182,7 @@ def load_or_init_checkpoint(run: Run, resume: bool) -> None:
         run.opt.load_state_dict(ckpt["optimizer"])
         run.sched.load_state_dict(ckpt["scheduler"])
         run.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         run.stream.load_state_dict(ckpt["stream"])
         run.state = TrainState(**ckpt["state"])
         log.info("finetune %s: resumed at epoch %d step %d", run.variant, run.state.epoch, run.state.step)
@@ -310,12 +292,20 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     return False
 
 
-def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) -> dict:
-    """Predict both test image variants with the model as it is (the best checkpoint, loaded by the
-    caller); returns the test accuracies."""
+def test_variants(trained_on: str, test: ShardSet) -> tuple[str, ...]:
+    """What an arm is tested on: V3 (original) on every variant of the shard set, the test-time side of
+    the overlay ablation; V4 on original and masked; V4-<variant> on its own variant."""
+    if trained_on == "original":
+        return test.variants
+    return IMAGE_VARIANTS if trained_on in IMAGE_VARIANTS else (trained_on,)
+
+
+def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str, only=None) -> dict:
+    """Predict the arm's test image variants (``test_variants``, or ``only`` those) with the model as it
+    is (the best checkpoint, loaded by the caller); returns the test accuracies."""
     work = Workdir(run.cfg.workdir)
     out = {}
-    for test_variant in IMAGE_VARIANTS:
+    for test_variant in only or test_variants(run.variant, test):
         proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.cfg.finetune.batch_size)
         meta = {"variant": run.arm, "trained_on": run.variant, "tested_on": test_variant,
                 "model": run.lm.spec, "model_fingerprint": run.lm.fingerprint,
@@ -343,7 +333,7 @@ def _finished(run: Run) -> dict | None:
     return previous
 
 
-def write_records(run: Run, shards_record) -> None:
+def write_records(run: Run, shards_record, tested_on) -> None:
     """The variant's record (best checkpoint, log, summary) and then its arm's (the predictions)."""
     work = Workdir(run.cfg.workdir)
     folder = work.finetune_dir(run.variant)
@@ -352,7 +342,10 @@ def write_records(run: Run, shards_record) -> None:
     trained = write_record(work.finetune_record(run.variant), work.root, "finetune", "radacx finetune",
                            files=files, upstream=[shards_record], variant=run.variant,
                            config_fingerprint=run.config_fp, classes=run.classes, **model_facts(run.lm))
-    write_arm_record(work, run.arm, "radacx finetune", [trained], **model_facts(run.lm))
+    ups = [trained]
+    if any(v not in IMAGE_VARIANTS for v in tested_on):  # drawn with the settings of variants.json
+        ups.append(Verifier(work.root).record(work.shards_dir / VARIANTS_NAME, "variants"))
+    write_arm_record(work, run.arm, "radacx finetune", ups, tested_on=tested_on, **model_facts(run.lm))
 
 
 def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: bool = True,
@@ -366,9 +359,20 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
         raise TrainingError("fine-tuning needs non-empty train and val splits")
     run = _setup(cfg, variant, shards)
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = test_variants(variant, shards.split("test"))
     if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
-        log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir)
-        return previous
+        tested = previous.get("tested_on", list(IMAGE_VARIANTS))
+        if set(wanted) <= set(tested):
+            log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir)
+            return previous
+        # a variant added since: the finished model predicts it, nothing is trained again
+        missing = [v for v in wanted if v not in tested]
+        log.info("finetune %s: predicting the new variant(s) %s with the finished model", variant, ", ".join(missing))
+        best = load_checkpoint(run.best)
+        run.model.load_state_dict(best["model"])
+        run.state.history = best["state"]["history"]
+        previous.update(write_test_predictions(run, shards.split("test"), shards.fingerprint, only=missing))
+        return _commit_summary(run, previous, [*tested, *missing], verifier)
     removed = remove_stale_tmp(run.out_dir)  # a checkpoint write that was killed half-way
     if removed:
         log.warning("finetune %s: removed %d temporary file(s) left by an interrupted run", variant, removed)
@@ -393,12 +397,21 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
                "epochs": run.state.epoch, "steps": run.state.step, "skipped_rows": skipped}
     if run.world.is_main:
         summary.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
-        write_json(Workdir(cfg.workdir).finetune_summary(variant), summary)
-        write_records(run, verifier.record(Workdir(cfg.workdir).shards_manifest, "shards"))
+        summary = _commit_summary(run, summary, list(wanted), verifier)
     return summary
 
 
-def run_finetune(cfg: Config, variants=IMAGE_VARIANTS, resume: bool = False) -> dict:
-    """The ``finetune`` stage: V3 (original) and V4 (masked)."""
+def _commit_summary(run: Run, summary: dict, tested_on: list, verifier: Verifier) -> dict:
+    summary = {**summary, "tested_on": list(tested_on)}
+    work = Workdir(run.cfg.workdir)
+    write_json(work.finetune_summary(run.variant), summary)
+    write_records(run, verifier.record(work.shards_manifest, "shards"), tested_on)
+    return summary
+
+
+def run_finetune(cfg: Config, variants=None, resume: bool = False) -> dict:
+    """The ``finetune`` stage: V3 (original) and V4 (masked), and V4-<name> for each name in
+    ``finetune.variants`` (overlay ablations)."""
+    variants = [*IMAGE_VARIANTS, *cfg.finetune.variants] if variants is None else list(variants)
     with stage_run(cfg.workdir, f"finetune.rank{World.from_env().rank}", cfg.permissions):
-        return {arm_for("finetune", v).name: train_variant(cfg, v, resume=resume) for v in variants}
+        return {variant_arm("finetune", v): train_variant(cfg, v, resume=resume) for v in variants}

@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 
-from .._io import stage_run, write_npz
-from ..arms import ARM_BY_NAME, IMAGE_VARIANTS, arm_for
+from .._io import stable_hash, stage_run, write_npz
+from ..arms import IMAGE_VARIANTS, variant_arm
 from ..config import Config
 from ..formats.features import FeatureCache, features_record
 from ..estimators.linear_probe import LinearProbe, fit_final, sweep_c
@@ -70,7 +70,7 @@ def save_probe(path, probe: LinearProbe, feature: str, shards_fingerprint: str) 
 
 
 def run_probes(cfg: Config) -> dict:
-    """Train V1 (original) and V2 (masked) and predict both test image variants."""
+    """Train V1 (original), V2 (masked) and V2-<variant> per derived variant, and predict their test images."""
     with stage_run(cfg.workdir, "probe", cfg.permissions):
         return _run_probes(cfg)
 
@@ -86,13 +86,20 @@ def _run_probes(cfg: Config) -> dict:
     features = features_record(work, model_tag(cfg.model.spec), verifier)
     expected = {"model_spec": cfg.model.spec, "weights_seed": weights_seed(cfg.model.spec, cfg.seed),
                 "shards": shards.fingerprint}
-    caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v}) for v in IMAGE_VARIANTS}
+    variants = features["variants"]  # original, masked and the derived ones (render.variants) cached
+    missing = [v for v in IMAGE_VARIANTS if v not in variants]
+    if missing:
+        raise FileNotFoundError(f"{features.path}: no {missing[0]} features; run `radacx embed`")
+    specs = features.get("variant_specs", {})
+    caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v,
+                                                         **({"variant_spec": stable_hash(specs[v])} if v in specs else {})})
+              for v in variants}
     for cache in caches.values():
         cache.check_aligned(shards)
     p = cfg.probe
     trained = {}
-    for train_variant in IMAGE_VARIANTS:
-        name = arm_for("probe", train_variant).name
+    for train_variant in variants:  # V1, V2, and V2-<variant> for each derived variant
+        name = variant_arm("probe", train_variant)
         trained[name] = _train_probe(caches[train_variant].get(p.feature), shards, p, cfg.seed, name)
         save_probe(work.probe_weights(name), trained[name][0], p.feature, shards.fingerprint)
     facts = {k: features[k] for k in ("model_spec", "model_fingerprint", "weights_seed")}
@@ -100,11 +107,15 @@ def _run_probes(cfg: Config) -> dict:
                           files=[work.probe_weights(n).name for n in trained], upstream=[features],
                           feature=p.feature, **facts)
     summary = {}
+    trained_on = dict(zip(trained, variants))
     for name, (final, result) in trained.items():
-        for test_variant in IMAGE_VARIANTS:
+        # V1 is tested on every variant (the frozen head's test-time ablation), V2 on original and
+        # masked, V2-<variant> on its own variant
+        tested_on = variants if name == "V1" else IMAGE_VARIANTS if name == "V2" else (trained_on[name],)
+        for test_variant in tested_on:
             Xte, _, Pte, rows = _split_arrays(caches[test_variant].get(p.feature), shards, "test")
             proba = final.predict_proba(Xte)
-            meta = {"variant": name, "trained_on": ARM_BY_NAME[name].trained_on,
+            meta = {"variant": name, "trained_on": trained_on[name],
                     "tested_on": test_variant, "model": facts["model_spec"],
                     "model_fingerprint": caches[test_variant].fingerprints["model"],
                     "feature_fingerprints": caches[test_variant].fingerprints,
@@ -116,5 +127,5 @@ def _run_probes(cfg: Config) -> dict:
             write_predictions(work.predictions(name, test_variant), rows, proba, classes, meta)
             summary[f"{name}/{test_variant}"] = accuracy(proba, Pte, order=shards.target_order)
         summary[f"{name}/C"] = result["best_c"]
-        write_arm_record(work, name, "radacx probe", [probes, features], **facts)
+        write_arm_record(work, name, "radacx probe", [probes, features], tested_on=tested_on, **facts)
     return summary

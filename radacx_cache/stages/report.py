@@ -14,16 +14,17 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_path, read_json, stage_run, write_csv, write_json
-from ..arms import ARMS, IMAGE_VARIANTS, Arm
+from ..arms import ARMS, IMAGE_VARIANTS
 from ..config import Config
-from ..figures import report_figures
+from ..figures import report_figures, stamp, variant_figure
 from ..metrics import (ALTERNATIVES, READING_TEXT, READINGS, best_constant, bootstrap_mean, correctness, evaluate,
                        format_p, paired_difference, reading_values, reference_correctness)
 from ..models import describe_spec
 from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
 from ..formats.records import Verifier, write_record
+from ..formats.ablation_table import ablation_results, ablation_sections
 from ..formats.saliency_table import saliency_sections
-from ..formats.shardset import ShardSet, open_verified
+from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
 from ..tables import Section, render_latex, render_markdown
 from ..workdir import Workdir
 
@@ -54,15 +55,18 @@ def _diff(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
-def load_arm(arm: Arm, work: Workdir, shards: ShardSet, verifier: Verifier) -> dict[str, Predictions] | None:
-    """Both test variants' predictions of ``arm`` read through its verified record (the chain above it
-    checked up to the cohort) and checked complete for the current shards; None when it has not run."""
-    if not work.predictions_record(arm.name).exists():
-        log.info("report: no predictions for %s yet; row left out", arm.name)
+def load_arm(arm: str, work: Workdir, shards: ShardSet, verifier: Verifier,
+             variants=IMAGE_VARIANTS) -> dict[str, Predictions] | None:
+    """The predictions of ``arm`` on ``variants`` (those it was tested on) read through its verified
+    record (the chain above it checked up to the cohort) and checked complete for the current shards;
+    None when it has not run."""
+    if not work.predictions_record(arm).exists():
+        log.info("report: no predictions for %s yet; left out", arm)
         return None
-    record = arm_record(work, arm.name, verifier)
+    record = arm_record(work, arm, verifier)
     test = shards.split("test")
-    loaded = {v: load_predictions(record.file(f"{v}.csv")) for v in IMAGE_VARIANTS}
+    tested = record.get("tested_on", list(IMAGE_VARIANTS))
+    loaded = {v: load_predictions(record.file(f"{v}.csv")) for v in variants if v in tested}
     for pred in loaded.values():
         check_complete(pred, test.index["dicom_id"], shards.fingerprint, shards.target_names)
         # the report scores in the shards' order, whatever order the file is in
@@ -230,7 +234,7 @@ def _build_report(cfg: Config) -> dict:
     shards = open_verified(work, verifier)
     cohort = verifier.record(work.cohort_manifest, "cohort")  # the policy the shards were built with
     policy, n_boot, classes = cohort["policy"], cfg.report.bootstrap, shards.target_names
-    arms = {a.name: p for a in ARMS if (p := load_arm(a, work, shards, verifier)) is not None}
+    arms = {a.name: p for a in ARMS if (p := load_arm(a.name, work, shards, verifier)) is not None}
     if not arms:
         raise FileNotFoundError(f"no predictions under {work.predictions_dir}; run zeroshot / probe / finetune first")
     records = {name: preds["original"].meta["record"] for name, preds in arms.items()}
@@ -254,8 +258,12 @@ def _build_report(cfg: Config) -> dict:
     saliency = out_saliency(work, verifier, records)
     if saliency is not None:
         sections += saliency_sections(saliency, n_boot)
-    footer = _footer(provenance, n_boot)
     out = work.results_dir
+    ablation_files, ablation_records = [], {}
+    if shards.derived:
+        ablation_records = _ablation(work, shards, verifier, sections, cfg.seed, n_boot, synthetic)
+        ablation_files = ["ablation.json", "ablation_variants.png"]
+    footer = _footer(provenance, n_boot)
     md = render_markdown(sections, footer)
     with atomic_path(out / "table1.md") as tmp:
         tmp.write_text(md)
@@ -265,10 +273,37 @@ def _build_report(cfg: Config) -> dict:
     figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
                              published_values={a.name: a.published for a in ARMS}, synthetic=synthetic)
     written = ["table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
-               *(Path(f).name for f in figures)]
-    upstream = list(records.values()) + ([verifier.record(work.saliency_record)] if saliency is not None else [])
+               *(Path(f).name for f in figures), *ablation_files]
+    upstream = list({**records, **ablation_records}.values()) + (
+        [verifier.record(work.saliency_record)] if saliency is not None else [])
     write_record(work.report_record, work.root, "report", "radacx report", files=written, upstream=upstream)
     return {"table": md, "results": str(out), "figures": figures}
+
+
+def _ablation(work: Workdir, shards: ShardSet, verifier: Verifier, sections: list, seed: int, n_boot: int,
+              synthetic: bool) -> dict:
+    """The overlay ablation's sections (appended to ``sections``), ``ablation.json`` and the variants
+    figure; returns the records of the arms it read."""
+    loaded: dict = {}
+
+    def load(arm: str, variant: str):
+        if arm not in loaded:  # an arm not run (a variant not fine-tuned) is simply not in the table
+            loaded[arm] = load_arm(arm, work, shards, verifier, shards.variants) \
+                if work.predictions_record(arm).exists() else None
+        return (loaded[arm] or {}).get(variant)
+
+    test = shards.split("test")
+    rows = ablation_results(load, shards.variants, test.positives(), test.index["subject_id"].to_numpy(),
+                            shards.target_order, n_boot, seed)
+    sections += ablation_sections(rows, shards.target_names, n_boot)
+    out = work.results_dir
+    variants = verifier.record(work.shards_dir / VARIANTS_NAME, "variants")  # verified with the shards
+    write_json(out / "ablation.json", {"variants": {"masked": variants["masked"], **shards.derived}, "rows": rows,
+                                       "classes": shards.target_names})
+    variant_figure(out / "ablation_variants.png", test, shards.variants, n=3, seed=seed)
+    if synthetic:
+        stamp(out / "ablation_variants.png")
+    return {"variants.json": variants, **{arm: next(iter(p.values())).meta["record"] for arm, p in loaded.items() if p}}
 
 
 def _write_data(out, results, effects, refs, descriptions, classes, provenance) -> None:

@@ -38,7 +38,7 @@ from ..formats.saliency_table import saliency_markdown
 from ..findings import first_positive
 from ..formats.predictions import arm_record
 from ..formats.records import Record, RecordError, Verifier, write_record
-from ..formats.shardset import ShardSet, open_verified
+from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
 from ..phantom.truth import read_truth, region_at, truth_path
 from ..workdir import Workdir
 
@@ -187,8 +187,8 @@ def _box_regions(test: ShardSet, positions, classes) -> dict:
 
 
 def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict,
-            boxes: dict | None = None) -> list[dict]:
-    """Per-image rows for one arm: every method on both test image variants of the sampled images,
+            boxes: dict | None = None, variants=IMAGE_VARIANTS) -> list[dict]:
+    """Per-image rows for one arm: every method on the test image ``variants`` of the sampled images,
     and, for ``saliency.check_method``, the same method on the arm's network with an untrained head
     (``source`` says which; the other controls are made from these rows: ``control_rows``)."""
     sc, rows = cfg.saliency, []
@@ -199,9 +199,9 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
     nets = {"model": model, "untrained_head": UntrainedHead(model, cfg.seed).eval()}
     for start in range(0, len(positions), sc.batch_size):
         batch = positions[start:start + sc.batch_size]
-        items = [test[i] for i in batch]
+        items = [test.row(i, ("masks", *variants)) for i in batch]
         regs = [regions(it["masks"], line_width) for it in items]  # one image's, for every map of it
-        for variant in IMAGE_VARIANTS:
+        for variant in variants:
             x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
             with torch.no_grad():
                 pred = torch.softmax(model(x), 1).numpy().argmax(1)
@@ -227,26 +227,32 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
     """Mean of each metric with its patient bootstrap CI and area baseline; paired masked - original."""
     out = []
     for (arm, method), grp in df[df["source"] == "model"].groupby(["arm", "method"], sort=False):
-        by = {v: grp[grp["tested_on"] == v].set_index("dicom_id") for v in IMAGE_VARIANTS}
-        common = by["original"].index.intersection(by["masked"].index)
+        variants = list(dict.fromkeys(grp["tested_on"]))  # original, masked, then saliency.variants
+        by = {v: grp[grp["tested_on"] == v].set_index("dicom_id") for v in variants}
         for metric in METRICS:
             if metric in OPTIONAL and not np.isfinite(grp[metric].to_numpy(float)).any():
                 continue
-            rec = {"arm": arm, "method": method, "metric": metric}
-            for v in IMAGE_VARIANTS:
+            rec = {"arm": arm, "method": method, "metric": metric, "variants": variants}
+            for v in variants:
                 vals, area = by[v][metric].to_numpy(), by[v][AREA[metric]].to_numpy()
                 ok = np.isfinite(vals)
                 rec[v] = bootstrap_mean(np.nan_to_num(vals), ok, by[v]["subject_id"].to_numpy(), n_boot=n_boot,
                                         seed=seed) if ok.any() else (np.nan, np.nan, np.nan)
                 rec[f"{v}_area"] = float(np.mean(area[ok])) if ok.any() else np.nan
                 rec[f"{v}_n"] = int(ok.sum())
-            a, b = by["original"].loc[common, metric].to_numpy(), by["masked"].loc[common, metric].to_numpy()
-            ok = np.isfinite(a) & np.isfinite(b)
-            rec["masked_minus_original"] = paired_difference(
-                np.nan_to_num(a), np.nan_to_num(b), ok, by["original"].loc[common, "subject_id"].to_numpy(),
-                n_boot=n_boot, seed=seed) if ok.sum() > 1 else None
+            for v in variants[1:]:
+                rec[f"{v}_minus_original"] = _paired(by["original"], by[v], metric, n_boot, seed)
             out.append(rec)
     return out
+
+
+def _paired(base: pd.DataFrame, other: pd.DataFrame, metric: str, n_boot: int, seed: int) -> dict | None:
+    """other − base on the images both hold, paired patient bootstrap (None: fewer than two)."""
+    common = base.index.intersection(other.index)
+    a, b = base.loc[common, metric].to_numpy(), other.loc[common, metric].to_numpy()
+    ok = np.isfinite(a) & np.isfinite(b)
+    return paired_difference(np.nan_to_num(a), np.nan_to_num(b), ok, base.loc[common, "subject_id"].to_numpy(),
+                             n_boot=n_boot, seed=seed) if ok.sum() > 1 else None
 
 
 def _current_arms(work: Workdir, verifier: Verifier) -> list[Record]:
@@ -275,9 +281,12 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     boxes = _box_regions(test, positions, classes)
     rows = []
     records = _current_arms(work, verifier)
+    for name in cfg.saliency.variants:
+        test.check_variant(name)  # a derived variant of this shard set (variants.json)
+    variants = (*IMAGE_VARIANTS, *cfg.saliency.variants)
     for rec in tqdm(records, desc="saliency", disable=None if progress else True):
         rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth,
-                        boxes)
+                        boxes, variants)
     if not rows:
         raise FileNotFoundError(f"no trained arm in {work.root} (run probe and finetune first)")
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
@@ -299,6 +308,7 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
         tmp.write_text(md)
     write_record(work.saliency_record, work.root, "saliency", "radacx saliency",
                  files=[work.saliency_file(s).name for s in ("json", "csv", "md")],
-                 upstream=[verifier.record(work.shards_manifest, "shards"), *records],
+                 upstream=[verifier.record(work.shards_manifest, "shards"), *records,
+                           *([verifier.record(work.shards_dir / VARIANTS_NAME, "variants")] if cfg.saliency.variants else [])],
                  arms=[r["arm"] for r in records])
     return {"table": md, "panels": panels, "images": int(len(positions))}

@@ -33,7 +33,7 @@ from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
 from ..formats.records import Record, Verifier, write_record
 from ..config import Config, RenderConfig
 from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, box_to_output, render_image
-from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
+from ..formats.shardset import SCHEMA, SCHEMA_VERSION, VARIANTS_NAME, ShardError, validate_shard
 from ..sources.chexmask import MASK_NAMES
 from ..findings import FINDINGS_ALL
 from ..sources.mimic import archive_path
@@ -53,8 +53,14 @@ class ShardTask:
     fingerprint: str
 
 
+def stored_render_config(cfg: Config) -> dict:
+    """The render settings the shards are drawn with: all but ``variants``, which are drawn at read
+    time (``variants.json``), so that adding one never invalidates a finished shard."""
+    return {k: v for k, v in cfg.to_dict()["render"].items() if k != "variants"}
+
+
 def render_fingerprint(cfg: Config) -> str:
-    return stable_hash({"render": cfg.to_dict()["render"], "schema_version": SCHEMA_VERSION})
+    return stable_hash({"render": stored_render_config(cfg), "schema_version": SCHEMA_VERSION})
 
 
 def plan_shards(cohort: pd.DataFrame, rows_per_shard: int, render_fp: str,
@@ -281,7 +287,7 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
     log.info("shards: %d planned, %d complete, %d to render", len(tasks), len(done), len(pending))
     attrs = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "label_names": list(FINDINGS_ALL),
              "mask_names": list(MASK_NAMES), "target_names": list(record["classes"]),
-             "geometry_fields": list(GEOMETRY_FIELDS), "render_config": cfg.to_dict()["render"],
+             "geometry_fields": list(GEOMETRY_FIELDS), "render_config": stored_render_config(cfg),
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
              "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
              "archive": cfg.archive.kind, "scaled_copies": KINDS[cfg.archive.kind].scaled_copies}
@@ -290,7 +296,27 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
     if pending:
         _render(cfg, work, pending, _with_boxes(cohort, record), attrs, done, progress, on_written)
     _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
-    return _commit(work, tasks, done, attrs, cohort, record)
+    manifest = _commit(work, tasks, done, attrs, cohort, record)
+    _write_variants(cfg, work, Record(work.shards_manifest, manifest))
+    return manifest
+
+
+def _write_variants(cfg: Config, work: Workdir, shard_record: Record) -> None:
+    """``variants.json``: the overlay variants later stages draw from this shard set at read time
+    (docs/shard-format.md), where there are any. Its own record, so adding a variant rewrites only this file."""
+    path = work.shards_dir / VARIANTS_NAME
+    derived = cfg.render.variants
+    if not derived:  # only original and masked: a folder without variants.json says exactly that
+        path.unlink(missing_ok=True)
+        return
+    before = _read_sidecar(path) or {}
+    if before.get("variants") != derived or shard_record.fingerprint not in before.get("upstream", {}).values():
+        added = sorted(set(derived) - set(before.get("variants") or {}))
+        if added:
+            log.info("shards: variant(s) %s recorded in %s (drawn at read time: no shard is rendered for them)",
+                     ", ".join(added), VARIANTS_NAME)
+        write_record(path, work.root, "variants", "radacx shards", upstream=[shard_record],
+                     masked=cfg.render.paper_overlay(), variants=derived)
 
 
 def _with_boxes(cohort: pd.DataFrame, record: Record) -> list[dict]:
@@ -348,7 +374,7 @@ def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
             raise ShardError(
                 f"{out} holds shards rendered with another render config ({path.name}: "
                 f"{json.dumps(entry.get('render_config'))}); this run asks for "
-                f"{json.dumps(cfg.to_dict()['render'])}. Use another workdir (--set workdir=...) "
+                f"{json.dumps(stored_render_config(cfg))}. Use another workdir (--set workdir=...) "
                 f"or delete {out} to rebuild.")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..formats.records import RecordError, Verifier, rel_to
 
-RECORD_NAMES = ("manifest.json", "saliency-manifest.json")
+RECORD_NAMES = ("manifest.json", "saliency-manifest.json", "variants.json")
 
 
 def find_records(root: Path) -> list[Path]:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from .._io import stage_run, write_npz
-from ..arms import IMAGE_VARIANTS
 from ..config import Config
 from ..formats.features import FeatureCache, cache_fingerprints, features_record
 from ..metrics import accuracy
@@ -58,7 +57,7 @@ def zeroshot_proba(image_features: np.ndarray, text: np.ndarray, logit_scale: fl
 
 
 def run_zeroshot(cfg: Config) -> dict:
-    """The zero-shot baseline on both test image variants."""
+    """The zero-shot baseline on every cached test image variant."""
     with stage_run(cfg.workdir, "zeroshot", cfg.permissions):
         return _run_zeroshot(cfg)
 
@@ -83,7 +82,8 @@ def _run_zeroshot(cfg: Config) -> dict:
     rows = index[test]
     positives = shards.positives()[test]
     summary = {}
-    for variant in IMAGE_VARIANTS:
+    variants = features["variants"]  # every cached variant: original, masked and the derived ones
+    for variant in variants:
         feats = FeatureCache(features.file(f"{variant}.h5"), cache_fingerprints(model, shards, variant))
         feats.check_aligned(shards)
         proba = zeroshot_proba(feats.features[test], text, scale)
@@ -93,5 +93,5 @@ def _run_zeroshot(cfg: Config) -> dict:
                 "logit_scale": scale}
         write_predictions(work.predictions("Baseline", variant), rows, proba, classes, meta)
         summary[f"Baseline/{variant}"] = accuracy(proba, positives, order=shards.target_order)
-    write_arm_record(work, "Baseline", "radacx zeroshot", [zs, features], **model_facts(model))
+    write_arm_record(work, "Baseline", "radacx zeroshot", [zs, features], tested_on=variants, **model_facts(model))
     return summary

@@ -1,0 +1,132 @@
+"""DICOM radiographs (VinDr-CXR) to 8-bit grey, as a radiologist's viewer shows them (docs/archives.md).
+
+The display pipeline of the DICOM standard (PS3.3 C.11), in order:
+
+1. the stored values (8 or 16 bits, signed or not) through the **modality LUT**: ``RescaleSlope`` and
+   ``RescaleIntercept``, or a Modality LUT Sequence (``pydicom.pixels.apply_modality_lut``);
+2. the **VOI window**: the first ``WindowCenter`` / ``WindowWidth`` pair with the standard's linear
+   function (C.11.2.1.2.1), or a VOI LUT Sequence (``pydicom.pixels.apply_voi_lut``); without either,
+   the 0.5th to 99.5th percentile (as for 16-bit PNGs: a hot pixel cannot turn the image black);
+3. **MONOCHROME1** (the lowest value is white) inverted, so that bone is always bright.
+
+Only what a chest radiograph is is accepted: one frame, one sample per pixel, MONOCHROME1/2,
+8 or 16 bits allocated, a size checked against CheXmask's frame and a pixel budget *before* the pixel
+data is decoded, finite rescale and window numbers. Compressed transfer syntaxes decode where pydicom
+has a handler for them (pylibjpeg, gdcm); without one the image is rejected with the syntax named.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from .._lazy import LazyModule
+
+pydicom = LazyModule("pydicom")  # imported on the first DICOM: the other archives never need it
+MAGIC_OFFSET = 128  # a DICOM file: 128-byte preamble, then b"DICM" (PS3.10 7.1)
+PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+
+class DicomError(ValueError):
+    """A DICOM file that is not a readable chest radiograph (the reason says why)."""
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[MAGIC_OFFSET:MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _number(ds, keyword: str, default=None):
+    """A numeric attribute as float (the first of a multi-valued one), checked finite; ``default``
+    where absent."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, (int, float)) and hasattr(value, "__len__") and not isinstance(value, str):
+        value = value[0] if len(value) else None
+        if value is None:
+            return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise DicomError(f"{keyword} {str(value)[:30]!r} is not a number") from None
+    if not math.isfinite(out):
+        raise DicomError(f"{keyword} is {out} (not finite)")
+    return out
+
+
+def read_header(data: bytes):
+    """The parsed dataset, its attributes checked; the pixel data not yet decoded."""
+    if not is_dicom(data):
+        raise DicomError("not a DICOM file (no 'DICM' after the 128-byte preamble)")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except Exception as exc:
+        raise DicomError(f"cannot parse the DICOM file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation", "PixelData"):
+        if keyword not in ds:
+            raise DicomError(f"DICOM file has no {keyword}")
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric not in PHOTOMETRIC:
+        raise DicomError(f"PhotometricInterpretation {photometric[:20]!r} is not MONOCHROME1/2 (not a grey radiograph)")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError("DICOM file holds several samples per pixel or several frames (not one grey radiograph)")
+    if int(ds.BitsAllocated) not in (8, 16):
+        raise DicomError(f"BitsAllocated {int(ds.BitsAllocated)} is not 8 or 16")
+    return ds
+
+
+def to_grey(ds) -> np.ndarray:
+    """(Rows, Columns) uint8: modality LUT, VOI window, MONOCHROME1 inverted (the module docstring)."""
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {type(exc).__name__}: "
+                         f"{str(exc)[:120]})") from None
+    if stored.shape != (int(ds.Rows), int(ds.Columns)):
+        raise DicomError(f"pixel data is {stored.shape}, not the declared {int(ds.Rows)}x{int(ds.Columns)}")
+    slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+    if slope == 0:
+        raise DicomError("RescaleSlope is 0 (every pixel would be the same)")
+    if "ModalityLUTSequence" in ds:
+        values = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), np.float64)
+    else:
+        values = stored.astype(np.float64) * slope + intercept
+    center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
+    if center is not None and width is not None:
+        if width < 1:
+            raise DicomError(f"WindowWidth {width:g} < 1 (the standard's minimum)")
+        grey = linear_window(values, center, width)
+    else:
+        if "VOILUTSequence" in ds:
+            values = np.asarray(pydicom.pixels.apply_voi_lut(values, ds), np.float64)
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        grey = np.clip((values - lo) / max(float(hi - lo), 1e-9), 0, 1)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        grey = 1.0 - grey
+    return np.round(grey * 255).astype(np.uint8)
+
+
+def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM standard's linear VOI function (PS3.3 C.11.2.1.2.1), scaled to [0, 1]."""
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else \
+        (values > center - 0.5).astype(np.float64)
+
+
+def decode_dicom(data: bytes, expected: tuple[int, int] | None = None, max_pixels: int = 64_000_000,
+                 fits=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """8-bit grey pixels and (Rows, Columns) of a DICOM radiograph. The size is checked against
+    ``expected`` (with ``fits(size, expected)``, exact equality by default) and ``max_pixels`` before
+    the pixel data is decoded."""
+    ds = read_header(data)
+    size = (int(ds.Rows), int(ds.Columns))
+    if expected is not None:
+        want = tuple(int(v) for v in expected)
+        if not (fits(size, want) if fits else size == want):
+            raise DicomError(f"image is {size[0]}x{size[1]} but the tables / CheXmask say {want[0]}x{want[1]}; "
+                             f"not decoded")
+    if size[0] * size[1] > max_pixels or min(size) < 1:
+        raise DicomError(f"image declares {size[0]}x{size[1]} pixels (allowed: 1 to {max_pixels}); not decoded")
+    return to_grey(ds), size
