@@ -65,8 +65,10 @@ def _summary(name: str, result, cfg) -> str:
     if name == "shards":
         return (f"shards: {result['rows']} images in {len(result['shards'])} shards, {result['rejects']} rejected "
                 f"-> {work}/shards/ (rejects.csv says why)")
-    if name == "report":
-        return result["table"].split("\n\n### ")[0] + f"\n\nreport: Table 1 and figures -> {result['results']}/"
+    if name == "report":  # Table 1, and the overlay ablation where the run has one
+        sections = result["table"].split("\n\n### ")
+        shown = [sections[0], *("### " + s for s in sections[1:] if s.startswith("Overlay ablation: accuracy"))]
+        return "\n\n".join(shown) + f"\n\nreport: Table 1 and figures -> {result['results']}/"
     if name == "saliency":
         return f"saliency: {result['images']} test images per arm -> {work}/results/saliency.md, saliency/"
     if isinstance(result, dict):

@@ -13,6 +13,7 @@ STYLES = ("boundary", "fill", "crop", "none")  # none: nothing drawn (equals ori
 STRUCTURES = ("right_lung", "left_lung", "heart")  # the order of every mask stack (sources.chexmask.MASK_NAMES)
 RESERVED = ("original", "masked")  # stored in every shard; masked is the paper's overlay
 MAX_VARIANTS = 16
+SETTINGS = ("style", "line_width", "colors", "ink", "structures", "fill_alpha")  # a variant's full settings
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
@@ -62,3 +63,17 @@ def overlay_variant(name, settings, paper: dict) -> dict:
         raise ValueError(f"{key}.fill_alpha': {alpha!r} is not in (0, 1]")
     spec["fill_alpha"] = float(alpha)
     return spec
+
+
+def checked_full_variants(variants) -> dict:
+    """Variants as a record holds them (``variants.json``: full settings), each checked again on
+    reading: a workdir others can write must not hand a reader a name that leaves the folder
+    (``features/<tag>/<name>.h5``) or a line width that draws for hours."""
+    if not isinstance(variants, dict) or len(variants) > MAX_VARIANTS:
+        raise ValueError(f"'variants' is not a mapping of at most {MAX_VARIANTS} variants")
+    out = {}
+    for name, spec in variants.items():
+        if not isinstance(spec, dict) or sorted(spec) != sorted(SETTINGS):
+            raise ValueError(f"variant {str(name)[:40]!r}: expected exactly the settings {', '.join(SETTINGS)}")
+        out[name] = overlay_variant(name, {}, spec)
+    return out

@@ -241,3 +241,27 @@ def test_saliency_explains_the_derived_variants_it_is_asked_for(ablated, tmp_pat
     # the maps differ between variants: the images did
     assert not np.allclose(df[df["tested_on"] == "thick"]["anatomy"].to_numpy(),
                            df[df["tested_on"] == "original"]["anatomy"].to_numpy())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"../../escape": None}, "must be lower-case"),
+    ({"thick": {"line_width": 10 ** 9}}, "not an integer in \\[1, 64\\]"),
+    ({"thick": {"style": "glow"}}, "style': 'glow'"),
+    ({"thick": {"extra": 1}}, "expected exactly the settings"),
+])
+def test_a_variants_record_from_elsewhere_is_checked_on_reading(ablated, tmp_path, change, message):
+    """variants.json is input like any other: resealed with a hostile entry, it is refused with a reason."""
+    import json
+    from radacx_cache.formats.records import seal
+    from radacx_cache.formats.shardset import ShardError, ShardSet
+    shutil.copytree(ablated["work"] / "shards", tmp_path / "shards")
+    path = tmp_path / "shards" / "variants.json"
+    data = json.loads(path.read_text())
+    data.pop("fingerprint")
+    for name, settings in change.items():
+        data["variants"][name] = None if settings is None else {**data["variants"]["thick"], **settings}
+    if None in data["variants"].values():
+        data["variants"] = {k: (v if v is not None else data["variants"]["thick"]) for k, v in data["variants"].items()}
+    path.write_text(json.dumps(seal(data)))
+    with pytest.raises(ShardError, match=message):
+        ShardSet(tmp_path / "shards").derived

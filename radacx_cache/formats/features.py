@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .._io import stable_hash
+from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
 from .records import Record, RecordError, Verifier
@@ -37,6 +38,17 @@ def features_record(work: Workdir, model_tag: str, verifier: Verifier, model_fin
         raise RecordError(f"{record.path}: built with model {record['model_fingerprint']}, the configured model "
                           f"is {model_fingerprint}; rerun `radacx embed`")
     return record
+
+
+def cached_variants(record: Record, shards: ShardSet) -> list[str]:
+    """The image variants a features record lists, each one the shard set serves (a name becomes a
+    file and an arm name: nothing else is taken), original and masked among them."""
+    variants = record.get("variants")
+    if not isinstance(variants, list) or any(v not in shards.variants for v in variants) \
+            or not set(IMAGE_VARIANTS) <= set(variants):
+        raise RecordError(f"{record.path}: variants {str(variants)[:120]} are not original, masked and variants "
+                          f"of this shard set ({', '.join(shards.variants)}); rerun `radacx embed`")
+    return variants
 
 
 def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:

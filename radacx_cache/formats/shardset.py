@@ -19,6 +19,7 @@ from .._io import file_sha256
 from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
+from ..overlays import checked_full_variants
 from ..render import draw_variant
 from .records import RecordError, Verifier, check_files, read_record
 
@@ -351,10 +352,10 @@ def read_variants(root: Path, shards_fingerprint: str, verifier: Verifier | None
         raise ShardError(str(exc)) from None
     if shards_fingerprint not in record.get("upstream", {}).values():
         raise ShardError(f"{path} was written for another shard set (not {shards_fingerprint}); rerun `radacx shards`")
-    variants = record.get("variants", {})
-    if not isinstance(variants, dict):
-        raise ShardError(f"{path}: 'variants' is not a mapping; rerun `radacx shards`")
-    return variants
+    try:
+        return checked_full_variants(record.get("variants", {}))
+    except ValueError as exc:
+        raise ShardError(f"{path}: {exc}; rerun `radacx shards`") from None
 
 
 def open_shards(path: str | Path, split: str | None = None) -> ShardSet:

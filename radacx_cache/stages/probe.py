@@ -13,7 +13,7 @@ import numpy as np
 from .._io import stable_hash, stage_run, write_npz
 from ..arms import IMAGE_VARIANTS, variant_arm
 from ..config import Config
-from ..formats.features import FeatureCache, features_record
+from ..formats.features import FeatureCache, cached_variants, features_record
 from ..estimators.linear_probe import LinearProbe, fit_final, sweep_c
 from ..metrics import accuracy
 from ..models import model_tag, weights_seed
@@ -86,10 +86,7 @@ def _run_probes(cfg: Config) -> dict:
     features = features_record(work, model_tag(cfg.model.spec), verifier)
     expected = {"model_spec": cfg.model.spec, "weights_seed": weights_seed(cfg.model.spec, cfg.seed),
                 "shards": shards.fingerprint}
-    variants = features["variants"]  # original, masked and the derived ones (render.variants) cached
-    missing = [v for v in IMAGE_VARIANTS if v not in variants]
-    if missing:
-        raise FileNotFoundError(f"{features.path}: no {missing[0]} features; run `radacx embed`")
+    variants = cached_variants(features, shards)  # original, masked and the derived ones (render.variants)
     specs = features.get("variant_specs", {})
     caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v,
                                                          **({"variant_spec": stable_hash(specs[v])} if v in specs else {})})

@@ -15,7 +15,7 @@ import torch
 
 from .._io import stage_run, write_npz
 from ..config import Config
-from ..formats.features import FeatureCache, cache_fingerprints, features_record
+from ..formats.features import FeatureCache, cache_fingerprints, cached_variants, features_record
 from ..metrics import accuracy
 from ..models import load_model
 from ..formats.predictions import model_facts, write_arm_record, write_predictions
@@ -82,7 +82,7 @@ def _run_zeroshot(cfg: Config) -> dict:
     rows = index[test]
     positives = shards.positives()[test]
     summary = {}
-    variants = features["variants"]  # every cached variant: original, masked and the derived ones
+    variants = cached_variants(features, shards)  # every cached variant: original, masked and the derived ones
     for variant in variants:
         feats = FeatureCache(features.file(f"{variant}.h5"), cache_fingerprints(model, shards, variant))
         feats.check_aligned(shards)
