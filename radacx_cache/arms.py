@@ -46,6 +46,14 @@ def variant_arm(method: str, trained_on: str) -> str:
     return f"{arm_for(method, 'masked').name}-{trained_on}"
 
 
+def finetune_test_variants(trained_on: str, variants) -> tuple[str, ...]:
+    """What a fine-tuned arm is tested on: V3 (original) on every variant of the shard set (the
+    test-time side of the overlay ablation), V4 on original and masked, V4-<variant> on its own."""
+    if trained_on == "original":
+        return tuple(variants)
+    return IMAGE_VARIANTS if trained_on in IMAGE_VARIANTS else (trained_on,)
+
+
 # the overlay ablation's columns (docs/pipeline.md): what is compared across variants, and the arm
 # whose predictions on a variant's test images fill each cell
 ABLATION_COLUMNS = (

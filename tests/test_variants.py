@@ -3,6 +3,7 @@
 added, and an ablation table that recomputes from the prediction files."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -265,3 +266,30 @@ def test_a_variants_record_from_elsewhere_is_checked_on_reading(ablated, tmp_pat
     path.write_text(json.dumps(seal(data)))
     with pytest.raises(ShardError, match=message):
         ShardSet(tmp_path / "shards").derived
+
+
+def test_a_finished_v3_predicts_a_new_variant_without_training_again(ablated, tmp_path):
+    """Adding a variant to a finished run: the shards and every other cache stay, the new variant is
+    embedded, and the finished V3 predicts it from its best checkpoint (no training step)."""
+    from radacx_cache.config import load_config
+    from radacx_cache.stages.embed import embed_all
+    from radacx_cache.stages.finetune import run_finetune
+    from radacx_cache.stages.shards import build_shards
+    work = tmp_path / "run"
+    for part in ("cohort", "shards", "features", "finetune", "predictions"):
+        shutil.copytree(ablated["work"] / part, work / part)
+    src = ablated["cfg"]
+    cfg = load_config(None, [f"workdir={work}", f"archive.root={src.archive.root}",
+                             f"archive.chexmask_csv={src.archive.chexmask_csv}", "seed=7", "shards.rows_per_shard=64",
+                             "embed.batch_size=32", "embed.block_rows=96", "finetune.epochs=1", "finetune.max_steps=2",
+                             *VARIANTS, "render.variants.thin.line_width=1"])
+    stamps = {p: p.stat().st_mtime_ns for p in [*work.glob("shards/*.h5"), *work.glob("features/tiny/*.h5"),
+                                                 work / "finetune" / "original" / "best.pt"]}
+    build_shards(cfg, progress=False)
+    embed_all(cfg, progress=False)
+    summary = run_finetune(cfg, variants=["original"])["V3"]
+    assert {p for p, t in stamps.items() if p.stat().st_mtime_ns != t} == set()  # nothing redone
+    assert (work / "features" / "tiny" / "thin.h5").exists()
+    assert "thin" in summary["tested_on"] and "test_thin" in summary
+    record = json.loads((work / "predictions" / "V3" / "manifest.json").read_text())
+    assert "thin.csv" in record["files"] and "thin" in record["tested_on"]

@@ -311,16 +311,15 @@ def _build_cohort(cfg: Config) -> dict:
     rejects += more
     cohort = df[COHORT_COLUMNS + ["rle_row"] + label_columns(c.classes)]
     write_csv(work.cohort_csv, cohort)
-    rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    write_csv(work.cohort_rejects, rejects_df)
     files = [work.cohort_csv, work.cohort_rejects, work.masks_rle]
     work.cohort_boxes.unlink(missing_ok=True)
     if tables.boxes is not None:  # the radiologists' boxes of the cohort's images and classes
         boxes, box_rejects = cohort_boxes(tables.boxes, cohort, c.classes, tables.boxes_in_pixels)
-        rejects_df = pd.concat([rejects_df, pd.DataFrame(box_rejects, columns=REJECT_COLUMNS)], ignore_index=True)
-        write_csv(work.cohort_rejects, rejects_df)
+        rejects += box_rejects
         write_csv(work.cohort_boxes, boxes)
         files.append(work.cohort_boxes)
+    rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    write_csv(work.cohort_rejects, rejects_df)
     # per class: training targets (under `first`, the first positive in the target order: not a
     # prevalence) and positives (every image where the finding is positive under the uncertain policy)
     counts = {s: {"images": int((cohort["split"] == s).sum()),

@@ -162,16 +162,16 @@ def embed_variant(cfg: Config, model: LoadedModel, shards: ShardSet, variant: st
     fps = cache_fingerprints(model, shards, variant)
     if final.exists():
         try:
-            FeatureCache(final)  # safe to open, bounded, checksum and rows verified
+            found = FeatureCache(final).fingerprints  # safe to open, bounded, checksum and rows verified
         except FeatureCacheError as exc:  # damaged after commit: set aside (not deleted) and rebuilt
             aside = final.with_name(f".{final.name}.damaged")
             os.replace(final, aside)
             log.warning("embed: %s failed verification (%s); moved to %s and rebuilt", final, exc, aside)
         else:
-            found = FeatureCache(final).fingerprints
-            if "variant_spec" in fps and {k: v for k, v in found.items() if k != "variant_spec"} == \
-                    {k: v for k, v in fps.items() if k != "variant_spec"} and found.get("variant_spec") != fps["variant_spec"]:
-                aside = final.with_name(f".{final.name}.superseded")  # render.variants.<name> was redefined
+            redefined = found.get("variant_spec") != fps.get("variant_spec") and \
+                {**found, "variant_spec": None} == {**fps, "variant_spec": None}
+            if redefined and "variant_spec" in fps:  # render.variants.<name> was given other settings
+                aside = final.with_name(f".{final.name}.superseded")
                 os.replace(final, aside)
                 log.warning("embed: %s holds variant %r as it was defined before; moved to %s and rebuilt",
                             final, variant, aside)

@@ -29,7 +29,7 @@ from torch.distributed.algorithms.join import Join
 from tqdm import tqdm
 
 from .._io import atomic_path, remove_stale_tmp, stable_hash, stage_run, write_json
-from ..arms import IMAGE_VARIANTS, variant_arm
+from ..arms import IMAGE_VARIANTS, finetune_test_variants, variant_arm
 from ..augment import augment
 from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
 from ..config import Config
@@ -147,7 +147,9 @@ def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
     model = Classifier(lm.model.visual, embed_dim, len(shards.target_names)).to(device)
     if ft.grad_checkpointing and hasattr(model.visual, "set_grad_checkpointing"):
         model.visual.set_grad_checkpointing(True)
-    config_fp = stable_hash({"finetune": cfg.to_dict()["finetune"], "model": lm.fingerprint,
+    # which variants get their own arm is not how one is trained: adding one retrains nothing
+    settings = {k: v for k, v in cfg.to_dict()["finetune"].items() if k != "variants"}
+    config_fp = stable_hash({"finetune": settings, "model": lm.fingerprint,
                              "shards": shards.fingerprint, "variant": variant, "seed": cfg.seed,
                              "precision": cfg.runtime.precision})
     stream = ShardStream(shards.split("train"), variant, ft.batch_size, seed=cfg.seed, block_rows=ft.block_rows,
@@ -292,20 +294,12 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     return False
 
 
-def test_variants(trained_on: str, test: ShardSet) -> tuple[str, ...]:
-    """What an arm is tested on: V3 (original) on every variant of the shard set, the test-time side of
-    the overlay ablation; V4 on original and masked; V4-<variant> on its own variant."""
-    if trained_on == "original":
-        return test.variants
-    return IMAGE_VARIANTS if trained_on in IMAGE_VARIANTS else (trained_on,)
-
-
-def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str, only=None) -> dict:
-    """Predict the arm's test image variants (``test_variants``, or ``only`` those) with the model as it
-    is (the best checkpoint, loaded by the caller); returns the test accuracies."""
+def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) -> dict:
+    """Predict the arm's test image variants (``arms.finetune_test_variants``) with the model as it is
+    (the best checkpoint, loaded by the caller); returns the test accuracies."""
     work = Workdir(run.cfg.workdir)
     out = {}
-    for test_variant in only or test_variants(run.variant, test):
+    for test_variant in finetune_test_variants(run.variant, test.variants):
         proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.cfg.finetune.batch_size)
         meta = {"variant": run.arm, "trained_on": run.variant, "tested_on": test_variant,
                 "model": run.lm.spec, "model_fingerprint": run.lm.fingerprint,
@@ -317,7 +311,8 @@ def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str, on
 
 
 def _finished(run: Run) -> dict | None:
-    """The summary of an identical, finished training whose records are intact (nothing to redo)."""
+    """The summary of an identical, finished training whose training record (best checkpoint, log)
+    is intact: nothing to train again."""
     work = Workdir(run.cfg.workdir)
     done = work.finetune_summary(run.variant)
     if not done.exists():
@@ -326,11 +321,21 @@ def _finished(run: Run) -> dict | None:
     if previous.get("config_fingerprint") != run.config_fp:
         return None
     try:
-        Verifier(work.root).record(work.predictions_record(run.arm), "predictions")
+        Verifier(work.root).record(work.finetune_record(run.variant), "finetune")
     except RecordError as exc:
         log.warning("finetune %s: training again (%s)", run.variant, exc)
         return None
     return previous
+
+
+def _predictions_current(run: Run, wanted) -> bool:
+    """The arm's predictions cover ``wanted``, their chain intact (a changed ``variants.json`` breaks it)."""
+    work = Workdir(run.cfg.workdir)
+    try:
+        record = Verifier(work.root).record(work.predictions_record(run.arm), "predictions")
+    except RecordError:
+        return False
+    return set(wanted) <= set(record.get("tested_on", IMAGE_VARIANTS))
 
 
 def write_records(run: Run, shards_record, tested_on) -> None:
@@ -359,20 +364,18 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
         raise TrainingError("fine-tuning needs non-empty train and val splits")
     run = _setup(cfg, variant, shards)
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = test_variants(variant, shards.split("test"))
+    wanted = finetune_test_variants(variant, shards.variants)
     if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
-        tested = previous.get("tested_on", list(IMAGE_VARIANTS))
-        if set(wanted) <= set(tested):
+        if _predictions_current(run, wanted):
             log.info("finetune %s: %s is up to date (delete it to train again)", variant, run.out_dir)
             return previous
-        # a variant added since: the finished model predicts it, nothing is trained again
-        missing = [v for v in wanted if v not in tested]
-        log.info("finetune %s: predicting the new variant(s) %s with the finished model", variant, ", ".join(missing))
+        # variants added or redefined since: the finished model predicts them, nothing is trained again
+        log.info("finetune %s: predicting %s with the finished model (no training)", variant, ", ".join(wanted))
         best = load_checkpoint(run.best)
         run.model.load_state_dict(best["model"])
         run.state.history = best["state"]["history"]
-        previous.update(write_test_predictions(run, shards.split("test"), shards.fingerprint, only=missing))
-        return _commit_summary(run, previous, [*tested, *missing], verifier)
+        previous.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
+        return _commit_summary(run, previous, list(wanted), verifier)
     removed = remove_stale_tmp(run.out_dir)  # a checkpoint write that was killed half-way
     if removed:
         log.warning("finetune %s: removed %d temporary file(s) left by an interrupted run", variant, removed)
