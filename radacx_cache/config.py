@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 from .findings import FINDINGS, FINDINGS_ALL
-from .overlays import STRUCTURES, overlay_variants
+from .overlays import STRUCTURES, checked_colors, overlay_variants
 
 CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
 
@@ -114,20 +114,10 @@ class RenderConfig:
     variants: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        # a partial `colors` (e.g. only the heart) is merged with the defaults; each is an RGB triple
-        colors = {**_DEFAULT_COLORS, **(self.colors or {})}
-        unknown = sorted(set(colors) - set(_DEFAULT_COLORS))
-        if unknown:
-            raise ConfigError(f"config key 'render.colors': unknown structure {unknown[0]!r}; "
-                              f"valid: {', '.join(_DEFAULT_COLORS)}")
-        for name, rgb in colors.items():
-            if not (isinstance(rgb, (list, tuple)) and len(rgb) == 3
-                    and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
-                raise ConfigError(f"config key 'render.colors.{name}': {rgb!r} is not an RGB triple of 0-255 integers")
-        self.colors = {k: list(v) for k, v in colors.items()}
         if not 0 < self.fill_alpha <= 1:
             raise ConfigError(f"config key 'render.fill_alpha': {self.fill_alpha!r} is not in (0, 1]")
-        try:
+        try:  # a partial `colors` (e.g. only the heart) is merged with the defaults
+            self.colors = checked_colors(self.colors, _DEFAULT_COLORS, "render.colors")
             self.variants = overlay_variants(self.variants, self.paper_overlay())
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

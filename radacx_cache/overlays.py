@@ -21,6 +21,21 @@ def _grey(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
 
 
+def checked_colors(colors, defaults: dict, key: str) -> dict:
+    """``colors`` merged onto ``defaults`` (a partial mapping, e.g. only the heart, is fine), one RGB
+    triple of 0-255 integers per structure; ValueError naming the config ``key``."""
+    if colors is not None and not isinstance(colors, dict):
+        raise ValueError(f"config key '{key}': expected a mapping of {', '.join(STRUCTURES)} to RGB triples")
+    merged = {**defaults, **(colors or {})}
+    unknown = sorted(set(merged) - set(STRUCTURES))
+    if unknown:
+        raise ValueError(f"config key '{key}': unknown structure {unknown[0]!r}; valid: {', '.join(STRUCTURES)}")
+    for name, rgb in merged.items():
+        if not (isinstance(rgb, (list, tuple)) and len(rgb) == 3 and all(_grey(v) for v in rgb)):
+            raise ValueError(f"config key '{key}.{name}': {rgb!r} is not an RGB triple of 0-255 integers")
+    return {k: list(merged[k]) for k in STRUCTURES}
+
+
 def overlay_variants(variants, paper: dict) -> dict:
     """``render.variants`` checked: {name: full settings} (``overlay_variant`` for each)."""
     if not isinstance(variants, dict) or len(variants) > MAX_VARIANTS:
@@ -46,11 +61,7 @@ def overlay_variant(name, settings, paper: dict) -> dict:
     width = spec["line_width"]
     if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 64:
         raise ValueError(f"{key}.line_width': {width!r} is not an integer in [1, 64]")
-    colors = {**paper["colors"], **(spec["colors"] or {})}
-    if set(colors) != set(STRUCTURES) or not all(isinstance(c, (list, tuple)) and len(c) == 3
-                                                 and all(_grey(v) for v in c) for c in colors.values()):
-        raise ValueError(f"{key}.colors': expected RGB triples of 0-255 integers for {', '.join(STRUCTURES)}")
-    spec["colors"] = {k: list(colors[k]) for k in STRUCTURES}
+    spec["colors"] = checked_colors(spec["colors"], paper["colors"], f"render.variants.{name}.colors")
     if spec["ink"] is not None and not _grey(spec["ink"]):
         raise ValueError(f"{key}.ink': {spec['ink']!r} is not a grey level 0-255 (or null for the colours)")
     structures = spec["structures"]

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import RenderConfig
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
-from .sources.dicom import DicomError, decode_dicom, is_dicom
+from .sources.dicom import DicomError, decode_dicom, is_dicom, percentile_window
 
 GEOMETRY_FIELDS = ("height", "width", "side", "pad_top", "pad_left", "scale", "decode_reduce",
                    "mask_height", "mask_width")
@@ -179,9 +179,7 @@ def decode_grey(data: bytes, min_side: int | None = None, expected: tuple[int, i
     except Exception as exc:
         raise RenderError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if im.mode != "L":  # 16-bit PNGs: a robust window to 8 bit
-        arr = np.asarray(im, dtype=np.float32)
-        lo, hi = np.percentile(arr, [0.5, 99.5])
-        arr = (255 * np.clip((arr - lo) / max(float(hi - lo), 1.0), 0, 1)).astype(np.uint8)
+        arr = (255 * percentile_window(np.asarray(im, dtype=np.float32), min_range=1.0)).astype(np.uint8)
     else:
         arr = np.asarray(im)
     reduce = max(1, round(width / arr.shape[1]))
@@ -336,8 +334,7 @@ def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],
     geom = square_geometry(height, width, size, reduce, mask_shape=tuple(mask_shape))
     masks = masks_at(rles, mask_shape, geom, size, cfg.mask_supersample)
     original = pad_resize(pixels, geom, size)
-    masked = overlay(original, masks, cfg.overlay, colors=cfg.colors, line_width=cfg.line_width,
-                     alpha=cfg.fill_alpha)
+    masked = draw_variant(original, masks, cfg.paper_overlay())  # the one drawing path of every variant
     differs = masked != original[..., None]
     changed = np.count_nonzero(differs[..., 0] | differs[..., 1] | differs[..., 2]) / original.size
     if changed < MIN_OVERLAY_SHARE:

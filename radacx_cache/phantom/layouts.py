@@ -111,6 +111,13 @@ class Layout:
         return path
 
 
+def region_boxes(truth_row: dict) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) pixel edges of each connected region where the phantom drew a finding: the
+    boxes its radiologists draw (NIH, VinDr)."""
+    labelled, n = ndimage.label(decode_rle(truth_row["RLE"], (truth_row["Height"], truth_row["Width"])))
+    return [(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) for sl in ndimage.find_objects(labelled)[:n]]
+
+
 class _OpenArchiveLayout(Layout):
     """What NIH's and CheXpert's layouts share: patients numbered from 1, and the landmarks as the
     flat comma-separated list their CheXmask files use (as in the real samples)."""
@@ -162,13 +169,10 @@ class NIHLayout(_OpenArchiveLayout):
         for t in truth_rows:
             if t["finding"] not in names:
                 continue
-            region = decode_rle(t["RLE"], (t["Height"], t["Width"]))
-            labelled, n = ndimage.label(region)
-            for sl in ndimage.find_objects(labelled)[:n]:
-                fy, fx = nih.BBOX_FRAME / t["Height"], nih.BBOX_FRAME / t["Width"]
-                y, x = sl[0].start * fy, sl[1].start * fx
-                rows.append(f"{t['dicom_id']},{names[t['finding']]},{x!r},{y!r},{(sl[1].stop - sl[1].start) * fx!r},"
-                            f"{(sl[0].stop - sl[0].start) * fy!r}\n")
+            fy, fx = nih.BBOX_FRAME / t["Height"], nih.BBOX_FRAME / t["Width"]
+            for x0, y0, x1, y1 in region_boxes(t):
+                rows.append(f"{t['dicom_id']},{names[t['finding']]},{x0 * fx!r},{y0 * fy!r},{(x1 - x0) * fx!r},"
+                            f"{(y1 - y0) * fy!r}\n")
         with atomic_path(root / nih.BBOX_NAME) as tmp:
             tmp.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(rows))
 
@@ -297,12 +301,7 @@ class VinDrLayout(_OpenArchiveLayout):
         finding marked by all three or two of them, a half-strength one by one), each test image by
         one consensus; every mark with that reader's box around the drawn region."""
         df = meta.merge(labels, on=["subject_id", "study_id"], how="inner")
-        regions: dict = {}
-        for t in truth_rows:
-            region = decode_rle(t["RLE"], (t["Height"], t["Width"]))
-            labelled, n = ndimage.label(region)
-            regions[(t["dicom_id"], t["finding"])] = [(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-                                                      for sl in ndimage.find_objects(labelled)[:n]]
+        regions = {(t["dicom_id"], t["finding"]): region_boxes(t) for t in truth_rows}
         names = {v: k for k, v in vindr.CLASS_NAMES.items() if v in FINDINGS}
         official = dict(zip(split["dicom_id"], split["split"]))
         tables: dict = {"train": [], "test": []}

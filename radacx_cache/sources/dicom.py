@@ -102,11 +102,17 @@ def to_grey(ds) -> np.ndarray:
     else:
         if "VOILUTSequence" in ds:
             values = np.asarray(pydicom.pixels.apply_voi_lut(values, ds), np.float64)
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        grey = np.clip((values - lo) / max(float(hi - lo), 1e-9), 0, 1)
+        grey = percentile_window(values, min_range=1e-9)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         grey = 1.0 - grey
     return np.round(grey * 255).astype(np.uint8)
+
+
+def percentile_window(values: np.ndarray, min_range: float) -> np.ndarray:
+    """[0, 1] between the 0.5th and 99.5th percentile (a hot pixel cannot turn the image black): the
+    window of an image that brings none (a 16-bit PNG too), over at least ``min_range`` values."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return np.clip((values - lo) / max(float(hi - lo), min_range), 0, 1)
 
 
 def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:

@@ -107,7 +107,7 @@ def read_annotations(path: Path, split: str, min_readers: int = 2) -> tuple[pd.D
     require_columns(path, COLUMNS)
     raw = read_table(path, dtype=str, keep_default_na=False)
     consensus = split == "test" or "rad_id" not in raw  # one reading per image: one mark is enough
-    readers = raw["rad_id"].str.strip() if "rad_id" in raw and split != "test" else pd.Series("consensus", raw.index)
+    readers = pd.Series("consensus", raw.index) if consensus else raw["rad_id"].str.strip()
     image = raw["image_id"].str.strip()
     name = raw["class_name"].str.strip()
     finding = name.str.lower().map(CLASS_NAMES)
