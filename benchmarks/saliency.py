@@ -16,7 +16,7 @@ import torch
 from _common import timed  # noqa: F401  (sets sys.path)
 from radacx_cache.formats.checkpoints import Classifier
 from radacx_cache.models import load_model
-from radacx_cache.stages.saliency import saliency_maps
+from radacx_cache.attribution import saliency_maps
 
 
 def rate(fn, n: int) -> float:

@@ -48,6 +48,10 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+# report sections printed on the terminal beside Table 1 (the rest are in the files)
+SHOWN_SECTIONS = ("Overlay ablation: accuracy", "Interventions at a glance", "Do overlay-trained arms")
+
+
 def _summary(name: str, result, cfg) -> str:
     """What a person reads after a stage: a few lines and where the outputs are."""
     work = cfg.workdir
@@ -67,10 +71,13 @@ def _summary(name: str, result, cfg) -> str:
                 f"-> {work}/shards/ (rejects.csv says why)")
     if name == "report":  # Table 1, and the overlay ablation where the run has one
         sections = result["table"].split("\n\n### ")
-        shown = [sections[0], *("### " + s for s in sections[1:] if s.startswith("Overlay ablation: accuracy"))]
+        shown = [sections[0], *("### " + s for s in sections[1:] if s.startswith(SHOWN_SECTIONS))]
         return "\n\n".join(shown) + f"\n\nreport: Table 1 and figures -> {result['results']}/"
     if name == "saliency":
-        return f"saliency: {result['images']} test images per arm -> {work}/results/saliency.md, saliency/"
+        sections = result["table"].split("\n\n### ")
+        shown = ["### " + s for s in sections[1:] if s.startswith(SHOWN_SECTIONS[1:])]
+        return "\n\n".join([*shown, f"saliency: {result['images']} test images per arm -> "
+                                      f"{work}/results/saliency.md, saliency/"])
     if isinstance(result, dict):
         lines = [f"  {k}: {_fmt(v)}" for k, v in result.items() if not isinstance(v, (dict, list))]
         nested = {k: v for k, v in result.items() if isinstance(v, dict)}

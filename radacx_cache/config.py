@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 from .findings import FINDINGS, FINDINGS_ALL
-from .overlays import STRUCTURES, checked_colors, overlay_variants
+from .overlays import checked_colors, overlay_variants, paper_overlay
 
 CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
 
@@ -124,8 +124,8 @@ class RenderConfig:
 
     def paper_overlay(self) -> dict:
         """The full settings of the paper's overlay, the stored ``masked`` variant."""
-        return {"style": self.overlay, "line_width": self.line_width, "colors": {k: list(v) for k, v in self.colors.items()},
-                "ink": None, "structures": list(STRUCTURES), "fill_alpha": self.fill_alpha}
+        return paper_overlay({"overlay": self.overlay, "line_width": self.line_width, "colors": self.colors,
+                              "fill_alpha": self.fill_alpha})
 
 
 @dataclass
@@ -216,6 +216,16 @@ class SaliencyConfig:
     batch_size: int = _within(16, 1, 4096)
     panels: int = _within(4, 0, 64)  # images per arm in the figure (half correct, half wrong)
     variants: list = field(default_factory=list)  # overlay ablations: derived variants (render.variants) also explained
+    # what a map explains: the target logit minus the mean logit (contrastive), or the plain logit
+    target: Literal["contrastive", "logit"] = "contrastive"
+    baseline: Literal["blur", "black"] = "blur"  # Integrated Gradients' baseline image
+    fill: Literal["blur", "mean"] = "blur"  # what occlusion and the deletion/insertion curves put in
+    blur_sigma: float = _within(8.0, 0.5, 64.0)  # pixels at the shards' size, for the blurred baseline and fill
+    occlusion: bool = True  # regions deleted / kept alone, beside equal-area controls (docs/saliency.md)
+    curves: bool = True  # deletion and insertion curves of each map against maps made without the model
+    curve_steps: int = _within(8, 2, 256)
+    cascade: bool = True  # cascading encoder randomisation: rank correlation of the maps
+    boxed_images: int = _within(200, 0, 100_000)  # every test image with boxes joins the sample, up to this many
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"gradcam", "integrated_gradients"})

@@ -62,6 +62,19 @@ def accuracy_any(proba, positives) -> float:
 
 
 # ---------------------------------------------------------------- reference rows
+COLLAPSE_SHARE = 0.9  # a row whose most common prediction takes more than this share is marked
+
+
+def prediction_spread(pred: np.ndarray, k: int) -> dict:
+    """How many classes a set of top-1 predictions uses, the most common one's share, and whether
+    that share marks a collapse (> ``COLLAPSE_SHARE``: a near-constant classifier)."""
+    counts = np.bincount(np.asarray(pred, int), minlength=k)
+    share = float(counts.max() / counts.sum()) if counts.sum() else float("nan")
+    return {"distinct": int((counts > 0).sum()), "top_class": int(counts.argmax()), "top_share": share,
+            "collapsed": bool(share > COLLAPSE_SHARE)}
+
+
+
 def reference_correctness(train_positives: np.ndarray, test_positives: np.ndarray, reading: str,
                           order=None) -> dict:
     """Expected per-image correctness of doing nothing useful, on the test images, per reading:
@@ -163,7 +176,18 @@ def bootstrap_mean(values, mask, patients, *, n_boot=1000, seed=0, alpha=0.05) -
     reps = reps[np.isfinite(reps)]
     if len(reps) == 0:
         return point, float("nan"), float("nan")
-    return point, float(np.quantile(reps, alpha / 2)), float(np.quantile(reps, 1 - alpha / 2))
+    return point, *percentile_interval(reps, alpha)
+
+
+def percentile_interval(reps: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """The bootstrap percentile interval as order statistics of the replicates (no interpolation):
+    its lower end is above 0 exactly when fewer than alpha/2 of the replicates are <= 0 (its upper end
+    below 0 when fewer than alpha/2 are >= 0), which is
+    the rule the two-sided p of ``paired_difference`` counts, so a CI and its p always agree (an
+    interpolated quantile printed [+0.003, +0.179] beside p = 0.052)."""
+    # the upper end mirrors the lower (the alpha/2-th largest replicate), so both ends count the same way
+    return (float(np.quantile(reps, alpha / 2, method="inverted_cdf")),
+            -float(np.quantile(-np.asarray(reps), alpha / 2, method="inverted_cdf")))
 
 
 def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0, alpha=0.05) -> dict:
@@ -178,8 +202,8 @@ def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0
     reps = _replicates(delta, mask, patients, n_boot, seed)
     reps = reps[np.isfinite(reps)]
     p = float(min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0)))) if len(reps) else float("nan")
-    return {"diff": diff, "low": float(np.quantile(reps, alpha / 2)), "high": float(np.quantile(reps, 1 - alpha / 2)),
-            "p_value": p, "p_below": bool(p == 0.0), "n_boot": n_boot}
+    low, high = percentile_interval(reps, alpha) if len(reps) else (float("nan"), float("nan"))
+    return {"diff": diff, "low": low, "high": high, "p_value": p, "p_below": bool(p == 0.0), "n_boot": n_boot}
 
 
 def bootstrap_ci(proba, positives, patients, *, reading="argmax", n_boot=1000, seed=0, alpha=0.05):

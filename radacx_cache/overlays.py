@@ -36,6 +36,14 @@ def checked_colors(colors, defaults: dict, key: str) -> dict:
     return {k: list(merged[k]) for k in STRUCTURES}
 
 
+def paper_overlay(render: dict) -> dict:
+    """The full settings of the paper's overlay (the stored ``masked`` variant) from render settings
+    (``render.overlay``, ``line_width``, ``colors``, ``fill_alpha``): the config's, or a shard record's."""
+    return {"style": render["overlay"], "line_width": render["line_width"],
+            "colors": {k: list(v) for k, v in render["colors"].items()}, "ink": None,
+            "structures": list(STRUCTURES), "fill_alpha": render["fill_alpha"]}
+
+
 def overlay_variants(variants, paper: dict) -> dict:
     """``render.variants`` checked: {name: full settings} (``overlay_variant`` for each)."""
     if not isinstance(variants, dict) or len(variants) > MAX_VARIANTS:

@@ -8,8 +8,12 @@ on the same images and regions:
 
 - ``uniform_anatomy``: a flat map over lungs + heart (no model at all);
 - ``centred_gaussian``: a fixed Gaussian in the image centre (no model at all);
-- ``untrained_head``: the same method on the arm's network with a randomly drawn head;
-- ``shuffled_maps``: the arm's own maps, each scored on another image (a seeded derangement).
+- ``random_head``: the same method on the arm's network with a randomly drawn head (the head only:
+  the encoder stays the arm's; the cascading encoder randomisation is reported beside, as a rank
+  correlation);
+- ``shuffled_maps``: the arm's own maps, each scored on another image (a seeded derangement);
+- ``input_intensity``: the test image's own grey levels as a map (no model: what a map that merely
+  follows brightness scores).
 
 ``control_checks`` passes an arm only if it beats *every* control on the truth metric, each by a
 paired patient-bootstrap CI of (arm − control) whose lower end is above 0.
@@ -22,9 +26,10 @@ import pandas as pd
 from .metrics import bootstrap_mean, paired_difference
 from .render import boundary
 
-CONTROLS = ("uniform_anatomy", "centred_gaussian", "untrained_head", "shuffled_maps")
+CONTROLS = ("uniform_anatomy", "centred_gaussian", "random_head", "shuffled_maps", "input_intensity")
 CONTROL_TEXT = {"uniform_anatomy": "uniform over lungs + heart", "centred_gaussian": "centred Gaussian",
-                "untrained_head": "untrained head", "shuffled_maps": "maps shuffled across images"}
+                "random_head": "random head", "shuffled_maps": "maps shuffled across images",
+                "input_intensity": "input intensity"}
 
 
 def regions(masks: np.ndarray, line_width: int) -> dict[str, np.ndarray]:
@@ -90,7 +95,8 @@ def derangement(n: int, seed: int) -> np.ndarray:
 
 def control_rows(model_rows: list[dict], seed: int) -> list[dict]:
     """Rows of the model-free controls and the shuffled-maps control for one arm's rows of one
-    method (each row holds ``_map``, ``_reg``, ``_truth``: the image's map, regions and truth)."""
+    method (each row holds ``_map``, ``_reg``, ``_truth``, ``_box``, ``_grey``: the image's map,
+    regions, truth, boxes and grey levels as the model saw them)."""
     out = []
     for variant in dict.fromkeys(r["tested_on"] for r in model_rows):
         rows = sorted((r for r in model_rows if r["tested_on"] == variant), key=lambda r: r["position"])
@@ -98,7 +104,8 @@ def control_rows(model_rows: list[dict], seed: int) -> list[dict]:
         for i, row in enumerate(rows):
             maps = {"uniform_anatomy": uniform_anatomy_map(row["_reg"]),
                     "centred_gaussian": centred_gaussian_map(row["_map"].shape),
-                    "shuffled_maps": rows[perm[i]]["_map"]}
+                    "shuffled_maps": rows[perm[i]]["_map"],
+                    "input_intensity": np.asarray(row["_grey"], np.float64)}
             for source, smap in maps.items():
                 out.append({**{k: v for k, v in row.items() if not k.startswith("_")}, "source": source,
                             **image_metrics(smap, row["_reg"], row["predicted"], row["_truth"], row.get("_box"))})

@@ -10,7 +10,7 @@
     finetune/<image-variant>/  last.pt  best.pt  summary.json  train_log.csv  manifest.json
     predictions/<arm>/  <image-variant>.csv (+ .json provenance)  manifest.json
     results/     table1.{md,csv,json,tex}  metrics.json  figures  manifest.json
-                 saliency.{md,csv,json}  saliency-manifest.json  saliency/
+                 saliency.{md,csv,json}  saliency-{occlusion,curves,cascade}.csv  saliency-manifest.json  saliency/
 
 Every ``manifest.json`` (and ``saliency-manifest.json``) is a stage record (``formats.records``):
 written last, it lists the files later stages read with their sha256 and the records it was built from.
@@ -144,6 +144,12 @@ class Workdir:
     def saliency_file(self, suffix: str) -> Path:
         """``results/saliency.{json,csv,md}``."""
         return self.results_dir / f"saliency.{suffix}"
+
+    def intervention_rows(self, kind: str) -> Path:
+        """``results/saliency-{occlusion,curves,cascade}.csv``: per-image rows of the interventions."""
+        if kind not in ("occlusion", "curves", "cascade"):
+            raise ValueError(f"intervention rows {kind!r}: expected occlusion, curves or cascade")
+        return self.results_dir / f"saliency-{kind}.csv"
 
     @property
     def saliency_record(self) -> Path:

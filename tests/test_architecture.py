@@ -13,8 +13,8 @@ LAYERS = (
     ("_version", "_io", "_lazy", "findings", "overlays"),
     ("config", "sources", "sources.*"),
     ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
-    ("saliency_metrics",),
-    ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*"),
+    ("saliency_metrics", "interventions"),
+    ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*", "attribution"),
     ("stages", "stages.*"),
     ("cli", ""),
 )

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from radacx_cache.render import Geometry
-from radacx_cache.stages.saliency import image_metrics, regions, saliency_maps
+from radacx_cache.attribution import saliency_maps
+from radacx_cache.saliency_metrics import image_metrics, regions
 from radacx_cache.formats.shardset import open_shards
 from radacx_cache.phantom.truth import read_truth, region_at, truth_path
 
@@ -116,8 +117,9 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     model = df[df["source"] == "model"]
     assert set(model["arm"]) == {"V3"} and len(model) == 40 * 2 * 2  # images x variants x methods
     controls = df[df["source"] != "model"]
-    assert set(controls["source"]) == {"uniform_anatomy", "centred_gaussian", "untrained_head", "shuffled_maps"}
-    assert (controls["method"] == "integrated_gradients").all() and len(controls) == 4 * 40 * 2
+    assert set(controls["source"]) == {"uniform_anatomy", "centred_gaussian", "random_head", "shuffled_maps",
+                                       "input_intensity"}
+    assert (controls["method"] == "integrated_gradients").all() and len(controls) == 5 * 40 * 2
     v3 = model[(model["tested_on"] == "original") & model["truth"].notna()]
     assert len(v3) >= 10
     # the uniform control recomputed from its definition: the drawn region's share of lungs + heart
@@ -128,7 +130,7 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     data = json.loads((tmp_path / "results" / "saliency.json").read_text())
     (check,) = [c for c in data["checks"] if c["tested_on"] == "original"]
     assert check["method"] == "integrated_gradients" and set(check["controls"]) == set(uniform["source"].unique()) | {
-        "centred_gaussian", "untrained_head", "shuffled_maps"}
+        "centred_gaussian", "random_head", "shuffled_maps", "input_intensity"}
     assert ("PASSED" if check["passed"] else "NOT PASSED") in result["table"]
     assert "Saliency check against controls" in result["table"]
     assert (tmp_path / "results" / "saliency" / "V3.png").exists()
@@ -152,9 +154,9 @@ def _synthetic_rows(kind: str, n: int = 40, seed: int = 0) -> list[dict]:
         base = {"arm": "V3", "method": "integrated_gradients", "tested_on": "original", "dicom_id": f"img{i}",
                 "subject_id": i // 2, "position": i, "predicted": "Edema", "correct": True}
         rows.append({**base, "source": "model", **image_metrics(smap, reg, "Edema", truth),
-                     "_map": smap, "_reg": reg, "_truth": truth})
-        untrained = rng.random((64, 64))  # a random head: evidence anywhere
-        rows.append({**base, "source": "untrained_head", **image_metrics(untrained, reg, "Edema", truth)})
+                     "_map": smap, "_reg": reg, "_truth": truth, "_grey": rng.integers(0, 256, (64, 64))})
+        random_head = rng.random((64, 64))  # a random head: evidence anywhere
+        rows.append({**base, "source": "random_head", **image_metrics(random_head, reg, "Edema", truth)})
     return rows
 
 
@@ -166,7 +168,8 @@ def test_the_check_fails_for_maps_drawn_without_a_model(kind, passed):
     rows = _synthetic_rows(kind)
     model = [r for r in rows if r["source"] == "model"]
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows + control_rows(model, 0)])
-    assert set(df["source"]) == {"model", "uniform_anatomy", "centred_gaussian", "untrained_head", "shuffled_maps"}
+    assert set(df["source"]) == {"model", "uniform_anatomy", "centred_gaussian", "random_head", "shuffled_maps",
+                                 "input_intensity"}
     (check,) = control_checks(df, "integrated_gradients", n_boot=300, seed=0)
     assert check["passed"] is passed, {c: v["diff"] for c, v in check["controls"].items()}
     if kind == "content_free":

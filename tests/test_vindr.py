@@ -197,6 +197,14 @@ def test_reader_on_the_real_kaggle_table(tmp_path):
     counts = boxes["finding"].value_counts()
     assert (counts["Cardiomegaly"], counts["Pleural Effusion"], counts["Consolidation"], counts["Atelectasis"]) == \
         (5_427, 2_476, 556, 279)
+    # kept as truth by the cohort: only where the readers agreed on the finding (>= 2 of 3)
+    from radacx_cache.stages.cohort import cohort_boxes
+    classes = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    cohort = entries.assign(Rows=1e6, Columns=1e6, **{f"positive_{k}": entries[k].fillna(0) for k in classes})
+    kept, _ = cohort_boxes(boxes, cohort, classes, in_pixels=True)
+    kept_counts = kept["finding"].value_counts()
+    assert tuple(kept_counts[k] for k in ("Cardiomegaly", "Pleural Effusion", "Consolidation", "Atelectasis")) == \
+        (4_943, 2_007, 311, 146)
     assert entries["Edema"].isna().all()  # the challenge's 14 classes have no edema
     for ours, theirs in (("Cardiomegaly", "Cardiomegaly"), ("Pleural Effusion", "Pleural effusion")):
         readers = raw[raw["class_name"] == theirs].groupby("image_id")["rad_id"].nunique()

@@ -19,7 +19,7 @@ from .._io import file_sha256
 from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
-from ..overlays import checked_full_variants
+from ..overlays import checked_full_variants, paper_overlay
 from ..render import draw_variant
 from .records import RecordError, Verifier, check_files, read_record
 
@@ -228,6 +228,15 @@ class ShardSet:
         if variant not in self.variants:
             raise ValueError(f"image variant {variant!r}: this shard set has {', '.join(self.variants)} (add one "
                              f"under render.variants and rerun `radacx shards`: nothing is re-rendered)")
+
+    def variant_spec(self, variant: str) -> dict | None:
+        """The overlay settings ``render.draw_variant`` draws ``variant`` with from the stored original
+        and masks (None for ``original``): the paper's from this shard record, derived ones from
+        ``variants.json``. Interventions that change the original redraw a variant with these."""
+        self.check_variant(variant)
+        if variant == "original":
+            return None
+        return paper_overlay(self.render_config) if variant == "masked" else self.derived[variant]
 
     def __getitem__(self, i: int) -> dict:
         return self.row(i)

@@ -95,9 +95,20 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
                              "CheXpert publish only train and test); use cohort.split=paper")
         return df["official"].replace({"validate": "val"}).to_numpy(object)
     out = np.where(df["official"] == "test", "test", "train").astype(object)
+    rng = np.random.default_rng(seed)
+    if not (out == "test").any() and len(out):
+        # an archive copy without its test table (VinDr-CXR's Kaggle train.csv): a seeded, patient-disjoint
+        # test split of the same share as val, said aloud, instead of a Table 1 with no test images
+        counts = df["subject"].value_counts().sort_index()
+        order = counts.index.to_numpy()[np.random.default_rng([seed, 5]).permutation(len(counts))]
+        cum = np.cumsum(counts.loc[order].to_numpy())
+        out[df["subject"].isin(set(order[cum <= val_fraction * cum[-1]])).to_numpy()] = "test"
+        log.warning("cohort: the archive's tables hold no test split (VinDr-CXR's Kaggle copy has only train.csv; "
+                    "PhysioNet's annotations_test.csv is its official test set): %d images (%d patients) drawn as "
+                    "a seeded, patient-disjoint test split (seed %d)", int((out == "test").sum()),
+                    int(df.loc[out == "test", "subject"].nunique()), seed)
     pool = df.loc[out != "test", "subject"]
     counts = pool.value_counts().sort_index()
-    rng = np.random.default_rng(seed)
     order = counts.index.to_numpy()[rng.permutation(len(counts))]
     cum = np.cumsum(counts.loc[order].to_numpy())
     val_patients = set(order[cum <= val_fraction * cum[-1]]) if len(cum) else set()

@@ -22,7 +22,7 @@ from ..metrics import (ALTERNATIVES, READING_TEXT, READINGS, best_constant, boot
 from ..models import describe_spec
 from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
 from ..formats.records import Verifier, write_record
-from ..formats.ablation_table import ablation_results, ablation_sections
+from ..formats.ablation_table import ablation_reference, ablation_results, ablation_sections
 from ..formats.saliency_table import saliency_sections
 from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
 from ..tables import Section, render_latex, render_markdown
@@ -222,6 +222,17 @@ def _footer(provenance: dict, n_boot: int) -> list[str]:
             f"{provenance['model']}, seed {provenance['seed']}."]
 
 
+def _unlabelled(shards: ShardSet, classes) -> list[str]:
+    """A line naming each class with no positive test label (VinDr-CXR's Kaggle table has no Edema):
+    the table is then a problem of fewer classes than its columns say."""
+    counts = (shards.split("test").positives() > 0).sum(0)
+    missing = [c for c, n in zip(classes, counts) if n == 0]
+    if not missing:
+        return []
+    return [f"No positive test label for {', '.join(missing)} (not labelled in this archive, or absent from its test "
+            f"split): Table 1 is a {len(classes) - len(missing)}-class problem here; read it against its majority row."]
+
+
 def build_report(cfg: Config) -> dict:
     """The ``report`` stage: Table 1 and its companions from every arm's prediction files."""
     with stage_run(cfg.workdir, "report", cfg.permissions):
@@ -263,7 +274,7 @@ def _build_report(cfg: Config) -> dict:
     if shards.derived:
         ablation_records = _ablation(work, shards, verifier, sections, cfg.seed, n_boot, synthetic)
         ablation_files = ["ablation.json", "ablation_variants.png"]
-    footer = _footer(provenance, n_boot)
+    footer = _footer(provenance, n_boot) + _unlabelled(shards, classes)
     md = render_markdown(sections, footer)
     with atomic_path(out / "table1.md") as tmp:
         tmp.write_text(md)
@@ -295,11 +306,12 @@ def _ablation(work: Workdir, shards: ShardSet, verifier: Verifier, sections: lis
     test = shards.split("test")
     rows = ablation_results(load, shards.variants, test.positives(), test.index["subject_id"].to_numpy(),
                             shards.target_order, n_boot, seed)
-    sections += ablation_sections(rows, shards.target_names, n_boot)
+    reference = ablation_reference(test.positives(), shards.target_order)
+    sections += ablation_sections(rows, shards.target_names, n_boot, reference)
     out = work.results_dir
     variants = verifier.record(work.shards_dir / VARIANTS_NAME, "variants")  # verified with the shards
     write_json(out / "ablation.json", {"variants": {"masked": variants["masked"], **shards.derived}, "rows": rows,
-                                       "classes": shards.target_names})
+                                       "reference": reference, "classes": shards.target_names})
     variant_figure(out / "ablation_variants.png", test, shards.variants, n=3, seed=seed)
     if synthetic:
         stamp(out / "ablation_variants.png")

@@ -16,13 +16,12 @@ made non-negative and normalised to sum 1; then, per image (docs/saliency.md):
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import IntegratedGradients
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
 from .._io import atomic_path, read_json, stage_run, write_csv, write_json
@@ -33,6 +32,9 @@ from ..figures import saliency_panels, stamp
 from ..metrics import bootstrap_mean, paired_difference
 from ..models import LoadedModel, load_model
 from ..render import Geometry, box_region
+from ..attribution import (Contrastive, RandomHead, curve_rows, explain, occlusion_rows, predict, randomised,
+                           rank_correlation)
+from ..interventions import arm_contrasts, cascade_summary, curve_summary, fill_image, head_summary, occlusion_summary
 from ..saliency_metrics import control_checks, control_rows, image_metrics, regions
 from ..formats.saliency_table import saliency_markdown
 from ..findings import first_positive
@@ -43,7 +45,6 @@ from ..phantom.truth import read_truth, region_at, truth_path
 from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
-METHODS = ("gradcam", "integrated_gradients")
 METRICS = ("anatomy", "organ", "pointing", "ink", "truth", "truth_pointing", "box", "box_pointing")
 AREA = {"anatomy": "anatomy_area", "organ": "organ_area", "pointing": "organ_area", "ink": "ink_area",
         "truth": "truth_area", "truth_pointing": "truth_area", "box": "box_area", "box_pointing": "box_area"}
@@ -83,24 +84,6 @@ class ProbeHead(torch.nn.Module):
         return self.head(self.features(x))
 
 
-class UntrainedHead(torch.nn.Module):
-    """An arm's network with its trained head replaced by a seeded random one of the same scale: the
-    control that shows what a method draws from the architecture alone."""
-
-    def __init__(self, model: torch.nn.Module, seed: int):
-        super().__init__()
-        self.model, self.visual = model, model.visual
-        trained = model.head
-        self.head = torch.nn.Linear(trained.in_features, trained.out_features)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(trained.weight.shape, generator=gen) * trained.weight.std())
-            self.head.bias.zero_()
-
-    def forward(self, x):
-        return self.head(self.model.features(x))
-
-
 def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
     """The trained network of an arm, in eval mode, on the CPU (weights never unpickled): the model its
     verified record names, the head or checkpoint from the verified record above it."""
@@ -123,39 +106,23 @@ def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> tor
     return model.eval()
 
 
-def _vit_reshape(trunk):
-    prefix = getattr(trunk, "num_prefix_tokens", 1)
-    grid = trunk.patch_embed.grid_size
-
-    def reshape(tokens):  # (B, prefix + h*w, C) -> (B, C, h, w), the layout a CAM expects
-        out = tokens[:, prefix:, :].reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2])
-        return out.permute(0, 3, 1, 2)
-    return reshape
-
-
-def saliency_maps(method: str, model: torch.nn.Module, x: torch.Tensor, targets: list[int], *,
-                  baseline: torch.Tensor | None = None, ig_steps: int = 16, cam_layer=None,
-                  reshape=None) -> np.ndarray:
-    """(B, H, W) non-negative maps of the model's evidence for ``targets`` at input resolution."""
-    if method == "gradcam":
-        if cam_layer is None:
-            trunk = model.visual.trunk
-            cam_layer, reshape = trunk.blocks[-1].norm1, _vit_reshape(trunk)
-        with GradCAM(model=model, target_layers=[cam_layer], reshape_transform=reshape) as cam:
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
-        return np.clip(np.asarray(maps, np.float64), 0, None)
-    if method == "integrated_gradients":
-        ig = IntegratedGradients(model)
-        attr = ig.attribute(x, baselines=baseline if baseline is not None else torch.zeros_like(x),
-                            target=torch.as_tensor(targets), n_steps=ig_steps, internal_batch_size=len(x) * 4)
-        return np.clip(attr.sum(1).detach().numpy().astype(np.float64), 0, None)
-    raise ValueError(f"saliency method {method!r}: expected one of {', '.join(METHODS)}")
-
-
-def sample_images(test: ShardSet, n: int, seed: int) -> np.ndarray:
-    """A fixed, seeded sample of test positions (the same images for every arm and variant)."""
+def sample_images(test: ShardSet, n: int, seed: int, boxed: np.ndarray | None = None, cap: int = 0) -> np.ndarray:
+    """A fixed, seeded sample of test positions (the same images for every arm and variant), and on
+    top of it every position in ``boxed`` (images with boxes), at most ``cap`` of them (seeded): a
+    uniform sample of a real archive holds few boxed images (NIH: 457 of ~27k)."""
     n = min(n, len(test))
-    return np.sort(np.random.default_rng([seed, 9]).choice(len(test), n, replace=False))
+    chosen = np.random.default_rng([seed, 9]).choice(len(test), n, replace=False)
+    if boxed is not None and len(boxed) and cap > 0:
+        boxed = np.asarray(boxed, int)
+        if len(boxed) > cap:
+            boxed = np.random.default_rng([seed, 10]).choice(boxed, cap, replace=False)
+        chosen = np.union1d(chosen, boxed)
+    return np.sort(chosen)
+
+
+def boxed_positions(test: ShardSet) -> np.ndarray:
+    """Test positions whose image has at least one box (empty without boxes)."""
+    return np.array([i for i in range(len(test)) if test.boxes_at(i)], int)
 
 
 def _truth_regions(cfg: Config, test: ShardSet, positions, classes) -> dict:
@@ -186,41 +153,123 @@ def _box_regions(test: ShardSet, positions, classes) -> dict:
     return out
 
 
+@dataclass
+class _Batch:
+    """One batch of sampled images on one test variant, as the arm sees them."""
+    positions: np.ndarray
+    items: list  # the shard rows (original, masks, the variants' pixels, ids)
+    regs: list  # each image's regions (``saliency_metrics.regions``)
+    variant: str
+    pixels: np.ndarray  # the variant's pixels, as the shards serve them
+    fills: np.ndarray  # their blurred (or mean) copies: IG's baseline, the curves' fill
+    x: torch.Tensor  # the model's input
+    base: torch.Tensor  # the baseline's
+    proba: np.ndarray
+    pred: np.ndarray
+
+
 def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict,
-            boxes: dict | None = None, variants=IMAGE_VARIANTS) -> list[dict]:
-    """Per-image rows for one arm: every method on the test image ``variants`` of the sampled images,
-    and, for ``saliency.check_method``, the same method on the arm's network with an untrained head
-    (``source`` says which; the other controls are made from these rows: ``control_rows``)."""
-    sc, rows = cfg.saliency, []
+            boxes: dict | None = None, variants=IMAGE_VARIANTS) -> dict:
+    """Everything measured on one arm, on the sampled images and every test ``variant``:
+
+    - ``rows``: per image, method and ``source`` the region metrics of the saliency map for the
+      predicted class (``source`` ``model``; the random head and the model-free controls are made
+      from these: ``control_rows``);
+    - ``occlusion``: per image, region, control and mode, the headline target's probability with the
+      region deleted or kept alone (``interventions``), beside the intact image's;
+    - ``curves``: per image and map (the model's, a random order, the anatomy, the input intensity),
+      the deletion and insertion areas for the class the map explains;
+    - ``cascade``: per image and randomisation level, the rank correlation of the map with the
+      map of a network whose head (and top encoder blocks) were re-drawn."""
+    sc, out = cfg.saliency, {"rows": [], "occlusion": [], "curves": [], "cascade": []}
     target = first_positive(test.positives(), test.target_order)  # the headline reading's target
     line_width = test.render_config["line_width"]  # the ink as the shards were drawn
-    lm = model.lm
-    baseline = lm.to_input(torch.zeros(1, lm.image_size, lm.image_size, dtype=torch.uint8))
-    nets = {"model": model, "untrained_head": UntrainedHead(model, cfg.seed).eval()}
+    nets = {"model": model, "random_head": RandomHead(model, cfg.seed).eval()}
+    depth = len(getattr(getattr(model.visual, "trunk", None), "blocks", []))
+    levels = {f"head + top {k} of {depth} blocks": k for k in sorted({1, depth}) if sc.cascade and 0 < k <= depth}
+    rng = np.random.default_rng([cfg.seed, 21])  # equal-area controls and tie-breaking: one stream per arm
+    specs = {v: test.variant_spec(v) for v in variants}
     for start in range(0, len(positions), sc.batch_size):
         batch = positions[start:start + sc.batch_size]
-        items = [test.row(i, ("masks", *variants)) for i in batch]
+        items = [test.row(i, ("original", "masks", *variants)) for i in batch]
         regs = [regions(it["masks"], line_width) for it in items]  # one image's, for every map of it
         for variant in variants:
-            x = lm.to_input(torch.from_numpy(np.stack([it[variant] for it in items])))
-            with torch.no_grad():
-                pred = torch.softmax(model(x), 1).numpy().argmax(1)
-            runs = [(m, "model") for m in sc.methods] + [(sc.check_method, "untrained_head")]
-            for method, source in runs:
-                # the untrained head explains the arm's own prediction: the same class, the same regions
-                maps = saliency_maps(method, nets[source], x, pred.tolist(), baseline=baseline.expand_as(x),
-                                     ig_steps=sc.ig_steps)
-                for pos, it, reg, smap, k in zip(batch, items, regs, maps, pred):
-                    finding = classes[k]
-                    found = truth.get(it["dicom_id"], {}).get(finding)
-                    boxed = (boxes or {}).get(it["dicom_id"], {}).get(finding)
-                    rows.append({"arm": arm, "method": method, "source": source, "tested_on": variant,
-                                 "dicom_id": it["dicom_id"], "subject_id": it["subject_id"], "position": int(pos),
-                                 "predicted": finding, "correct": bool(k == target[pos]),
-                                 **image_metrics(smap, reg, finding, found, boxed), "_map": smap, "_reg": reg,
-                                 "_truth": found, "_box": boxed})
-    checked = [r for r in rows if r["source"] == "model" and r["method"] == sc.check_method]
-    return rows + control_rows(checked, cfg.seed)
+            b = _batch(model, sc, batch, items, regs, variant)
+            checked = _map_rows(out["rows"], arm, nets, b, sc, classes, target, truth, boxes)
+            for name, n_blocks in levels.items():
+                with randomised(model, n_blocks, cfg.seed) as net:
+                    maps, _ = explain(sc.check_method, net, b.x, b.pred.tolist(), baseline=b.base,
+                                      ig_steps=sc.ig_steps, contrastive=sc.target == "contrastive")
+                out["cascade"] += [{"arm": arm, "tested_on": variant, "level": name, "dicom_id": it["dicom_id"],
+                                    "subject_id": it["subject_id"], "rank_correlation": rank_correlation(mine, smap)}
+                                   for it, mine, smap in zip(items, checked, maps)]
+            _intervention_rows(out, arm, model, b, specs[variant], sc, classes, target, truth, boxes, checked, rng)
+    checked = [r for r in out["rows"] if r["source"] == "model" and r["method"] == sc.check_method]
+    out["rows"] += control_rows(checked, cfg.seed)
+    return out
+
+
+def _batch(model, sc, positions, items, regs, variant: str) -> _Batch:
+    lm = model.lm
+    pixels = np.stack([it[variant] for it in items])
+    fills = np.stack([fill_image(p, sc.fill, sc.blur_sigma) for p in pixels])
+    x = lm.to_input(torch.from_numpy(pixels))
+    base = lm.to_input(torch.from_numpy(fills) if sc.baseline == "blur" else torch.zeros_like(torch.from_numpy(pixels)))
+    proba = predict(model, lm, pixels)
+    return _Batch(positions, items, regs, variant, pixels, fills, x, base, proba, proba.argmax(1))
+
+
+def _map_rows(rows: list, arm: str, nets: dict, b: _Batch, sc, classes, target, truth: dict,
+              boxes: dict | None) -> list[np.ndarray]:
+    """Append the region metrics of every method's map (and the random head's, for the check
+    method) of one batch to ``rows``; returns the check method's maps of the arm."""
+    contrastive = sc.target == "contrastive"
+    explained = Contrastive(nets["model"]) if contrastive else nets["model"]
+    with torch.no_grad():
+        change = (explained(b.x) - explained(b.base)).numpy()[np.arange(len(b.pred)), b.pred]
+    grey = b.pixels if b.pixels.ndim == 3 else b.pixels.mean(-1)
+    checked = []
+    for method, source in [(m, "model") for m in sc.methods] + [(sc.check_method, "random_head")]:
+        # the random head explains the arm's own prediction: the same class, the same regions
+        maps, complete = explain(method, nets[source], b.x, b.pred.tolist(), baseline=b.base, ig_steps=sc.ig_steps,
+                                 contrastive=contrastive)
+        if source == "model" and method == sc.check_method:
+            checked = list(maps)
+        for j, (pos, it, reg, smap, k) in enumerate(zip(b.positions, b.items, b.regs, maps, b.pred)):
+            finding = classes[k]
+            found = truth.get(it["dicom_id"], {}).get(finding)
+            boxed = (boxes or {}).get(it["dicom_id"], {}).get(finding)
+            rows.append({"arm": arm, "method": method, "source": source, "tested_on": b.variant,
+                         "dicom_id": it["dicom_id"], "subject_id": it["subject_id"], "position": int(pos),
+                         "predicted": finding, "correct": bool(k == target[pos]), "p_predicted": float(b.proba[j, k]),
+                         "completeness": float(complete[j]) if complete is not None else np.nan,
+                         "output_change": float(change[j]) if source == "model" else np.nan,
+                         **image_metrics(smap, reg, finding, found, boxed), "_map": smap, "_reg": reg,
+                         "_truth": found, "_box": boxed, "_grey": grey[j]})
+    return checked
+
+
+def _intervention_rows(out: dict, arm: str, model, b: _Batch, spec: dict | None, sc, classes, target, truth: dict,
+                       boxes: dict | None, checked: list, rng) -> None:
+    """Append one batch's occlusion rows (the headline target) and curve rows (the class each map
+    explains) to ``out``."""
+    for j, (pos, it, reg) in enumerate(zip(b.positions, b.items, b.regs)):
+        ids = {"arm": arm, "tested_on": b.variant, "dicom_id": it["dicom_id"], "subject_id": it["subject_id"],
+               "position": int(pos)}
+        if sc.occlusion:
+            finding = _finding_region(truth, boxes, it["dicom_id"], classes[target[pos]])
+            out["occlusion"] += occlusion_rows(model, model.lm, it["original"], it["masks"], spec, reg, finding,
+                                               int(target[pos]), b.proba[j], sc, rng, ids)
+        if sc.curves:
+            out["curves"] += curve_rows(model, model.lm, b.pixels[j], b.fills[j], checked[j], reg, int(b.pred[j]),
+                                        sc.curve_steps, rng, ids)
+
+
+def _finding_region(truth: dict, boxes: dict | None, dicom_id: str, finding: str) -> np.ndarray | None:
+    """Where the image's target finding is: the radiologists' boxes where there are any, else where
+    the phantom drew it (None: unknown)."""
+    boxed = (boxes or {}).get(dicom_id, {}).get(finding)
+    return boxed if boxed is not None else truth.get(dicom_id, {}).get(finding)
 
 
 def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
@@ -276,39 +325,74 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     shards = open_verified(work, verifier)
     test = shards.split("test")
     classes = shards.target_names
-    positions = sample_images(test, cfg.saliency.images, cfg.seed)
+    boxed = boxed_positions(test)
+    positions = sample_images(test, cfg.saliency.images, cfg.seed, boxed, cfg.saliency.boxed_images)
     truth = _truth_regions(cfg, test, positions, classes)
     boxes = _box_regions(test, positions, classes)
-    rows = []
+    synthetic = bool(verifier.record(work.cohort_manifest, "cohort").get("synthetic_archive"))
     records = _current_arms(work, verifier)
     for name in cfg.saliency.variants:
         test.check_variant(name)  # a derived variant of this shard set (variants.json)
     variants = (*IMAGE_VARIANTS, *cfg.saliency.variants)
+    found: dict = {"rows": [], "occlusion": [], "curves": [], "cascade": []}
+    log.info("saliency: %d arm(s) x %d test variant(s) x %d images (%d with boxes)", len(records), len(variants),
+             len(positions), len(boxes))
     for rec in tqdm(records, desc="saliency", disable=None if progress else True):
-        rows += run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes, truth,
-                        boxes, variants)
+        started = time.monotonic()
+        for key, rows in run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes,
+                                 truth, boxes, variants).items():
+            found[key] += rows
+        log.info("saliency: %s done in %.0f s (%.2f s per image and test variant)", rec["arm"],
+                 time.monotonic() - started, (time.monotonic() - started) / max(1, len(positions) * len(variants)))
+    rows = found["rows"]
     if not rows:
         raise FileNotFoundError(f"no trained arm in {work.root} (run probe and finetune first)")
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    summary = summarise(df, cfg.report.bootstrap, cfg.seed)
-    checks = control_checks(df, cfg.saliency.check_method, cfg.report.bootstrap, cfg.seed)
+    frames = {k: pd.DataFrame(found[k]) for k in ("occlusion", "curves", "cascade")}
+    n_boot, seed = cfg.report.bootstrap, cfg.seed
+    summary = summarise(df, n_boot, seed)
+    checks = control_checks(df, cfg.saliency.check_method, n_boot, seed)
+    trained_on = {r["arm"]: ARM_BY_NAME[r["arm"].split("-")[0]].trained_on if "-" not in r["arm"]
+                  else r["arm"].split("-", 1)[1] for r in records}
     write_csv(work.saliency_file("csv"), df)
-    write_json(work.saliency_file("json"), {"summary": summary, "checks": checks, "images": int(len(positions)),
-                                            "methods": list(cfg.saliency.methods),
-                                            "check_method": cfg.saliency.check_method,
-                                            "phantom_truth": bool(truth), "radiologist_boxes": len(boxes),
-                                            "shards_fingerprint": shards.fingerprint})
+    for kind, frame in frames.items():
+        write_csv(work.intervention_rows(kind), frame)
+    write_json(work.saliency_file("json"), {
+        "summary": summary, "checks": checks, "images": int(len(positions)), "boxed_images": len(boxes),
+        "methods": list(cfg.saliency.methods), "check_method": cfg.saliency.check_method,
+        "target": cfg.saliency.target, "baseline": cfg.saliency.baseline, "fill": cfg.saliency.fill,
+        "blur_sigma": cfg.saliency.blur_sigma, "curve_steps": cfg.saliency.curve_steps,
+        "phantom_truth": bool(truth), "radiologist_boxes": len(boxes), "synthetic": synthetic,
+        "heads": head_summary(df, cfg.saliency.check_method, classes),
+        "occlusion": occlusion_summary(frames["occlusion"], n_boot, seed),
+        "arm_contrasts": arm_contrasts(frames["occlusion"], trained_on, n_boot, seed),
+        "curves": curve_summary(frames["curves"], n_boot, seed),
+        "cascade": cascade_summary(frames["cascade"], n_boot, seed),
+        "reference": reference_on_sample(test, positions),
+        "shards_fingerprint": shards.fingerprint})
     panels = saliency_panels(work.saliency_dir, [r for r in rows if r["source"] == "model"], test,
                              cfg.saliency.panels, cfg.seed)
-    if verifier.record(work.cohort_manifest, "cohort").get("synthetic_archive"):
+    if synthetic:
         for png in panels:
             stamp(png)  # a figure made from the phantom says so
-    md = saliency_markdown(read_json(work.saliency_file("json")), cfg.report.bootstrap)
+    md = saliency_markdown(read_json(work.saliency_file("json")), n_boot)
     with atomic_path(work.saliency_file("md")) as tmp:
         tmp.write_text(md)
     write_record(work.saliency_record, work.root, "saliency", "radacx saliency",
-                 files=[work.saliency_file(s).name for s in ("json", "csv", "md")],
+                 files=[work.saliency_file(s).name for s in ("json", "csv", "md")]
+                 + [work.intervention_rows(k).name for k in frames],
                  upstream=[verifier.record(work.shards_manifest, "shards"), *records,
                            *([verifier.record(work.shards_dir / VARIANTS_NAME, "variants")] if cfg.saliency.variants else [])],
                  arms=[r["arm"] for r in records])
     return {"table": md, "panels": panels, "images": int(len(positions))}
+
+
+def reference_on_sample(test: ShardSet, positions) -> dict:
+    """Accuracy of doing nothing useful on the sampled images: always the sample's majority target,
+    and a uniform random class (what an arm's intact accuracy on the same images is read against)."""
+    positives = test.positives()[positions]
+    target = first_positive(positives, test.target_order)
+    has = positives.any(1) if len(positives) else np.zeros(0, bool)
+    counts = np.bincount(target[has], minlength=positives.shape[1])
+    return {"n": int(has.sum()), "majority": float(counts.max() / max(1, counts.sum())),
+            "majority_class": test.target_names[int(counts.argmax())], "chance": 1.0 / positives.shape[1]}
