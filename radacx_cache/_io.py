@@ -101,6 +101,20 @@ def write_csv(path: str | Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell that starts so as a formula
+
+
+def spreadsheet_safe(df: pd.DataFrame, columns) -> pd.DataFrame:
+    """``df`` with every text cell of ``columns`` that a spreadsheet would run as a formula (OWASP's
+    CSV injection rule: a leading ``= + - @``, tab or CR) prefixed by ``'``, for tables written from
+    archive values that people open in Excel (rejects.csv). Other cells are unchanged."""
+    out = df.copy()
+    for col in columns:
+        if col in out:
+            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)
+    return out
+
+
 def write_npz(path: str | Path, **arrays) -> None:
     """``np.savez`` with fixed zip timestamps, written atomically: the same arrays give the same bytes,
     so a rerun that computes the same thing does not change the records built on it."""

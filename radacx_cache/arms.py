@@ -18,14 +18,17 @@ class Arm:
     trained_on: str | None  # image variant of the training images (None: no training)
     description: str
     published: tuple[float, float]  # the paper's MIMIC-CXR accuracy on (original, masked) test images
+    # how the saliency stage rebuilds its network: the encoder + the saved probe head, the fine-tuned
+    # checkpoint, or None (zero-shot: no trained head to explain)
+    rebuild: str | None = None
 
 
 ARMS = (
     Arm("Baseline", "zeroshot", None, "zero-shot", (0.2367, 0.3467)),
-    Arm("V1", "probe", "original", "linear head, original", (0.4460, 0.4509)),
-    Arm("V2", "probe", "masked", "linear head, masked", (0.4205, 0.4215)),
-    Arm("V3", "finetune", "original", "encoder + head, original", (0.4005, 0.4039)),
-    Arm("V4", "finetune", "masked", "encoder + head, masked", (0.3484, 0.4318)),
+    Arm("V1", "probe", "original", "linear head, original", (0.4460, 0.4509), "probe_head"),
+    Arm("V2", "probe", "masked", "linear head, masked", (0.4205, 0.4215), "probe_head"),
+    Arm("V3", "finetune", "original", "encoder + head, original", (0.4005, 0.4039), "checkpoint"),
+    Arm("V4", "finetune", "masked", "encoder + head, masked", (0.3484, 0.4318), "checkpoint"),
 )
 ARM_BY_NAME = {a.name: a for a in ARMS}
 

@@ -36,7 +36,7 @@ def _stage(name: str, cfg, args) -> dict | None:
         p = cfg.phantom
         faults = (p.faults or args.faults) and not args.no_faults
         return _call(name, p.out, n_patients=p.n_patients, long_side=3000 if args.full_resolution else p.long_side,
-                     seed=cfg.seed, faults=faults, layout=args.layout or p.layout)
+                     seed=cfg.seed, faults=faults, layout=p.layout)
     if name == "finetune":
         return _call(name, cfg, variants=args.variant or None, resume=args.resume)
     if name == "shards":
@@ -64,6 +64,8 @@ def _summary(name: str, result, cfg) -> str:
             per_class = ", ".join(f"{k} {v}/{c['positives'][k]}" for k, v in c["targets"].items())
             lines.append(f"  {split:5s} {c['images']:6d} images {c['patients']:5d} patients | targets/positives: "
                          f"{per_class}")
+        lines += [f"  {key}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                  for key, counts in result.get("archive_summary", {}).items() if isinstance(counts, dict)]
         lines += [f"  reject: {n:6d}  {r}" for r, n in result["reject_reasons"].items()]
         return "\n".join(lines)
     if name == "shards":
@@ -106,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo-data":
             p.add_argument("--faults", action="store_true", help="plant bad inputs (docs/archives.md)")
             p.add_argument("--no-faults", action="store_true", help="a clean phantom (overrides phantom.faults)")
-            p.add_argument("--layout", choices=("mimic", "nih", "chexpert", "vindr"), default=None,
-                           help="the archive whose file and table layout the phantom takes (default: phantom.layout)")
+            p.add_argument("--layout", default=None, metavar="KIND",
+                           help="the archive whose file and table layout the phantom takes: an archive.kind "
+                                "(default: phantom.layout; checked there, against the archives in sources/)")
             p.add_argument("--full-resolution", action="store_true",
                            help="real MIMIC image sizes (~3000 px; slow, large) instead of phantom.long_side")
         if name == "shards":
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
             lines, ok = verify_workdir(args.workdir)
             print("\n".join(lines))
             return 0 if ok else 2
-        cfg = load_config(args.config, args.set)
+        layout = [f"phantom.layout={args.layout}"] if getattr(args, "layout", None) else []
+        cfg = load_config(args.config, [*args.set, *layout])
         text = _summary(args.stage, _stage(args.stage, cfg, args), cfg)
         if text:
             print(text)

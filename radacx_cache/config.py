@@ -15,33 +15,18 @@ from typing import Literal
 
 import yaml
 
+from ._yaml import plain_yaml as _yaml
+
 from .findings import FINDINGS, FINDINGS_ALL
 from .overlays import checked_colors, overlay_variants, paper_overlay
+from .sources.archive import ARCHIVES, archive
 
+ARCHIVE_KIND = Literal[tuple(ARCHIVES)]  # type: ignore[valid-type]  # the registry's (sources/), never listed here
 CONFIG_VERSION = 3  # 3: archive.kind, archive.root (was mimic_root), phantom.layout
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """Plain YAML data without anchors and aliases: an 80-line alias bomb expands without limit."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"alias *{event.anchor} at line {event.start_mark.line + 1}: YAML aliases "
-                                 f"are refused (write the value out)")
-        return super().compose_node(parent, index)
-
-
-def _yaml(text: str):
-    loader = _NoAliasLoader(text)  # what yaml.load does, with the safe loader that refuses aliases
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def _within(default, minimum, maximum):
@@ -58,22 +43,25 @@ def _open_interval(key: str, value: float, low: float, high: float) -> None:
 @dataclass
 class ArchiveConfig:
     """Which archive the cohort reads (docs/archives.md): its kind, its root folder, its CheXmask file."""
-    kind: Literal["mimic", "nih", "chexpert", "vindr"] = "mimic"
-    # mimic: the folder holding files/ and mimic-cxr-2.0.0-*.csv.gz; nih: the folder holding
-    # Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt and images/; chexpert: the folder
-    # holding CheXpert-v1.0(-small)/ (the tables' Path column is relative to it); vindr: the folder
-    # holding annotations/ (PhysioNet) or train.csv (Kaggle), and train/ (test/) with the DICOMs
+    kind: ARCHIVE_KIND = "mimic"
+    # the archive's folder; what it holds: the header of pipelines/<kind>.yaml and docs/archives.md
     root: str = "data/phantom/mimic-cxr-jpg/2.0.0"
     chexmask_csv: str = "data/phantom/chexmask-cxr-segmentation-data/1.0.0/OriginalResolution/MIMIC-CXR-JPG.csv"
     labeler: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which of its two label tables
-    # links inside the archive are its owner's and are followed; true: a file must resolve inside root
-    strict_links: bool = False
+    strict_links: bool = False  # false: links inside the archive are its owner's; true: files must resolve inside root
+    options: dict = field(default_factory=dict)  # this kind's own options (its class's ``options``)
+
+    def __post_init__(self):
+        try:
+            self.options = archive(self.kind).checked_options(self.options) if self.options else {}
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(str(exc).strip('"')) from None
 
 
 @dataclass
 class PhantomConfig:
     out: str = "data/phantom"
-    layout: Literal["mimic", "nih", "chexpert", "vindr"] = "mimic"  # which archive's file and table layout
+    layout: ARCHIVE_KIND = "mimic"  # which archive's file and table layout
     n_patients: int = _within(300, 1, 100_000)
     long_side: int = _within(448, 64, 4096)  # scaled down for speed; real MIMIC images are ~3000 px
     faults: bool = True
@@ -89,9 +77,7 @@ class CohortConfig:
     min_mask_quality: float = _within(0.7, 0.0, 1.0)
     split: Literal["official", "paper"] = "paper"
     val_fraction: float = 1 / 6  # paper: train:val ~ 5:1; in (0, 1)
-    # VinDr-CXR (three readers per training image): a finding is positive where at least this many
-    # marked it, uncertain (-1, then `uncertain` decides) where fewer did; the consensus test set: one
-    min_readers: int = _within(2, 1, 3)
+    min_readers: int = _within(2, 1, 3)  # VinDr-CXR: readers who must mark a finding for a 1 (fewer: -1)
 
     def __post_init__(self):
         _open_interval("cohort.val_fraction", self.val_fraction, 0.0, 1.0)
@@ -109,9 +95,7 @@ class RenderConfig:
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
     mask_supersample: int = _within(2, 1, 8)
-    # overlay ablations (docs/pipeline.md, overlays.py): name -> settings on top of the paper's overlay
-    # above; drawn at read time from the stored original and masks (adding one re-decodes nothing)
-    variants: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)  # overlay ablations: name -> settings (overlays.py), drawn at read time
 
     def __post_init__(self):
         if not 0 < self.fill_alpha <= 1:
@@ -201,23 +185,19 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
     max_steps: int = _within(0, 0, 1 << 40)  # 0: no cap (tests cap it)
     checkpoint_every: int = _within(50, 0, 1 << 40)  # optimiser steps between mid-epoch checkpoints (0: epoch ends only)
-    # overlay ablations: also fine-tune on these render.variants (arms V4-<name>; the expensive arm, so
-    # none by default: V3 is tested on every variant either way)
-    variants: list = field(default_factory=list)
+    variants: list = field(default_factory=list)  # also fine-tune on these render.variants (V4-<name>; costly)
 
 
 @dataclass
 class SaliencyConfig:
     methods: list = field(default_factory=lambda: ["gradcam", "integrated_gradients"])
-    # the one method the check against the controls uses, fixed before the run (never the best of several)
-    check_method: Literal["gradcam", "integrated_gradients"] = "integrated_gradients"
+    check_method: Literal["gradcam", "integrated_gradients"] = "integrated_gradients"  # fixed before the run
     images: int = _within(48, 2, 100_000)  # seeded test images per arm (the same for every arm and variant)
     ig_steps: int = _within(16, 2, 1024)  # Integrated Gradients path steps
     batch_size: int = _within(16, 1, 4096)
     panels: int = _within(4, 0, 64)  # images per arm in the figure (half correct, half wrong)
     variants: list = field(default_factory=list)  # overlay ablations: derived variants (render.variants) also explained
-    # what a map explains: the target logit minus the mean logit (contrastive), or the plain logit
-    target: Literal["contrastive", "logit"] = "contrastive"
+    target: Literal["contrastive", "logit"] = "contrastive"  # contrastive: the target logit - the mean logit
     baseline: Literal["blur", "black"] = "blur"  # Integrated Gradients' baseline image
     fill: Literal["blur", "mean"] = "blur"  # what occlusion and the deletion/insertion curves put in
     blur_sigma: float = _within(8.0, 0.5, 64.0)  # pixels at the shards' size, for the blurred baseline and fill

@@ -129,18 +129,18 @@ def stamp(png: str | Path, text: str = SYNTHETIC_NOTE) -> None:
     out.save(png)
 
 
-def report_figures(out: Path, results: dict, refs: dict, classes, shards_dir: Path, *, published: bool,
+def report_figures(path_of, results: dict, refs: dict, classes, shards_dir: Path, *, published: bool,
                    published_values: dict, synthetic: bool = False) -> list[str]:
-    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png; returns their paths.
-    ``synthetic``: each figure says so in a band on top."""
-    accuracy_figure(out / "accuracy.png", results, refs, published_values if published else None)
-    auroc_figure(out / "auroc_per_class.png", results, classes)
-    confusion_figure(out / "confusion.png", results, classes)
-    paths = [str(out / n) for n in ("accuracy.png", "auroc_per_class.png", "confusion.png")]
+    """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png at ``path_of(name)``
+    (the workdir's result paths); returns their paths. ``synthetic``: each figure says so in a band on top."""
+    accuracy_figure(path_of("accuracy.png"), results, refs, published_values if published else None)
+    auroc_figure(path_of("auroc_per_class.png"), results, classes)
+    confusion_figure(path_of("confusion.png"), results, classes)
+    paths = [str(path_of(n)) for n in ("accuracy.png", "auroc_per_class.png", "confusion.png")]
     shard = sorted(shards_dir.glob("test-*.h5"))
     if shard:
-        montage(shard[0], out / "figure1_montage.png", n=6)
-        paths.append(str(out / "figure1_montage.png"))
+        montage(shard[0], path_of("figure1_montage.png"), n=6)
+        paths.append(str(path_of("figure1_montage.png")))
     for path in paths if synthetic else ():
         stamp(path)
     return paths

@@ -193,8 +193,9 @@ def percentile_interval(reps: np.ndarray, alpha: float = 0.05) -> tuple[float, f
 def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0, alpha=0.05) -> dict:
     """``mean(b) - mean(a)`` over the same images, resampled by patient; two-sided p.
 
-    p is twice the smaller share of bootstrap differences on either side of 0 (capped at 1);
-    ``p_below`` is True when no replicate reached 0, i.e. p < 1 / n_boot.
+    p is twice the smaller share of bootstrap differences on either side of 0 (capped at 1). When no
+    replicate reached 0, ``p_value`` is the bound ``2 / n_boot`` and ``p_below`` is True: p < p_value.
+    A stored p is never 0 (files people paste into papers).
     """
     mask = np.asarray(mask, bool)
     delta = np.asarray(values_b, float) - np.asarray(values_a, float)
@@ -203,7 +204,9 @@ def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0
     reps = reps[np.isfinite(reps)]
     p = float(min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0)))) if len(reps) else float("nan")
     low, high = percentile_interval(reps, alpha) if len(reps) else (float("nan"), float("nan"))
-    return {"diff": diff, "low": low, "high": high, "p_value": p, "p_below": bool(p == 0.0), "n_boot": n_boot}
+    below = bool(p == 0.0)
+    return {"diff": diff, "low": low, "high": high, "p_value": 2.0 / n_boot if below else p, "p_below": below,
+            "n_boot": n_boot}
 
 
 def bootstrap_ci(proba, positives, patients, *, reading="argmax", n_boot=1000, seed=0, alpha=0.05):
@@ -220,9 +223,13 @@ def paired_bootstrap(proba_a, proba_b, positives, patients, *, reading="argmax",
     return paired_difference(va, vb, mask, patients, n_boot=n_boot, seed=seed, alpha=alpha)
 
 
-def format_p(p: float, n_boot: int) -> str:
-    """p for a table: ``< 2/B`` when no bootstrap replicate crossed 0 (the smallest two-sided p the
-    doubling can give is 2/B)."""
+def format_p(p, n_boot: int) -> str:
+    """p for a table, from a paired difference (``paired_difference``'s dict) or a number: ``< 2/B``
+    when no bootstrap replicate crossed 0 (the smallest two-sided p the doubling can give is 2/B)."""
+    if isinstance(p, dict):
+        if p.get("p_below"):
+            return f"< 2/{n_boot}"
+        p = p["p_value"]
     if not np.isfinite(p):
         return "n/a"
     return f"< 2/{n_boot}" if p == 0 else f"{p:.3f}"

@@ -3,13 +3,13 @@
 ::
 
     cohort/      cohort.csv  rejects.csv  masks-rle.h5  [boxes.csv]  manifest.json
-    shards/      <split>-NNNNN.h5 (+ .json sidecars)  index.csv  rejects.csv  manifest.json
+    shards/      <split>-NNNNN.h5 (+ .json sidecars)  index.csv  rejects.csv  [variants.json]  manifest.json
     features/<model-tag>/  <image-variant>.h5  manifest.json
     zeroshot/<model-tag>/  text.npz  manifest.json
     probes/      <arm>.npz (the fitted linear heads V1, V2)  manifest.json
     finetune/<image-variant>/  last.pt  best.pt  summary.json  train_log.csv  manifest.json
     predictions/<arm>/  <image-variant>.csv (+ .json provenance)  manifest.json
-    results/     table1.{md,csv,json,tex}  metrics.json  figures  manifest.json
+    results/     table1.{md,csv,json,tex}  metrics.json  per_class_auroc.csv  figures  [ablation.json]  manifest.json
                  saliency.{md,csv,json}  saliency-{occlusion,curves,cascade}.csv  saliency-manifest.json  saliency/
 
 Every ``manifest.json`` (and ``saliency-manifest.json``) is a stage record (``formats.records``):
@@ -18,6 +18,8 @@ written last, it lists the files later stages read with their sha256 and the rec
 from __future__ import annotations
 
 from pathlib import Path
+
+SHARD_VARIANTS = "variants.json"  # beside the shards (formats.shardset reads it from a bare shard folder too)
 
 
 class Workdir:
@@ -67,6 +69,15 @@ class Workdir:
     @property
     def shards_index(self) -> Path:
         return self.shards_dir / "index.csv"
+
+    @property
+    def shards_rejects(self) -> Path:
+        return self.shards_dir / "rejects.csv"
+
+    @property
+    def shards_variants(self) -> Path:
+        """The derived overlay variants' record (``variants.json``; adding one rewrites only this file)."""
+        return self.shards_dir / SHARD_VARIANTS
 
     # embed stage
     def features_dir(self, model_tag: str) -> Path:
@@ -136,6 +147,17 @@ class Workdir:
     @property
     def report_record(self) -> Path:
         return self.results_dir / "manifest.json"
+
+    # the report's files; ``result`` refuses any other name, so a new output is named here first
+    RESULT_FILES = ("table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
+                    "accuracy.png", "auroc_per_class.png", "confusion.png", "figure1_montage.png", "ablation.json",
+                    "ablation_variants.png")
+
+    def result(self, name: str) -> Path:
+        """``results/<name>`` for one of ``RESULT_FILES``."""
+        if name not in self.RESULT_FILES:
+            raise ValueError(f"results file {name!r}: the report writes {', '.join(self.RESULT_FILES)}")
+        return self.results_dir / name
 
     @property
     def saliency_dir(self) -> Path:

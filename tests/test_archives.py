@@ -1,5 +1,6 @@
-"""NIH ChestX-ray14, CheXpert and VinDr-CXR: readers, phantoms in their layouts, the torchxrayvision
-peer, the real label tables torchxrayvision ships, and the same planted faults as the MIMIC phantom."""
+"""The open archives of the registry (NIH ChestX-ray14, CheXpert, VinDr-CXR, PadChest): readers, phantoms
+in their layouts, the torchxrayvision peer, the real label tables torchxrayvision ships, and the same
+planted faults as the MIMIC phantom. The archives come from the registry: one added there is tested here."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,9 @@ import pytest
 from conftest import shared_path
 from test_cohort import FAULT_EXPECTATIONS
 
-LAYOUTS = ("nih", "chexpert", "vindr")
+from radacx_cache.sources import ARCHIVES
+
+LAYOUTS = tuple(kind for kind in ARCHIVES if kind != "mimic")  # MIMIC's phantom: tests/test_cohort.py
 # where NIH / CheXpert differ from MIMIC in how a planted fault shows (the fault is the same)
 LAYOUT_EXPECTATIONS = {
     "nih": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # no sizes in NIH's tables:
@@ -27,6 +30,9 @@ LAYOUT_EXPECTATIONS = {
     "vindr": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # checked on the DICOM
               "corrupt_jpeg": ("shards", "not a DICOM file"),
               "bad_label_value": ("cohort", "class_name 'yes' is not a VinDr-CXR label")},
+    "padchest": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # checked on the PNG
+                 "duplicate_label_row": ("cohort", "ImageID appears several times in"),
+                 "bad_label_value": ("cohort", "Labels 'yes' is not a list of quoted terms")},
 }
 
 
@@ -60,9 +66,9 @@ def test_every_planted_fault_is_rejected_with_its_reason(archive):
     work, layout = archive["cfg"].work, archive["layout"]
     rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"), pd.read_csv(work / "shards" / "rejects.csv")])
     expected = {**FAULT_EXPECTATIONS, **LAYOUT_EXPECTATIONS[layout]}
-    from radacx_cache.phantom.faults import NOT_IN_LAYOUT
+    from radacx_cache.phantom.layouts import LAYOUTS as PHANTOM_LAYOUTS
     planted = {f["fault"] for f in archive["phantom"]["planted"]}
-    assert planted == set(FAULT_EXPECTATIONS) - NOT_IN_LAYOUT.get(layout, set())
+    assert planted == set(FAULT_EXPECTATIONS) - PHANTOM_LAYOUTS[layout].faults_not_in_layout
     assert len(planted) >= 11
     for fault in archive["phantom"]["planted"]:
         stage, reason = expected[fault["fault"]]
@@ -80,12 +86,18 @@ def test_the_cohort_contract_holds_on_every_layout(archive):
     assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
     assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) == 1).all()
     assert archive["cohort"]["archive_name"] == {"nih": "NIH ChestX-ray14", "chexpert": "CheXpert",
-                                                 "vindr": "VinDr-CXR"}[layout]
+                                                 "vindr": "VinDr-CXR", "padchest": "PadChest"}[layout]
     if layout == "vindr":  # one image per "patient"; the official test table stays the test split
         assert cohort["path"].str.fullmatch(r"(train|test)/[0-9a-f]{32}\.dicom").all()
         assert (cohort.loc[cohort["split"] == "test", "path"].str.startswith("test/")).all()
         assert cohort["subject_id"].is_unique and archive["cohort"]["policy"]["min_readers"] == 2
         assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() > 0  # one reader of three
+    elif layout == "padchest":  # no uncertain labels, no official split, Mean > Max kept, methods counted
+        assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() == 0
+        assert cohort["path"].str.fullmatch(r"\d{1,2}/2\d{20}_[0-9a-z]{6}\.png").all()
+        assert (cohort["quality_mean"] > cohort["quality_max"]).mean() > 0.4
+        methods = archive["cohort"]["archive_summary"]["label_method"]
+        assert sum(methods.values()) == len(cohort) and methods["Physician"] > 0 and methods["RNN_model"] > 0
     elif layout == "nih":  # NIH has no uncertain labels, and its Rows x Columns come from CheXmask
         assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() == 0
         assert cohort["path"].str.fullmatch(r"images/\d{8}_\d{3}\.png").all()
@@ -140,6 +152,8 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
         effusion = ds.pathologies.index("Effusion")
         sizes = chexmask.set_index("image_id")
         keys = ds.csv["image_id"]
+    elif layout == "padchest":
+        pytest.skip("PC_Dataset reads a flat image folder: its peer test is tests/test_padchest.py")
     else:
         ds = xrv.datasets.CheX_Dataset(imgpath=os.path.join(root, "CheXpert-v1.0-small"),
                                        csvpath=os.path.join(root, "CheXpert-v1.0-small", "train.csv"),
@@ -230,17 +244,23 @@ def test_nih_kaggle_folders_are_found(tmp_path):
     assert image_folders(tmp_path) is None
 
 
-@pytest.mark.parametrize("name,kind", [("ChestX-Ray8.csv", "nih"), ("CheXpert.csv", "chexpert")])
+@pytest.mark.parametrize("name,kind", [("ChestX-Ray8.csv", "nih"), ("CheXpert.csv", "chexpert"),
+                                       ("Padchest.csv", "padchest")])
 def test_real_chexmask_rows_are_this_archives_ids(name, kind):
-    """The real CheXmask rows of NIH and CheXpert, read the way the cohort reads them: by the
-    archive's id column, every id one the archive's reader would accept and join."""
-    from radacx_cache.archives import KINDS
-    from radacx_cache.sources import chexpert, nih
-    from radacx_cache.sources.chexmask import ID_COLUMNS, read_chexmask
-    df = read_chexmask(shared_path("chexmask-samples", name), id_column=ID_COLUMNS[KINDS[kind].chexmask_file])
+    """The real CheXmask rows of NIH, CheXpert and PadChest, read the way the cohort reads them: by
+    the archive's id column, every id one the archive's reader would accept and join."""
+    from radacx_cache.sources import chexpert, nih, padchest
+    from radacx_cache.sources.chexmask import read_chexmask
+    df = read_chexmask(shared_path("chexmask-samples", name), id_column=ARCHIVES[kind].chexmask_id_column)
     assert len(df) >= 50
+    if kind == "padchest":  # Mean and Max in no fixed order: 30 of 50 rows Mean > Max, so not a swapped header
+        assert ((df["quality_mean"] > df["quality_max"]).sum(), (df["quality_mean"] < df["quality_max"]).sum()) == (30, 20)
+        assert not ARCHIVES["padchest"].mean_above_max_is_suspect and ARCHIVES["nih"].mean_above_max_is_suspect
     for image_id in df["dicom_id"]:
-        if kind == "nih":  # the Image Index names its patient and follow-up, as Data_Entry has them
+        if kind == "padchest":
+            study = padchest.number_of(image_id.rsplit("_", 1)[0])
+            assert padchest.id_problem(image_id, "1", str(study)) is None, image_id
+        elif kind == "nih":  # the Image Index names its patient and follow-up, as Data_Entry has them
             parts = nih.parse_image_index(image_id)
             assert parts is not None and nih.id_problem(image_id, *parts) is None, image_id
         else:  # exactly the id the CheXpert reader makes of a table's Path (the prefix stripped)

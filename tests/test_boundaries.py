@@ -138,7 +138,7 @@ def test_a_ci_and_its_p_come_from_the_same_replicates_and_agree(n_boot):
         a = rng.random(n)
         b = a + rng.normal(0, 0.1, n) + 2.0 * 0.1 / np.sqrt(n) * rng.choice([-1, 1])  # ~2 standard errors
         d = paired_difference(a, b, np.ones(n, bool), rng.integers(0, max(2, n // 2), n), n_boot=n_boot, seed=trial)
-        if (d["low"] > 0 or d["high"] < 0) != (d["p_value"] < 0.05):
+        if (d["low"] > 0 or d["high"] < 0) != (d["p_below"] or d["p_value"] < 0.05):
             disagree.append((trial, d))
     assert not disagree, disagree[:3]
 

@@ -225,7 +225,7 @@ def test_saliency_probe_head_applies_the_probe_s_own_preprocessing():
     import torch
     from radacx_cache.estimators.linear_probe import LinearProbe
     from radacx_cache.models import load_model
-    from radacx_cache.stages.saliency import ProbeHead
+    from radacx_cache.formats.probes import ProbeHead
     lm = load_model("tiny", seed=3)
     rng = np.random.default_rng(1)
     pixels = torch.from_numpy(rng.integers(0, 255, (40, lm.image_size, lm.image_size), dtype=np.uint8))
@@ -269,7 +269,8 @@ def test_verify_reports_every_record_and_names_a_break(trained, tmp_path, capsys
     assert main(["verify", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out][:2] == ["cohort/manifest.json", "shards/manifest.json"]
-    assert all(line.startswith("intact") for line in out) and len(out) >= 8
+    assert all(line.startswith("intact") for line in out[:-1]) and len(out) >= 9
+    assert out[-1] == f"verdict: INTACT: {len(out) - 1} of {len(out) - 1} records intact"
     with open(next((tmp_path / "features").rglob("masked.h5")), "r+b") as f:  # one byte, size kept
         f.seek(-1, 2)
         last = f.read(1)
@@ -280,3 +281,4 @@ def test_verify_reports_every_record_and_names_a_break(trained, tmp_path, capsys
     assert "BROKEN  features/tiny/manifest.json" in out and "masked.h5 changed after `radacx embed`" in out
     assert "BROKEN  predictions/V2/manifest.json" in out  # everything built on it
     assert "intact  shards/manifest.json" in out
+    assert out.splitlines()[-1].startswith("verdict: BROKEN: ") and " broken (rerun" in out.splitlines()[-1]

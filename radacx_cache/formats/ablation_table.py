@@ -22,7 +22,7 @@ from ..tables import Section
 def _diff_cell(d: dict | None, n_boot: int) -> tuple[str, str]:
     if d is None:
         return "–", "–"
-    return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d["p_value"], n_boot)
+    return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d, n_boot)
 
 
 def ablation_results(load, variants, positives, patients, order, n_boot: int, seed: int) -> list[dict]:

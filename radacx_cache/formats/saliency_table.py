@@ -34,7 +34,7 @@ def _ci(ci, digits: int = 3) -> str:
 def _diff(d: dict | None, n_boot: int) -> tuple[str, str]:
     if d is None:
         return "–", "–"
-    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d["p_value"], n_boot)
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d, n_boot)
 
 
 def _metric_text(metric: str, data: dict) -> str:
@@ -51,7 +51,7 @@ def saliency_section(data: dict, n_boot: int) -> Section:
         sec.rows.append([rec["arm"], rec["method"], _metric_text(rec["metric"], data),
                          _cell(rec["original"], rec["original_area"], rec.get("original_n")),
                          _cell(rec["masked"], rec["masked_area"], rec.get("masked_n")),
-                         diff, format_p(d["p_value"], n_boot) if d else "–"])
+                         diff, format_p(d, n_boot) if d else "–"])
     sec.notes.append(f"{data['images']} seeded test images per arm, the same for every arm and variant; maps are "
                      "made non-negative and sum to 1; 'area' is what a uniform map scores. Saliency shows where "
                      "the gradient signal is, not what caused a prediction (docs/saliency.md).")
@@ -73,7 +73,7 @@ def variants_section(data: dict, n_boot: int) -> Section | None:
             sec.rows.append([rec["arm"], rec["method"], _metric_text(rec["metric"], data), v,
                              _cell(rec[v], rec[f"{v}_area"], rec.get(f"{v}_n")),
                              f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–",
-                             format_p(d["p_value"], n_boot) if d else "–"])
+                             format_p(d, n_boot) if d else "–"])
     if not sec.rows:
         return None
     sec.notes.append("The ink metric uses the paper's line width for every variant (the band the stored masked "

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .._io import file_sha256
 from ..arms import IMAGE_VARIANTS
-from ..workdir import Workdir
+from ..workdir import SHARD_VARIANTS, Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
 from ..overlays import checked_full_variants, paper_overlay
 from ..render import draw_variant
@@ -27,7 +27,7 @@ SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_widt
 ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
 # the names inside a shard folder are the format's, for readers that have only the folder
 MANIFEST_NAME, INDEX_NAME = "manifest.json", "index.csv"
-VARIANTS_NAME = "variants.json"  # the derived overlay variants (a record of its own: adding one keeps the shards)
+VARIANTS_NAME = SHARD_VARIANTS  # the derived overlay variants (a record of its own: adding one keeps the shards)
 SPLITS = ("train", "val", "test")
 
 

@@ -9,17 +9,12 @@ from ..findings import FINDINGS
 FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
           "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
           "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view", "bad_label_value")
-# CheXpert's table row *is* the image's only record: without it the image does not exist to reject
-NOT_IN_LAYOUT = {"chexpert": {"missing_label_row"},
-                 # VinDr: an image *is* its readers' rows (none: no image), a repeated row is the same mark,
-                 # and the tables carry no view
-                 "vindr": {"missing_label_row", "duplicate_label_row", "blank_view"}}
 
 
 def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd.DataFrame, rng, layout):
     """Plant one of each bad input on otherwise-eligible images (files under ``root``, at each
     row's ``relpath``; tables in the generator's internal model, which ``layout``, a
-    ``phantom_layouts.Layout``, then writes).
+    ``phantom.layouts.Layout``, then writes).
 
     Returns what was planted where, and the (modified copies of the) three tables.
     """
@@ -32,7 +27,7 @@ def plant_faults(root: Path, meta: pd.DataFrame, labels: pd.DataFrame, masks: pd
     in_positive = [k in positive_keys for k in zip(meta["subject_id"], meta["study_id"])]
     meta_ok = meta[meta["dicom_id"].isin(eligible) & pd.Series(in_positive, index=meta.index)
                    & ((meta["Rows"] != meta["Columns"]) | layout.square)].drop_duplicates(["subject_id", "study_id"])
-    faults = [f for f in FAULTS if f not in NOT_IN_LAYOUT.get(layout.name, ())]
+    faults = [f for f in FAULTS if f not in layout.faults_not_in_layout]
     if len(meta_ok) < len(faults):  # a tiny phantom: fewer studies than faults to plant
         raise ValueError(f"phantom: {len(meta_ok)} studies can carry a planted fault, {len(faults)} are planted; "
                          f"use more patients (--set phantom.n_patients=...) or --no-faults")

@@ -1,6 +1,6 @@
 """Synthetic phantom archive in the exact layout of a real archive + its CheXmask file (the embedded default).
 
-Everything a reader sees is in the real format (``phantom_layouts.py``). For MIMIC-CXR-JPG (the
+Everything a reader sees is in the real format (``phantom/layouts/``). For MIMIC-CXR-JPG (the
 default): the four ``mimic-cxr-2.0.0-*.csv.gz`` tables with their real columns, the
 ``files/pNN/pSUBJECT/sSTUDY/DICOM.jpg`` tree of quality-95 grey JPEGs, and a CheXmask
 ``OriginalResolution/MIMIC-CXR-JPG.csv`` with 1-based row-major RLE, 120 landmarks (right lung 44,
@@ -238,7 +238,7 @@ def sample_study_findings(rng: np.random.Generator) -> dict[str, float]:
 def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, seed: int = 0,
              faults: bool = False, progress: bool = True, layout: str = "mimic") -> dict:
     """Write the phantom archive under ``out`` in ``layout`` (mimic | nih | chexpert | vindr: that archive's
-    real file and table layout, phantom_layouts.py); returns a summary (paths, counts, planted faults)."""
+    real file and table layout, phantom/layouts/); returns a summary (paths, counts, planted faults)."""
     out = Path(out)
     lay = LAYOUTS[layout]
     params = {"patients": int(n_patients), "seed": seed, "long_side": long_side, "faults": bool(faults),

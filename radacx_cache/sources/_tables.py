@@ -12,7 +12,7 @@ import pandas as pd
 
 def _open_text(path: Path) -> io.TextIOBase:
     raw = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")  # -sig: Excel's BOM
 
 
 def header_of(path: str | Path) -> list[str]:
@@ -54,8 +54,8 @@ def first_bad_line(path: str | Path) -> tuple[int, int] | None:
 def read_table(path: str | Path, **kwargs):
     """``pd.read_csv`` (or its chunk iterator) with an undecodable byte reported as one line that
     names the file and the line."""
-    try:
-        return pd.read_csv(path, **kwargs)
+    try:  # utf-8-sig: a table saved by Excel starts with a byte-order mark, which is not part of its header
+        return pd.read_csv(path, **{"encoding": "utf-8-sig", **kwargs})
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except pd.errors.EmptyDataError:

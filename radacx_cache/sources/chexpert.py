@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ._tables import read_table, require_columns
+from .archive import Archive, ArchiveTables
 from ..findings import FINDINGS_ALL
 from .mimic import parse_label_cells
 
@@ -98,3 +99,27 @@ def jpg_relpath(prefix: str, dicom_id: str) -> str:
     if prefix not in PREFIXES:
         raise ValueError(f"CheXpert folder {prefix!r} is not one of {PREFIXES}")
     return f"{prefix}/{dicom_id}"
+
+
+class CheXpert(Archive):
+    kind = "chexpert"
+    name = "CheXpert"
+    chexmask_file = "CheXpert"
+    id_name = "Path"
+    tables = {"metadata": "train.csv / valid.csv", "labels": "train.csv / valid.csv", "split": "train.csv / valid.csv"}
+    scaled_copies = True  # CheXpert-v1.0-small: a downscaled copy, read when its aspect ratio agrees
+    image_formats = ("JPEG",)
+
+    def read(self, cfg) -> ArchiveTables:
+        root = Path(cfg.archive.root)
+        entries = read_tables(root)
+        return ArchiveTables(entries, entries, entries[["dicom_id", "split"]], kind=self.kind)
+
+    def id_problem(self, row) -> str | None:
+        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+
+    def relpath(self, tables: ArchiveTables, row) -> str:
+        return jpg_relpath(row["prefix"], row["dicom_id"])
+
+    def input_files(self, root: Path) -> list[Path]:
+        return list(table_paths(root).values())

@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..findings import FINDINGS_ALL
 from ._tables import read_table, require_columns
+from .archive import Archive, ArchiveTables
 
 PREFIX = "mimic-cxr-2.0.0"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
@@ -144,3 +145,28 @@ def archive_path(root: str | Path, relpath: str, strict_links: bool = False) -> 
         raise ValueError(f"path {relpath!r} is a link that leaves the archive root {Path(root).resolve()} "
                          f"(archive.strict_links is on)")
     return path
+
+
+class MIMIC(Archive):
+    kind = "mimic"
+    name = "MIMIC-CXR-JPG"
+    chexmask_file = "MIMIC-CXR-JPG"
+    id_name = "dicom_id"
+    tables = {"metadata": "metadata", "labels": "{labeler} labels", "split": "split table"}
+    label_key = ("subject_id", "study_id")  # MIMIC labels studies, not images
+    sizes_in_tables = True
+    image_formats = ("JPEG",)
+
+    def read(self, cfg) -> ArchiveTables:
+        root = Path(cfg.archive.root)
+        return ArchiveTables(read_metadata(root), read_labels(root, cfg.archive.labeler), read_split(root),
+                             kind=self.kind)
+
+    def id_problem(self, row) -> str | None:
+        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+
+    def relpath(self, tables: ArchiveTables, row) -> str:
+        return jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])
+
+    def input_files(self, root: Path) -> list[Path]:
+        return sorted(Path(root).glob(f"{PREFIX}-*.csv*"))

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ._tables import header_of, read_table, require_columns
+from .archive import Archive, ArchiveTables
 from ..findings import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -180,3 +181,37 @@ def read_bboxes(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
                         "x0": x / BBOX_FRAME, "y0": y / BBOX_FRAME, "x1": (x + w) / BBOX_FRAME,
                         "y1": (y + h) / BBOX_FRAME, "reader": 0})[keep]
     return out[out["finding"].notna()].reset_index(drop=True)[BOX_COLUMNS], rejects
+
+
+class NIH(Archive):
+    kind = "nih"
+    name = "NIH ChestX-ray14"
+    chexmask_file = "ChestX-Ray8"
+    id_name = "Image Index"
+    tables = {"metadata": "Data_Entry_2017_v2020.csv", "labels": "Data_Entry_2017_v2020.csv",
+              "split": "train_val_list.txt / test_list.txt"}
+    image_formats = ("PNG",)
+
+    def read(self, cfg) -> ArchiveTables:
+        root = Path(cfg.archive.root)
+        entries = read_data_entry(root)
+        split = read_split_lists(root)
+        unlisted = sorted(set(split["dicom_id"]) - set(entries["dicom_id"]))
+        rejects = [{"id": i[:80], "stage": "cohort", "reason": f"in the split lists but has no row in {DATA_ENTRY_NAMES[0]}"}
+                   for i in unlisted]
+        boxes = None
+        if (path := bbox_path(root)) is not None:
+            boxes, box_rejects = read_bboxes(path)
+            rejects += box_rejects
+        return ArchiveTables(entries, entries, split, kind=self.kind, rejects=rejects, image_folders=image_folders(root),
+                             boxes=boxes)
+
+    def id_problem(self, row) -> str | None:
+        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+
+    def relpath(self, tables: ArchiveTables, row) -> str:
+        return png_relpath(row["dicom_id"], tables.image_folders)
+
+    def input_files(self, root: Path) -> list[Path]:
+        files = [data_entry_path(root), *(Path(root) / name for name in SPLIT_LISTS)]
+        return files + [p for p in [bbox_path(root)] if p is not None]

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ._tables import read_table, require_columns
+from .archive import Archive, ArchiveTables
 from ..findings import FINDINGS_ALL
 
 PHYSIONET_TABLES = {"train": "annotations/annotations_train.csv", "test": "annotations/annotations_test.csv"}
@@ -151,11 +152,43 @@ def _boxes(raw, image, readers, finding, path: Path) -> tuple[pd.DataFrame, list
     x0, y0, x1, y1 = xyxy.T
     with np.errstate(invalid="ignore"):
         bad = ~blank & (~np.isfinite(xyxy).all(1) | (x0 < 0) | (y0 < 0) | (x1 <= x0) | (y1 <= y0))
-    has_box = finding.notna().to_numpy() & ~blank & ~bad & (finding != "No Finding").to_numpy()
-    reader_number = readers.str.extract(r"(\d+)$")[0].fillna("0").astype(int)
+    number = readers.str.extract(r"(\d+)$")[0].fillna("0")
+    oversized = (number.str.len() > 9).to_numpy()  # a reader number beyond int32: not a reader id, a reject row
+    reader_number = number.where(~oversized, "0").astype(int)
+    has_box = finding.notna().to_numpy() & ~blank & ~bad & (finding != "No Finding").to_numpy() & ~oversized
     boxes = pd.DataFrame({"dicom_id": image, "finding": finding, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
                           "reader": reader_number})[has_box].reset_index(drop=True)
     rejects = [{"id": i[:80], "stage": "cohort", "reason": f"{path.name} row {n + 2}: box "
                 f"({', '.join(v[:12] for v in row)}) is not a box (numbers, x_min < x_max, y_min < y_max, >= 0)"}
                for n, (i, row, b) in enumerate(zip(image, raw[["x_min", "y_min", "x_max", "y_max"]].to_numpy(), bad)) if b]
+    rejects += [{"id": i[:80], "stage": "cohort", "reason": f"{path.name} row {n + 2}: rad_id {r[:30]!r} is not a "
+                 f"reader id (more than 9 digits); its box is not used"}
+                for n, (i, r, o) in enumerate(zip(image, readers, oversized)) if o]
     return boxes[BOX_COLUMNS], rejects
+
+
+class VinDr(Archive):
+    kind = "vindr"
+    name = "VinDr-CXR"
+    chexmask_file = "VinDr-CXR"
+    id_name = "image_id"
+    tables = {"metadata": "annotations_*.csv", "labels": "annotations_*.csv",
+              "split": "annotations_train.csv / annotations_test.csv"}
+    image_formats = ("DICOM",)
+
+    def read(self, cfg) -> ArchiveTables:
+        root = Path(cfg.archive.root)
+        entries, split, boxes, rejects = read_tables(root, cfg.cohort.min_readers)
+        return ArchiveTables(entries, entries, split, kind=self.kind, rejects=rejects, boxes=boxes, boxes_in_pixels=True)
+
+    def id_problem(self, row) -> str | None:
+        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+
+    def relpath(self, tables: ArchiveTables, row) -> str:
+        return dicom_relpath(row["prefix"], row["dicom_id"])
+
+    def input_files(self, root: Path) -> list[Path]:
+        return list(table_paths(root).values())
+
+    def policy(self, cfg) -> dict:
+        return {"min_readers": cfg.cohort.min_readers}

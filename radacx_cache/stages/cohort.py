@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._io import private_tmp, read_json, stable_hash, stage_run, write_csv
-from ..archives import KINDS, ArchiveTables, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
+from .._io import private_tmp, read_json, spreadsheet_safe, stable_hash, stage_run, write_csv
+from ..archives import ArchiveTables, archive, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
 from ..formats.cohort_files import RLEStore, rle_content_hash
 from ..formats.records import RecordError, read_record, write_record
 from ..config import CohortConfig, Config
@@ -83,6 +83,8 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
     ``val_fraction`` of their images (train:val about 5:1, as in the paper). The paper's exact
     87,574 / 17,514 counts fit an image-level ``random_split`` of 105,088 images (the paper does not
     say); a patient-disjoint split cannot reproduce them, by design.
+    An archive whose tables hold no test image (PadChest; VinDr-CXR's Kaggle copy) first gets a
+    seeded, patient-disjoint test split of ``val_fraction`` of its images, logged as a warning.
     """
     df = pd.DataFrame({"subject": subjects, "official": official})
     per_patient = df.groupby("subject")["official"].nunique()
@@ -97,15 +99,15 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
     out = np.where(df["official"] == "test", "test", "train").astype(object)
     rng = np.random.default_rng(seed)
     if not (out == "test").any() and len(out):
-        # an archive copy without its test table (VinDr-CXR's Kaggle train.csv): a seeded, patient-disjoint
+        # an archive without a test split (PadChest; VinDr-CXR's Kaggle train.csv): a seeded, patient-disjoint
         # test split of the same share as val, said aloud, instead of a Table 1 with no test images
         counts = df["subject"].value_counts().sort_index()
         order = counts.index.to_numpy()[np.random.default_rng([seed, 5]).permutation(len(counts))]
         cum = np.cumsum(counts.loc[order].to_numpy())
         out[df["subject"].isin(set(order[cum <= val_fraction * cum[-1]])).to_numpy()] = "test"
-        log.warning("cohort: the archive's tables hold no test split (VinDr-CXR's Kaggle copy has only train.csv; "
-                    "PhysioNet's annotations_test.csv is its official test set): %d images (%d patients) drawn as "
-                    "a seeded, patient-disjoint test split (seed %d)", int((out == "test").sum()),
+        log.warning("cohort: the archive's tables hold no test split (PadChest publishes none; VinDr-CXR's Kaggle "
+                    "copy lacks PhysioNet's annotations_test.csv, its official test set): %d images (%d patients) "
+                    "drawn as a seeded, patient-disjoint test split (seed %d)", int((out == "test").sum()),
                     int(df.loc[out == "test", "subject"].nunique()), seed)
     pool = df.loc[out != "test", "subject"]
     counts = pool.value_counts().sort_index()
@@ -128,7 +130,8 @@ def select_cohort(tables: ArchiveTables, policy: CohortConfig, *, seed: int,
     rows, quality, sizes) and the patient-level split. Every image left out gets a reject row.
     """
     df, rejects = select_images(tables, policy, labeler=labeler)
-    df, more = attach_masks(df, tables.chexmask, policy, seed=seed, sizes_in_tables=KINDS[tables.kind].sizes_in_tables)
+    df, more = attach_masks(df, tables.chexmask, policy, seed=seed, sizes_in_tables=archive(tables.kind).sizes_in_tables,
+                            mean_above_max_is_suspect=archive(tables.kind).mean_above_max_is_suspect)
     return df, rejects + more
 
 
@@ -137,9 +140,9 @@ def select_images(tables: ArchiveTables, policy: CohortConfig, *, labeler: str =
     """Images that pass every filter before CheXmask: valid ids, view, one label row, the label
     policy, one split row. Their ids are the CheXmask rows the cohort needs."""
     rejects: list[dict] = list(tables.rejects)
-    names = {k: v.format(labeler=labeler) for k, v in KINDS[tables.kind].tables.items()}
+    names = {k: v.format(labeler=labeler) for k, v in archive(tables.kind).tables.items()}
     meta = _valid_metadata(tables, rejects)
-    df = _frontal_with_labels(meta, tables.labels, policy, KINDS[tables.kind], names, rejects)
+    df = _frontal_with_labels(meta, tables.labels, policy, archive(tables.kind), names, rejects)
     targets, status = apply_label_policy(df, policy.classes, policy.uncertain, policy.multi_positive,
                                          policy.priority)
     _reject(rejects, df.loc[status == 1, "dicom_id"],
@@ -157,14 +160,16 @@ def select_images(tables: ArchiveTables, policy: CohortConfig, *, labeler: str =
 
 
 def attach_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, *, seed: int,
-                 sizes_in_tables: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+                 sizes_in_tables: bool = True, mean_above_max_is_suspect: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """Join the CheXmask rows (quality and sizes checked), split by patient.
 
     ``sizes_in_tables=False`` (NIH, CheXpert: no image size in the tables): Rows x Columns become
     CheXmask's Height x Width, which the shard stage then checks against the image file itself.
+    ``mean_above_max_is_suspect=False`` (PadChest, whose CheXmask rows hold Mean and Max in no fixed
+    order): Dice RCA (Mean) > (Max) is not read as a swapped header.
     """
     rejects: list[dict] = []
-    df = _with_masks(df, chexmask, policy, rejects, sizes_in_tables)
+    df = _with_masks(df, chexmask, policy, rejects, sizes_in_tables, mean_above_max_is_suspect)
     df[["Rows", "Columns"]] = df[["Rows", "Columns"]].astype(np.int64)  # blank ones were rejected
     df["split"] = patient_split(df["subject_id"].to_numpy(), df["split"].to_numpy(), policy.split,
                                 policy.val_fraction, seed)
@@ -234,7 +239,7 @@ def _frontal_with_labels(meta: pd.DataFrame, labels: pd.DataFrame, policy: Cohor
 
 
 def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, rejects: list,
-                sizes_in_tables: bool = True) -> pd.DataFrame:
+                sizes_in_tables: bool = True, mean_above_max_is_suspect: bool = True) -> pd.DataFrame:
     """Join the CheXmask rows; reject images without a usable mask, one reason per image."""
     masks = _unique_rows(chexmask, "CheXmask table", df["dicom_id"], rejects)
     df = df.merge(masks, on="dicom_id", how="left", indicator=True, validate="many_to_one")
@@ -250,8 +255,9 @@ def _with_masks(df: pd.DataFrame, chexmask: pd.DataFrame, policy: CohortConfig, 
     flag(df["_merge"] == "left_only", "no CheXmask row for this image")
     flag(df["Rows"].isna() | df["Columns"].isna(), "metadata Rows x Columns is blank or not a number")
     flag(df["quality_mean"].isna(), "CheXmask Dice RCA (Mean) is blank")
-    flag(df["quality_mean"] > df["quality_max"] + 1e-9,
-         "CheXmask Dice RCA (Mean) > (Max): the columns look swapped")
+    if mean_above_max_is_suspect:  # PadChest's CheXmask rows have Mean and Max in no fixed order
+        flag(df["quality_mean"] > df["quality_max"] + 1e-9,
+             "CheXmask Dice RCA (Mean) > (Max): the columns look swapped")
     flag(df["quality_mean"] < policy.min_mask_quality,
          "mask quality Dice RCA (Mean) " + fmt("quality_mean", ".3f") + f" < {policy.min_mask_quality}")
     flag((df["height"] != df["Rows"]) | (df["width"] != df["Columns"]),
@@ -297,7 +303,8 @@ def build_cohort(cfg: Config, progress: bool = True) -> dict:
 def _build_cohort(cfg: Config) -> dict:
     c = cfg.cohort
     work = Workdir(cfg.workdir)
-    inputs_fp = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": cfg.to_dict()["archive"],
+    archive_settings = {k: v for k, v in cfg.to_dict()["archive"].items() if k != "options" or v}  # {}: as before
+    inputs_fp = stable_hash({"cohort": cfg.to_dict()["cohort"], "archive": archive_settings,
                              "seed": cfg.seed, "version": COHORT_VERSION, "inputs": _input_stamp(cfg)})
     if work.cohort_manifest.exists() and read_json(work.cohort_manifest).get("inputs_fingerprint") == inputs_fp:
         try:
@@ -311,8 +318,9 @@ def _build_cohort(cfg: Config) -> dict:
     store = private_tmp(work.masks_rle)
     try:
         masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store, chexmask_id_column(cfg))
-        df, more = attach_masks(images, masks, c, seed=cfg.seed,
-                                sizes_in_tables=KINDS[cfg.archive.kind].sizes_in_tables)
+        found = archive(cfg.archive.kind)
+        df, more = attach_masks(images, masks, c, seed=cfg.seed, sizes_in_tables=found.sizes_in_tables,
+                                mean_above_max_is_suspect=found.mean_above_max_is_suspect)
         # from here the old cohort is replaced: withdraw its commit first, so that no later stage
         # reads a new masks-rle.h5 beside an old cohort.csv if this process dies half-way
         work.cohort_manifest.unlink(missing_ok=True)
@@ -330,7 +338,7 @@ def _build_cohort(cfg: Config) -> dict:
         write_csv(work.cohort_boxes, boxes)
         files.append(work.cohort_boxes)
     rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    write_csv(work.cohort_rejects, rejects_df)
+    write_csv(work.cohort_rejects, spreadsheet_safe(rejects_df, ("id", "reason")))
     # per class: training targets (under `first`, the first positive in the target order: not a
     # prevalence) and positives (every image where the finding is positive under the uncertain policy)
     counts = {s: {"images": int((cohort["split"] == s).sum()),
@@ -351,8 +359,9 @@ def _build_cohort(cfg: Config) -> dict:
         policy={"uncertain": c.uncertain, "multi_positive": c.multi_positive, "priority": list(c.priority),
                 "split": c.split, "val_fraction": c.val_fraction, "min_mask_quality": c.min_mask_quality,
                 "views": list(c.views), "seed": cfg.seed,
-                **({"min_readers": c.min_readers} if cfg.archive.kind == "vindr" else {})},
-        archive=cfg.archive.kind, archive_name=KINDS[cfg.archive.kind].name,
+                **archive(cfg.archive.kind).policy(cfg)},
+        archive=cfg.archive.kind, archive_name=archive(cfg.archive.kind).name,
+        **({"archive_summary": summary} if (summary := archive(cfg.archive.kind).summary(df)) else {}),
         synthetic_archive=phantom_home(cfg.archive.root) is not None)
     return record.data
 

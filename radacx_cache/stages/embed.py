@@ -26,7 +26,7 @@ from ..models import LoadedModel, load_model
 from ..runtime import autocast, autocast_dtype, barrier, init_distributed
 from ..formats.hdf5 import open_checked
 from ..formats.records import Verifier, write_record
-from ..formats.shardset import VARIANTS_NAME, ShardError, ShardSet, open_verified
+from ..formats.shardset import ShardError, ShardSet, open_verified
 from ..formats.stream import ordered_loader, ordered_runs
 from ..workdir import Workdir
 
@@ -309,7 +309,7 @@ def write_features_record(work: Workdir, model: LoadedModel, shards_record, shar
     caches = [v for v in shards.variants if work.features(model.tag, v).exists()]
     ups = [shards_record]
     if any(v in shards.derived for v in caches):
-        ups.append(Verifier(work.root).record(work.shards_dir / VARIANTS_NAME, "variants"))
+        ups.append(Verifier(work.root).record(work.shards_variants, "variants"))
     write_record(work.features_record(model.tag), work.root, "embed", "radacx embed",
                  files=[work.features(model.tag, v).relative_to(folder).as_posix() for v in caches],
                  upstream=ups, variants=caches, variant_specs={v: shards.derived[v] for v in caches if v in shards.derived},

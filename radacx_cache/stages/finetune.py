@@ -38,7 +38,7 @@ from ..models import LoadedModel, load_model, unit_pixels
 from ..formats.predictions import model_facts, write_arm_record, write_predictions
 from ..formats.records import RecordError, Verifier, write_record
 from ..runtime import World, autocast, autocast_dtype, init_distributed, rng_state, set_rng_state
-from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
+from ..formats.shardset import ShardSet, open_verified
 from ..formats.stream import ShardStream, ordered_loader, ordered_runs
 from ..workdir import Workdir
 
@@ -349,7 +349,7 @@ def write_records(run: Run, shards_record, tested_on) -> None:
                            config_fingerprint=run.config_fp, classes=run.classes, **model_facts(run.lm))
     ups = [trained]
     if any(v not in IMAGE_VARIANTS for v in tested_on):  # drawn with the settings of variants.json
-        ups.append(Verifier(work.root).record(work.shards_dir / VARIANTS_NAME, "variants"))
+        ups.append(Verifier(work.root).record(work.shards_variants, "variants"))
     write_arm_record(work, run.arm, "radacx finetune", ups, tested_on=tested_on, **model_facts(run.lm))
 
 

@@ -10,7 +10,8 @@ import logging
 
 import numpy as np
 
-from .._io import stable_hash, stage_run, write_npz
+from .._io import stable_hash, stage_run
+from ..formats.probes import write_probe
 from ..arms import IMAGE_VARIANTS, variant_arm
 from ..config import Config
 from ..formats.features import FeatureCache, cached_variants, features_record
@@ -62,13 +63,6 @@ def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tu
     return final, result
 
 
-def save_probe(path, probe: LinearProbe, feature: str, shards_fingerprint: str) -> None:
-    """The fitted head as plain arrays (np.load(allow_pickle=False) reads it back)."""
-    write_npz(path, coef=probe.coef_, intercept=probe.intercept_, mean=probe.mean_.numpy(),
-              scale=probe.scale_.numpy(), feature=np.array(feature), preprocess=np.array(probe.preprocess),
-              shards_fingerprint=np.array(shards_fingerprint))
-
-
 def run_probes(cfg: Config) -> dict:
     """Train V1 (original), V2 (masked) and V2-<variant> per derived variant, and predict their test images."""
     with stage_run(cfg.workdir, "probe", cfg.permissions):
@@ -98,7 +92,7 @@ def _run_probes(cfg: Config) -> dict:
     for train_variant in variants:  # V1, V2, and V2-<variant> for each derived variant
         name = variant_arm("probe", train_variant)
         trained[name] = _train_probe(caches[train_variant].get(p.feature), shards, p, cfg.seed, name)
-        save_probe(work.probe_weights(name), trained[name][0], p.feature, shards.fingerprint)
+        write_probe(work.probe_weights(name), trained[name][0], p.feature, shards.fingerprint)
     facts = {k: features[k] for k in ("model_spec", "model_fingerprint", "weights_seed")}
     probes = write_record(work.probes_record, work.root, "probe", "radacx probe",
                           files=[work.probe_weights(n).name for n in trained], upstream=[features],

@@ -24,7 +24,7 @@ from ..formats.predictions import Predictions, arm_record, check_complete, load_
 from ..formats.records import Verifier, write_record
 from ..formats.ablation_table import ablation_reference, ablation_results, ablation_sections
 from ..formats.saliency_table import saliency_sections
-from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
+from ..formats.shardset import ShardSet, open_verified
 from ..tables import Section, render_latex, render_markdown
 from ..workdir import Workdir
 
@@ -140,7 +140,7 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
             r = results[arm.name]
             d = r["masked_minus_original"]
             t1.rows.append([arm.name, descriptions[arm.name], _ci(*r["ci"]["original"]["argmax"]),
-                            _ci(*r["ci"]["masked"]["argmax"]), _diff(d), format_p(d["p_value"], n_boot),
+                            _ci(*r["ci"]["masked"]["argmax"]), _diff(d), format_p(d, n_boot),
                             f"{arm.published[0]:.4f} / {arm.published[1]:.4f}"])
     for name, text in REFERENCES:
         if name == "majority":
@@ -155,7 +155,7 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
                         f"direction of the effects, not the values.")
     te = Section("Training-image effect: masked-trained minus original-trained arm (same test images)",
                  ["Comparison", "Test images", "Difference [95% CI]", "p"],
-                 [[e["comparison"], e["test_images"], _diff(e), format_p(e["p_value"], n_boot)] for e in effects])
+                 [[e["comparison"], e["test_images"], _diff(e), format_p(e, n_boot)] for e in effects])
     t2 = Section("Table 2: balanced accuracy, macro-F1 and macro-AUROC",
                  ["Arm", "Test images", "Balanced accuracy", "Macro-F1", "Macro-AUROC"],
                  [[n, v, f"{r[v]['balanced_accuracy']:.4f}", f"{r[v]['macro_f1']:.4f}", f"{r[v]['macro_auroc']:.4f}"]
@@ -269,33 +269,43 @@ def _build_report(cfg: Config) -> dict:
     saliency = out_saliency(work, verifier, records)
     if saliency is not None:
         sections += saliency_sections(saliency, n_boot)
-    out = work.results_dir
-    ablation_files, ablation_records = [], {}
-    if shards.derived:
-        ablation_records = _ablation(work, shards, verifier, sections, cfg.seed, n_boot, synthetic)
-        ablation_files = ["ablation.json", "ablation_variants.png"]
+    out = Written(work)
+    ablation_records = _ablation(out, shards, verifier, sections, cfg.seed, n_boot, synthetic) if shards.derived else {}
     footer = _footer(provenance, n_boot) + _unlabelled(shards, classes)
     md = render_markdown(sections, footer)
-    with atomic_path(out / "table1.md") as tmp:
+    with atomic_path(out("table1.md")) as tmp:
         tmp.write_text(md)
-    with atomic_path(out / "table1.tex") as tmp:
+    with atomic_path(out("table1.tex")) as tmp:
         tmp.write_text(render_latex(sections, footer))
     _write_data(out, results, effects, refs, descriptions, classes, provenance)
     figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
                              published_values={a.name: a.published for a in ARMS}, synthetic=synthetic)
-    written = ["table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
-               *(Path(f).name for f in figures), *ablation_files]
     upstream = list({**records, **ablation_records}.values()) + (
         [verifier.record(work.saliency_record)] if saliency is not None else [])
-    write_record(work.report_record, work.root, "report", "radacx report", files=written, upstream=upstream)
-    return {"table": md, "results": str(out), "figures": figures}
+    write_record(work.report_record, work.root, "report", "radacx report", files=out.names(), upstream=upstream)
+    return {"table": md, "results": str(work.results_dir), "figures": figures}
 
 
-def _ablation(work: Workdir, shards: ShardSet, verifier: Verifier, sections: list, seed: int, n_boot: int,
+class Written:
+    """The report's output paths (``Workdir.result``), remembering each one handed out: the report's
+    record lists exactly the files it wrote, in the order of ``Workdir.RESULT_FILES``."""
+
+    def __init__(self, work: Workdir):
+        self.work, self._names = work, set()
+
+    def __call__(self, name: str) -> Path:
+        self._names.add(name)
+        return self.work.result(name)
+
+    def names(self) -> list[str]:
+        return [n for n in self.work.RESULT_FILES if n in self._names and self.work.result(n).exists()]
+
+
+def _ablation(out: Written, shards: ShardSet, verifier: Verifier, sections: list, seed: int, n_boot: int,
               synthetic: bool) -> dict:
     """The overlay ablation's sections (appended to ``sections``), ``ablation.json`` and the variants
     figure; returns the records of the arms it read."""
-    loaded: dict = {}
+    work, loaded = out.work, {}
 
     def load(arm: str, variant: str):
         if arm not in loaded:  # an arm not run (a variant not fine-tuned) is simply not in the table
@@ -308,13 +318,12 @@ def _ablation(work: Workdir, shards: ShardSet, verifier: Verifier, sections: lis
                             shards.target_order, n_boot, seed)
     reference = ablation_reference(test.positives(), shards.target_order)
     sections += ablation_sections(rows, shards.target_names, n_boot, reference)
-    out = work.results_dir
-    variants = verifier.record(work.shards_dir / VARIANTS_NAME, "variants")  # verified with the shards
-    write_json(out / "ablation.json", {"variants": {"masked": variants["masked"], **shards.derived}, "rows": rows,
+    variants = verifier.record(work.shards_variants, "variants")  # verified with the shards
+    write_json(out("ablation.json"), {"variants": {"masked": variants["masked"], **shards.derived}, "rows": rows,
                                        "reference": reference, "classes": shards.target_names})
-    variant_figure(out / "ablation_variants.png", test, shards.variants, n=3, seed=seed)
+    variant_figure(out("ablation_variants.png"), test, shards.variants, n=3, seed=seed)
     if synthetic:
-        stamp(out / "ablation_variants.png")
+        stamp(out("ablation_variants.png"))
     return {"variants.json": variants, **{arm: next(iter(p.values())).meta["record"] for arm, p in loaded.items() if p}}
 
 
@@ -330,13 +339,13 @@ def _write_data(out, results, effects, refs, descriptions, classes, provenance) 
                 row[f"{key}_{v}"] = r[v][key]
         d = r["masked_minus_original"]
         row.update({"diff_masked_minus_original": d["diff"], "diff_low": d["low"], "diff_high": d["high"],
-                    "p_value": d["p_value"]})
+                    "p_value": d["p_value"], "p_bound": "<" if d["p_below"] else "="})
         rows.append(row)
-    write_csv(out / "table1.csv", pd.DataFrame(rows))
-    write_json(out / "table1.json", {"rows": rows, "training_effects": effects, "reference": refs,
+    write_csv(out("table1.csv"), pd.DataFrame(rows))
+    write_json(out("table1.json"), {"rows": rows, "training_effects": effects, "reference": refs,
                                      "provenance": provenance})
-    write_json(out / "metrics.json", {"classes": classes, "arms": results, "provenance": provenance})
+    write_json(out("metrics.json"), {"classes": classes, "arms": results, "provenance": provenance})
     per_class = pd.DataFrame([{"arm": n, "tested_on": v, "class": c, "auroc": r[v]["auroc"][k], "f1": r[v]["f1"][k]}
                               for n, r in results.items() for v in IMAGE_VARIANTS for k, c in enumerate(classes)])
-    write_csv(out / "per_class_auroc.csv", per_class)
+    write_csv(out("per_class_auroc.csv"), per_class)
 

@@ -39,8 +39,9 @@ from ..saliency_metrics import control_checks, control_rows, image_metrics, regi
 from ..formats.saliency_table import saliency_markdown
 from ..findings import first_positive
 from ..formats.predictions import arm_record
+from ..formats.probes import ProbeHead, read_probe
 from ..formats.records import Record, RecordError, Verifier, write_record
-from ..formats.shardset import VARIANTS_NAME, ShardSet, open_verified
+from ..formats.shardset import ShardSet, open_verified
 from ..phantom.truth import read_truth, region_at, truth_path
 from ..workdir import Workdir
 
@@ -51,39 +52,6 @@ AREA = {"anatomy": "anatomy_area", "organ": "organ_area", "pointing": "organ_are
 OPTIONAL = ("box", "box_pointing")  # reported only where radiologists' boxes exist
 
 
-class ProbeHead(torch.nn.Module):
-    """Frozen vision tower + the probe's saved preprocessing and linear head: V1/V2 as one network
-    (the same function of the features as ``LinearProbe.predict_proba``, as logits)."""
-
-    def __init__(self, lm: LoadedModel, weights: dict):
-        super().__init__()
-        self.lm = lm
-        self.visual = lm.model.visual
-        self.register_buffer("mean", torch.as_tensor(weights["mean"]))
-        self.register_buffer("scale", torch.as_tensor(weights["scale"]))
-        self.head = torch.nn.Linear(weights["coef"].shape[1], weights["coef"].shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(torch.as_tensor(weights["coef"]))
-            self.head.bias.copy_(torch.as_tensor(weights["intercept"]))
-        self.pre = str(weights["feature"]) == "pre_projection"
-        self.preprocess = str(weights["preprocess"])
-        if self.preprocess not in ("standardize", "l2", "none"):
-            raise ValueError(f"probe preprocess {self.preprocess!r}: expected standardize, l2 or none")
-
-    def features(self, x):
-        """What the head reads: the chosen features, preprocessed as the probe was."""
-        feats, pre = self.lm.encode_image_parts(x)
-        f = pre if self.pre else feats
-        if self.preprocess == "standardize":
-            f = (f - self.mean) / self.scale
-        elif self.preprocess == "l2":
-            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return f
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
 def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
     """The trained network of an arm, in eval mode, on the CPU (weights never unpickled): the model its
     verified record names, the head or checkpoint from the verified record above it."""
@@ -92,18 +60,26 @@ def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> tor
         raise RecordError(f"{record.path}: made with model {record['model_fingerprint']}, {record['model_spec']} "
                           f"now loads as {lm.fingerprint} (other weights); rerun `{record['command']}`")
     spec = ARM_BY_NAME[record["arm"]]
-    if spec.method == "probe":
-        probes = verifier.record(work.probes_record, "probe")
-        with np.load(probes.file(work.probe_weights(spec.name).name), allow_pickle=False) as f:
-            model = ProbeHead(lm, {k: f[k] for k in f.files})
-    else:
-        trained = verifier.record(work.finetune_record(spec.trained_on), "finetune")
-        with torch.no_grad():
-            width = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
-        model = Classifier(lm.model.visual, width, len(classes))
-        model.load_state_dict(load_checkpoint(trained.file(work.finetune_best(spec.trained_on).name))["model"])
+    rebuilders = {"probe_head": _probe_head, "checkpoint": _fine_tuned}
+    if spec.rebuild not in rebuilders:
+        raise KeyError(f"arm {spec.name}: no network to explain (rebuild {spec.rebuild!r}; known: {', '.join(rebuilders)})")
+    model = rebuilders[spec.rebuild](spec, lm, work, verifier, classes)
     model.lm = lm
     return model.eval()
+
+
+def _probe_head(spec, lm: LoadedModel, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
+    probes = verifier.record(work.probes_record, "probe")
+    return ProbeHead(lm, read_probe(probes.file(work.probe_weights(spec.name).name)))
+
+
+def _fine_tuned(spec, lm: LoadedModel, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
+    trained = verifier.record(work.finetune_record(spec.trained_on), "finetune")
+    with torch.no_grad():
+        width = lm.model.visual(torch.zeros(1, 3, lm.image_size, lm.image_size)).shape[1]
+    model = Classifier(lm.model.visual, width, len(classes))
+    model.load_state_dict(load_checkpoint(trained.file(work.finetune_best(spec.trained_on).name))["model"])
+    return model
 
 
 def sample_images(test: ShardSet, n: int, seed: int, boxed: np.ndarray | None = None, cap: int = 0) -> np.ndarray:
@@ -308,7 +284,7 @@ def _current_arms(work: Workdir, verifier: Verifier) -> list[Record]:
     """The verified records of the trained arms that have run (the chain above each checked)."""
     out = []
     for arm in ARMS:
-        if arm.method != "zeroshot" and work.predictions_record(arm.name).exists():
+        if arm.rebuild is not None and work.predictions_record(arm.name).exists():
             out.append(arm_record(work, arm.name, verifier))
     return out
 
@@ -382,7 +358,7 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
                  files=[work.saliency_file(s).name for s in ("json", "csv", "md")]
                  + [work.intervention_rows(k).name for k in frames],
                  upstream=[verifier.record(work.shards_manifest, "shards"), *records,
-                           *([verifier.record(work.shards_dir / VARIANTS_NAME, "variants")] if cfg.saliency.variants else [])],
+                           *([verifier.record(work.shards_variants, "variants")] if cfg.saliency.variants else [])],
                  arms=[r["arm"] for r in records])
     return {"table": md, "panels": panels, "images": int(len(positions))}
 

@@ -25,15 +25,15 @@ import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from .._io import (apply_permissions, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
+from .._io import (apply_permissions, spreadsheet_safe, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
                   stage_lock, write_csv, write_json)
 from .._version import __version__
-from ..archives import KINDS
+from ..archives import archive
 from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
 from ..formats.records import Record, Verifier, write_record
 from ..config import Config, RenderConfig
 from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, box_to_output, render_image
-from ..formats.shardset import SCHEMA, SCHEMA_VERSION, VARIANTS_NAME, ShardError, validate_shard
+from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
 from ..sources.chexmask import MASK_NAMES
 from ..findings import FINDINGS_ALL
 from ..sources.mimic import archive_path
@@ -161,6 +161,10 @@ def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
         except RenderError as exc:
             rejects.append({"id": rec["dicom_id"], "stage": "shards", "reason": f"{exc} ({rec['path']})",
                             "path": rec["path"], "retry": retry})
+            continue
+        except Exception as exc:  # noqa: BLE001  one item's failure of any kind is its reject row, never the run's end
+            rejects.append({"id": rec["dicom_id"], "stage": "shards", "path": rec["path"], "retry": False,
+                            "reason": f"{type(exc).__name__} while reading or rendering: {str(exc)[:200]} ({rec['path']})"})
             continue
         items.append(item)
         kept.append(rec)
@@ -290,7 +294,7 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
              "geometry_fields": list(GEOMETRY_FIELDS), "render_config": stored_render_config(cfg),
              "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
              "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
-             "archive": cfg.archive.kind, "scaled_copies": KINDS[cfg.archive.kind].scaled_copies}
+             "archive": cfg.archive.kind, "scaled_copies": archive(cfg.archive.kind).scaled_copies}
     if "boxes.csv" in record.get("files", {}):
         attrs["boxes"] = True  # a format addition, only where the archive has radiologists' boxes
     if pending:
@@ -304,7 +308,7 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
 def _write_variants(cfg: Config, work: Workdir, shard_record: Record) -> None:
     """``variants.json``: the overlay variants later stages draw from this shard set at read time
     (docs/shard-format.md), where there are any. Its own record, so adding a variant rewrites only this file."""
-    path = work.shards_dir / VARIANTS_NAME
+    path = work.shards_variants
     derived = cfg.render.variants
     if not derived:  # only original and masked: a folder without variants.json says exactly that
         path.unlink(missing_ok=True)
@@ -314,7 +318,7 @@ def _write_variants(cfg: Config, work: Workdir, shard_record: Record) -> None:
         added = sorted(set(derived) - set(before.get("variants") or {}))
         if added:
             log.info("shards: variant(s) %s recorded in %s (drawn at read time: no shard is rendered for them)",
-                     ", ".join(added), VARIANTS_NAME)
+                     ", ".join(added), path.name)
         write_record(path, work.root, "variants", "radacx shards", upstream=[shard_record],
                      masked=cfg.render.paper_overlay(), variants=derived)
 
@@ -340,7 +344,7 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
             jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.root,
                                           str(work.masks_rle), cfg.to_dict()["render"],
                                           attrs["target_names"], str(work.shards_dir), attrs, on_written,
-                                          {"formats": KINDS[cfg.archive.kind].image_formats,
+                                          {"formats": archive(cfg.archive.kind).image_formats,
                                            "strict_links": cfg.archive.strict_links})
                     for t in pending)
             bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
@@ -381,7 +385,6 @@ def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
 def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, cohort: pd.DataFrame,
             cohort_rec: Record) -> dict:
     """index.csv, rejects.csv, then the shard set's record ``manifest.json`` (the commit point)."""
-    out = work.shards_dir
     rows, rejects, shards = [], [], []
     for task in tasks:
         sc = done[task.name]
@@ -396,12 +399,13 @@ def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, coho
     index = index.merge(cohort[["dicom_id", "subject_id", "study_id", *label_cols]], on="dicom_id",
                         how="left", validate="one_to_one")
     write_csv(work.shards_index, index)
-    write_csv(out / "rejects.csv", pd.DataFrame(rejects, columns=["id", "stage", "reason", "retry"]))
+    write_csv(work.shards_rejects, spreadsheet_safe(pd.DataFrame(rejects, columns=["id", "stage", "reason", "retry"]),
+                                                    ("id", "reason")))
     # the cohort's decisions travel with the shards (readers elsewhere have only this folder); the
     # record's upstream fingerprint ties them to the cohort record they were copied from
     record = write_record(
         work.shards_manifest, work.root, "shards", "radacx shards",
-        files=[work.shards_index.name, "rejects.csv", *(s["name"] for s in shards)], upstream=[cohort_rec],
+        files=[work.shards_index.name, work.shards_rejects.name, *(s["name"] for s in shards)], upstream=[cohort_rec],
         known={s["name"]: s["sha256"] for s in shards},  # hashed by the workers, or verified on resume
         schema=SCHEMA, schema_version=SCHEMA_VERSION, shards=shards, rows=len(index), rejects=len(rejects),
         render_config=attrs["render_config"], render_fingerprint=attrs["render_fingerprint"],

@@ -26,7 +26,7 @@ def find_records(root: Path) -> list[Path]:
 
 
 def verify_workdir(root: str | Path) -> tuple[list[str], bool]:
-    """(one line per record, all intact)."""
+    """(one line per record and a closing verdict line, all intact)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such workdir")
@@ -42,4 +42,7 @@ def verify_workdir(root: str | Path) -> tuple[list[str], bool]:
         except RecordError as exc:
             ok = False
             lines.append(f"BROKEN  {rel_to(root, path)}: {exc}")
+    broken = sum(line.startswith("BROKEN") for line in lines)
+    lines.append(f"verdict: {'INTACT' if ok else 'BROKEN'}: {len(lines) - broken} of {len(lines)} records intact"
+                 + ("" if ok else f", {broken} broken (rerun the command each BROKEN line names)"))
     return lines, ok

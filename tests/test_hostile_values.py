@@ -1,0 +1,99 @@
+"""Hostile values in what is read and written (issue 28, in part): spreadsheet formulas in archive
+values, tables saved with Excel's byte-order mark and CRLF, a config key given twice, an oversized
+reader number. Each is what a real archive or a hand-edited file can carry."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from radacx_cache._io import spreadsheet_safe
+from radacx_cache.config import ConfigError, load_config
+
+
+def test_cells_a_spreadsheet_would_run_are_escaped_and_nothing_else():
+    df = pd.DataFrame({"id": ["=HYPERLINK(\"http://x\",\"y\")", "@SUM(1+1)", "+1", "-2", "\tcmd", "\rcmd",
+                              "00000001_000.png", "a=b", None],
+                       "reason": ["=1+1"] * 9, "n": [-1] * 9})
+    out = spreadsheet_safe(df, ("id", "reason"))
+    assert out["id"].tolist()[:6] == ["'" + v for v in df["id"][:6]]
+    assert out["id"].tolist()[6:8] == ["00000001_000.png", "a=b"] and pd.isna(out["id"].iloc[8])
+    assert (out["reason"] == "'=1+1").all() and (out["n"] == -1).all()  # numbers are not touched
+    assert df["id"].iloc[0].startswith("=")  # the input is not modified
+
+
+def test_rejects_files_escape_archive_values(pipeline):
+    """The session pipeline's rejects files hold no cell a spreadsheet would run."""
+    work = pipeline["cfg"].work
+    for path in (work / "cohort" / "rejects.csv", work / "shards" / "rejects.csv"):
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for col in ("id", "reason"):
+            assert not df[col].str.match(r"[=+\-@\t\r]").any(), (path, col)
+
+
+def test_a_table_saved_with_a_byte_order_mark_and_crlf_is_read(tmp_path):
+    from radacx_cache.sources.nih import read_data_entry
+    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+    rows = ["00000001_000.png,Cardiomegaly|Effusion,0,1,58,M,PA,2682,2749,0.143,0.143",
+            "00000002_000.png,No Finding,0,2,81,M,AP,2500,2048,0.168,0.168"]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_bytes(("\ufeff" + "\r\n".join([header, *rows]) + "\r\n").encode())
+    df = read_data_entry(tmp_path)
+    assert df["dicom_id"].tolist() == ["00000001_000.png", "00000002_000.png"]
+    assert df["ViewPosition"].tolist() == ["PA", "AP"]  # no stray CR
+    assert (df["Cardiomegaly"].tolist(), df["Pleural Effusion"].tolist()) == ([1.0, 0.0], [1.0, 0.0])
+
+
+def test_a_config_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\nrender:\n  variants:\n    thick: {line_width: 4}\n    thick: {line_width: 9}\n")
+    with pytest.raises(ConfigError, match="'thick' at line 5 is already defined at line 4"):
+        load_config(path)
+    path.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match="'seed' at line 2"):
+        load_config(path)
+    path.write_text("render:\n  variants:\n    thick: {line_width: 4}\n    thin: {line_width: 1}\n")
+    assert set(load_config(path).render.variants) == {"thick", "thin"}  # distinct keys still fine
+
+
+def test_an_oversized_reader_number_is_a_reject_row_not_a_crash(tmp_path):
+    from radacx_cache.sources.vindr import read_tables
+    a = "0" * 31 + "a"
+    (tmp_path / "annotations").mkdir()
+    pd.DataFrame([(a, "R1", "Cardiomegaly", 10, 20, 30, 40), (a, "R" + "9" * 24, "Cardiomegaly", 11, 21, 31, 41),
+                  (a, "R3", "No finding", "", "", "", "")],
+                 columns=["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]).to_csv(
+        tmp_path / "annotations" / "annotations_train.csv", index=False)
+    entries, split, boxes, rejects = read_tables(tmp_path, 2)
+    assert len(entries) == 1 and entries["Cardiomegaly"].iloc[0] == 1  # the readers' marks still count
+    assert boxes["reader"].tolist() == [1] and np.issubdtype(boxes["reader"].dtype, np.integer)
+    assert len(rejects) == 1 and "rad_id 'R999" in rejects[0]["reason"] and "not a reader id" in rejects[0]["reason"]
+
+
+def test_any_exception_from_one_image_is_its_reject_row_and_the_run_finishes(pipeline, tmp_path, monkeypatch):
+    """A decoder that fails in a way nobody foresaw (an IndexError from a malformed LUT, a KeyError):
+    that image is a reject row with the exception's type and message; every other image is sharded."""
+    import shutil
+    from radacx_cache.config import load_config
+    from radacx_cache.stages import shards as shard_stage
+    cfg0 = pipeline["cfg"]
+    shutil.copytree(cfg0.work / "cohort", tmp_path / "cohort")
+    cfg = load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg0.archive.root}",
+                             f"archive.chexmask_csv={cfg0.archive.chexmask_csv}", "seed=7", "shards.rows_per_shard=64",
+                             "shards.backend=sequential", "shards.max_reject_share=0.5"])
+    cohort = pd.read_csv(tmp_path / "cohort" / "cohort.csv", dtype={"dicom_id": str})
+    victims = {cohort["dicom_id"].iloc[3]: IndexError("LUT descriptor promises 4096 entries, data holds 12"),
+               cohort["dicom_id"].iloc[40]: KeyError("Rows")}
+    by_path = dict(zip(cohort["path"], cohort["dicom_id"]))
+    real_bytes = shard_stage._image_bytes
+
+    def failing_bytes(root, path, strict):
+        if by_path.get(path) in victims:
+            raise victims[by_path[path]]
+        return real_bytes(root, path, strict)
+    monkeypatch.setattr(shard_stage, "_image_bytes", failing_bytes)
+    shard_stage.build_shards(cfg, progress=False)
+    rejects = pd.read_csv(tmp_path / "shards" / "rejects.csv", dtype=str)
+    for dicom_id, exc in victims.items():
+        row = rejects[rejects["id"] == dicom_id]
+        assert len(row) == 1 and row["reason"].iloc[0].startswith(type(exc).__name__), row
+    index = pd.read_csv(tmp_path / "shards" / "index.csv", dtype={"dicom_id": str})
+    assert not set(victims) & set(index["dicom_id"]) and len(index) >= len(cohort) - len(rejects)
