@@ -7,6 +7,7 @@ import io
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 
 def stable_hash(obj, n: int = 16) -> str:
@@ -215,3 +217,32 @@ def jpeg_bytes(pixels: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+class _LogLines(io.TextIOBase):
+    """Where a progress bar writes off a terminal: each refresh becomes one log line."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        if text.strip("\r\n "):
+            self.logger.info("%s", text.strip("\r\n "))
+        return len(text)
+
+
+PROGRESS_EVERY = 30.0  # seconds between progress lines in a log (Slurm, nohup, a pipe)
+
+
+def progress_bar(iterable=None, *, enabled: bool = True, every: float = PROGRESS_EVERY, **kwargs) -> tqdm:
+    """A tqdm bar on a terminal; off a terminal (a scheduler's log file) the same progress as a log line
+    at most every ``every`` seconds: done / total, percent, rate and ETA. ``enabled=False``: silent."""
+    if not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return tqdm(iterable, file=_LogLines(logging.getLogger("radacx_cache.progress")), mininterval=every,
+                bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%), {rate_fmt}, elapsed {elapsed}, "
+                           "ETA {remaining}", **kwargs)
+

@@ -103,7 +103,8 @@ def rank_pixels(smap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Flat pixel indices from the map's highest value down; ties (a flat map, a map of zeros) are
     broken in a seeded random order, never in raster order (which would delete the top rows first)."""
     values = np.asarray(smap, np.float64).ravel()
-    return np.lexsort((rng.permutation(values.size), -values))
+    shuffled = rng.permutation(values.size)  # a stable sort of a random order: ties stay in that random order
+    return shuffled[np.argsort(-values[shuffled], kind="stable")]
 
 
 def curve_images(image: np.ndarray, fill: np.ndarray, order: np.ndarray, steps: int, curve: str) -> np.ndarray:

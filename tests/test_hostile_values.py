@@ -1,6 +1,8 @@
 """Hostile values in what is read and written (issue 28, in part): spreadsheet formulas in archive
 values, tables saved with Excel's byte-order mark and CRLF, a config key given twice, an oversized
 reader number. Each is what a real archive or a hand-edited file can carry."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,3 +99,95 @@ def test_any_exception_from_one_image_is_its_reject_row_and_the_run_finishes(pip
         assert len(row) == 1 and row["reason"].iloc[0].startswith(type(exc).__name__), row
     index = pd.read_csv(tmp_path / "shards" / "index.csv", dtype={"dicom_id": str})
     assert not set(victims) & set(index["dicom_id"]) and len(index) >= len(cohort) - len(rejects)
+
+
+# ---------------------------------------------------------------- DICOM headers that crashed the shards stage
+def _dicom(edit=None, syntax=None) -> bytes:
+    """A valid 12-bit radiograph (the phantom's writer), optionally edited with pydicom and re-saved."""
+    import io
+    import pydicom
+    from radacx_cache.phantom.layouts.vindr import dicom_bytes
+    stored = (np.arange(64 * 48).reshape(64, 48) % 4000).astype(np.uint16)
+    data = dicom_bytes(stored, "MONOCHROME2", 1.0, 0.0, (2000.0, 4000.0))
+    if edit is None and syntax is None:
+        return data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if edit is not None:
+        edit(ds)
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _empty(keyword):
+    def edit(ds):
+        ds[keyword].value = None
+    return edit
+
+
+def _short_lut(ds):
+    from pydicom.dataset import Dataset
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]  # promises 4096 entries
+    item.add_new(0x00283006, "OW", np.zeros(12, "<u2").tobytes())  # LUTData: holds 12
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [item]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_empty("Rows"), "Rows is empty"),
+    (_empty("SamplesPerPixel"), "SamplesPerPixel is empty"),
+    (_empty("BitsAllocated"), "BitsAllocated is empty"),
+    (_short_lut, "Modality LUT Sequence cannot be applied"),
+])
+def test_a_malformed_dicom_header_is_a_dicom_error_naming_the_element(edit, message):
+    from radacx_cache.sources.dicom import DicomError, decode_dicom
+    assert decode_dicom(_dicom())[1] == (64, 48)
+    with pytest.raises(DicomError, match=re.escape(message)):
+        decode_dicom(_dicom(edit))
+
+
+def test_a_deflated_dicom_is_refused_before_it_is_inflated():
+    """A deflate bomb: 60 MB of zeros behind a Deflated Explicit VR file meta, about 60 KB on disk."""
+    import tracemalloc
+    import zlib
+    from radacx_cache.sources.dicom import DEFLATED, DicomError, read_header, transfer_syntax
+    deflated = _dicom(syntax=DEFLATED)
+    assert transfer_syntax(deflated) == DEFLATED
+    cut = deflated.find(b"\x08\x00\x16\x00")  # the first dataset element after the meta group (0008,0016)
+    body = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = deflated[:cut] + body.compress(b"\x00" * 60_000_000) + body.flush()
+    assert len(bomb) < 200_000
+    tracemalloc.start()
+    with pytest.raises(DicomError, match="Deflated Explicit VR Little Endian is refused"):
+        read_header(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5_000_000, peak
+
+
+def test_progress_off_a_terminal_is_logged_with_done_total_rate_and_eta(caplog):
+    """Under a scheduler (no terminal) a long stage still says how far it is (issue 29)."""
+    import logging
+    from radacx_cache._io import progress_bar
+    with caplog.at_level(logging.INFO, logger="radacx_cache.progress"):
+        for _ in progress_bar(range(5), desc="shards", unit="img", every=0):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "radacx_cache.progress"]
+    assert lines and lines[-1].startswith("shards: 5/5 (100%)") and "img/s" in lines[-1] and "ETA" in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="radacx_cache.progress"):
+        for _ in progress_bar(range(5), desc="quiet", enabled=False):
+            pass
+    assert not caplog.records
+
+
+def test_inspect_on_a_workdir_summarises_its_stages(pipeline):
+    from radacx_cache.stages.inspect import inspect_path
+    text = inspect_path(pipeline["cfg"].work)
+    assert "a radacx workdir" in text and "radacx verify" in text
+    cohort = pd.read_csv(pipeline["cfg"].work / "cohort" / "cohort.csv")
+    assert f"cohort      cohort                   {len(cohort)} images" in text
+    assert "shards      shards" in text

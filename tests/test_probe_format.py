@@ -49,3 +49,19 @@ def test_a_probe_file_from_elsewhere_is_refused_with_the_array_named(tmp_path, c
     write_npz(tmp_path / "bad.npz", **w)
     with pytest.raises(ProbeFormatError, match=message):
         read_probe(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("y,message", [
+    (np.array([[1, 0, -1]] * 30 + [[0, 1, 0]] * 30), ">= 0"),  # a raw label matrix: -1 for uncertain
+    (np.array([[1.0, np.nan, 0]] * 30 + [[0, 1, 0]] * 30), "NaN"),  # scikit-learn's own check
+    (np.array([[0, 0, 0]] * 30 + [[0, 1, 0]] * 30), "no positive class"),
+])
+def test_a_2d_y_that_is_not_class_weights_is_refused(y, message):
+    from radacx_cache.estimators.linear_probe import LinearProbe
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        LinearProbe().fit(X, y)
+    multi_hot = np.abs(y.astype(float))
+    multi_hot[~np.isfinite(multi_hot)] = 0
+    multi_hot[multi_hot.sum(1) == 0, 0] = 1
+    assert LinearProbe().fit(X, multi_hot).predict_proba(X).shape == (60, 3)  # class weights are fitted

@@ -38,6 +38,9 @@ def soft_targets(y, n_classes: int | None = None) -> np.ndarray:
         out[np.arange(len(y)), y.astype(int)] = 1
         return out
     y = y.astype(np.float32)
+    if not np.isfinite(y).all() or (y < 0).any():  # e.g. a raw label matrix with -1 for uncertain
+        raise ValueError("a 2-D y is per-row class weights (multi-hot, or a distribution over the classes): its "
+                         "entries must be finite and >= 0 (map uncertain -1 labels first)")
     s = y.sum(1, keepdims=True)
     if (s <= 0).any():
         raise ValueError(f"{int((s <= 0).sum())} target rows have no positive class")
@@ -61,7 +64,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         changes the number of passes, not the optimum). ``fit`` takes ``sample_weight``.
 
     ``y`` is class labels (scikit-learn's contract: ``check_estimator`` passes) or an (N, K >= 2)
-    multi-hot / soft-target matrix (the probe stage's targets, rows normalised).
+    matrix of per-row class weights (the probe stage's targets): each row is normalised to sum 1 and
+    used as a soft target, so a multi-hot row of m positives puts 1/m on each. This is one softmax over
+    K classes, not K one-vs-rest problems (multi-label); entries must be finite and >= 0.
+    ``preprocess="standardize"`` (the default) standardises the features with the training mean and SD
+    inside the estimator: compare it with a plain ``LogisticRegression`` on raw features only with
+    ``preprocess="none"`` (or that model behind a ``StandardScaler``).
 
     Attributes
     ----------

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
-from .._io import atomic_path, write_json
+from .._io import atomic_path, progress_bar, write_json
 from ..findings import FINDINGS
 from .faults import plant_faults
 from .layouts import CHEXMASK_SUBDIR, LAYOUTS
@@ -256,7 +255,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
     subject_ids = lay.subjects(rng, n_patients)
     study_pool = iter(rng.choice(np.arange(50_000_000, 60_000_000), n_patients * 5, replace=False))
     images = []  # (row dict, labels) kept only long enough to write
-    for subject in tqdm(subject_ids, desc="phantom patients", disable=None if progress else True):
+    for subject in progress_bar(subject_ids, desc="phantom patients", enabled=progress):
         split = lay.split(rng)
         date = 2100_00_00 + int(rng.integers(1, 80)) * 1_00_00 + 101
         for study_number in range(1 if lay.one_image_per_patient else int(rng.integers(1, 5))):
@@ -287,7 +286,7 @@ def generate(out: str | Path, *, n_patients: int = 300, long_side: int = 448, se
                                    "split": split})
                 images.append((row, labels))
     log.info("phantom (%s): %d patients, %d studies, %d images", layout, n_patients, len(label_rows), len(images))
-    for row, labels in tqdm(images, desc="phantom images", disable=None if progress else True):
+    for row, labels in progress_bar(images, desc="phantom images", enabled=progress):
         img_rng = np.random.default_rng([seed, int(row["study_id"]), lay.image_seed(row)])
         path = root / row["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 from .._lazy import LazyModule
 
 pydicom = LazyModule("pydicom")  # imported on the first DICOM: the other archives never need it
+filereader = LazyModule("pydicom.filereader")
 MAGIC_OFFSET = 128  # a DICOM file: 128-byte preamble, then b"DICM" (PS3.10 7.1)
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
@@ -55,10 +56,41 @@ def _number(ds, keyword: str, default=None):
     return out
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _integer(ds, keyword: str, default=None, low: int = 0, high: int = 1 << 20) -> int | None:
+    """An integer attribute, checked: present (or ``default``), a whole number in [low, high]. Every
+    integer of the header is read here (an empty ``Rows`` is a DicomError, not ``int(None)``)."""
+    if keyword in ds and ds.get(keyword) in (None, ""):
+        raise DicomError(f"{keyword} is empty (a header element without a value)")
+    value = _number(ds, keyword, default)
+    if value is None:
+        raise DicomError(f"DICOM file has no {keyword}")
+    if value != int(value) or not low <= value <= high:
+        raise DicomError(f"{keyword} {value:g} is not a whole number in [{low}, {high}]")
+    return int(value)
+
+
+def transfer_syntax(data: bytes) -> str:
+    """The file meta's TransferSyntaxUID, read before the dataset (whose parsing may inflate it)."""
+    fp = io.BytesIO(data)
+    try:
+        filereader.read_preamble(fp, False)
+        meta = filereader._read_file_meta_info(fp)  # pydicom 3's reader of group 0002 alone (pinned < 4)
+    except Exception as exc:
+        raise DicomError(f"cannot read the DICOM file meta ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return str(meta.get("TransferSyntaxUID", "")).strip()
+
+
 def read_header(data: bytes):
-    """The parsed dataset, its attributes checked; the pixel data not yet decoded."""
+    """The parsed dataset, its attributes checked; the pixel data not yet decoded. The file meta is read
+    first: a deflated dataset is refused before pydicom inflates it (a 1 MB file can inflate to 1 GiB)."""
     if not is_dicom(data):
         raise DicomError("not a DICOM file (no 'DICM' after the 128-byte preamble)")
+    if transfer_syntax(data) == DEFLATED:
+        raise DicomError("transfer syntax Deflated Explicit VR Little Endian is refused (the whole dataset would be "
+                         "inflated before any size check); save the file uncompressed or as JPEG / JPEG 2000")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except Exception as exc:
@@ -69,10 +101,11 @@ def read_header(data: bytes):
     photometric = str(ds.PhotometricInterpretation).strip()
     if photometric not in PHOTOMETRIC:
         raise DicomError(f"PhotometricInterpretation {photometric[:20]!r} is not MONOCHROME1/2 (not a grey radiograph)")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    if _integer(ds, "SamplesPerPixel", 1) != 1 or (_integer(ds, "NumberOfFrames", 1) or 1) != 1:
         raise DicomError("DICOM file holds several samples per pixel or several frames (not one grey radiograph)")
-    if int(ds.BitsAllocated) not in (8, 16):
-        raise DicomError(f"BitsAllocated {int(ds.BitsAllocated)} is not 8 or 16")
+    if _integer(ds, "BitsAllocated") not in (8, 16):
+        raise DicomError(f"BitsAllocated {_integer(ds, 'BitsAllocated')} is not 8 or 16")
+    _integer(ds, "Rows", low=1), _integer(ds, "Columns", low=1)
     return ds
 
 
@@ -85,13 +118,14 @@ def to_grey(ds) -> np.ndarray:
         name = getattr(syntax, "name", syntax)
         raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {type(exc).__name__}: "
                          f"{str(exc)[:120]})") from None
-    if stored.shape != (int(ds.Rows), int(ds.Columns)):
-        raise DicomError(f"pixel data is {stored.shape}, not the declared {int(ds.Rows)}x{int(ds.Columns)}")
+    rows, cols = _integer(ds, "Rows", low=1), _integer(ds, "Columns", low=1)
+    if stored.shape != (rows, cols):
+        raise DicomError(f"pixel data is {stored.shape}, not the declared {rows}x{cols}")
     slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
     if slope == 0:
         raise DicomError("RescaleSlope is 0 (every pixel would be the same)")
     if "ModalityLUTSequence" in ds:
-        values = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), np.float64)
+        values = np.asarray(_lut(pydicom.pixels.apply_modality_lut, stored, ds, "Modality LUT"), np.float64)
     else:
         values = stored.astype(np.float64) * slope + intercept
     center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
@@ -101,11 +135,23 @@ def to_grey(ds) -> np.ndarray:
         grey = linear_window(values, center, width)
     else:
         if "VOILUTSequence" in ds:
-            values = np.asarray(pydicom.pixels.apply_voi_lut(values, ds), np.float64)
+            values = np.asarray(_lut(pydicom.pixels.apply_voi_lut, values, ds, "VOI LUT"), np.float64)
         grey = percentile_window(values, min_range=1e-9)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         grey = 1.0 - grey
     return np.round(grey * 255).astype(np.uint8)
+
+
+def _lut(apply, values, ds, what: str):
+    """A LUT sequence applied by pydicom; a descriptor that promises more entries than its data holds
+    (or any other malformed LUT) is a DicomError naming it."""
+    try:
+        out = apply(values, ds)
+    except Exception as exc:
+        raise DicomError(f"{what} Sequence cannot be applied ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not np.isfinite(np.asarray(out, np.float64)).all():
+        raise DicomError(f"{what} Sequence gives non-finite values")
+    return out
 
 
 def percentile_window(values: np.ndarray, min_range: float) -> np.ndarray:
@@ -127,7 +173,7 @@ def decode_dicom(data: bytes, expected: tuple[int, int] | None = None, max_pixel
     ``expected`` (with ``fits(size, expected)``, exact equality by default) and ``max_pixels`` before
     the pixel data is decoded."""
     ds = read_header(data)
-    size = (int(ds.Rows), int(ds.Columns))
+    size = (_integer(ds, "Rows", low=1), _integer(ds, "Columns", low=1))
     if expected is not None:
         want = tuple(int(v) for v in expected)
         if not (fits(size, want) if fits else size == want):

@@ -16,9 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .._io import atomic_path, refuse_links_below_root, stage_run
+from .._io import atomic_path, progress_bar, refuse_links_below_root, stage_run
 from ..config import Config
 from ..formats.features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
                        create_partial)
@@ -122,8 +121,7 @@ def _compute(partial: Path, runs: list[tuple], encoder: _Encoder, shards: ShardS
     """Encode ``runs`` into ``partial``, one block's rows written at a time."""
     loader = ordered_loader(shards, variant, [r for _, r in runs], num_workers=num_workers,
                             pin_memory=encoder.device.type == "cuda")
-    bar = tqdm(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img",
-               disable=None if progress else True)
+    bar = progress_bar(total=sum(len(r[3]) for _, r in runs), desc=f"embed {variant}", unit="img", enabled=progress)
     block, parts, done = None, [], 0  # counted here: a disabled bar (no terminal) counts nothing
     t0 = time.perf_counter()
 

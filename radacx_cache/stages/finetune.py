@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.algorithms.join import Join
-from tqdm import tqdm
 
-from .._io import atomic_path, remove_stale_tmp, stable_hash, stage_run, write_json
+from .._io import atomic_path, progress_bar, remove_stale_tmp, stable_hash, stage_run, write_json
 from ..arms import IMAGE_VARIANTS, finetune_test_variants, variant_arm
 from ..augment import augment
 from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
@@ -211,8 +210,8 @@ def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
     ft, state = run.cfg.finetune, run.state
     aug_gen = torch.Generator().manual_seed(run.cfg.seed)
     run.model.train()
-    bar = tqdm(total=len(run.stream), initial=state.batches_consumed, unit="batch",
-               desc=f"{run.arm} epoch {state.epoch}", disable=None if progress else True)
+    bar = progress_bar(total=len(run.stream), initial=state.batches_consumed, unit="batch", enabled=progress,
+                       desc=f"{run.arm} epoch {state.epoch + 1}/{run.cfg.finetune.epochs}")
     t0, seen, skipped = time.perf_counter(), 0, 0
     join = contextlib.nullcontext()
     if run.world.distributed:

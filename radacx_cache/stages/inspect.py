@@ -9,6 +9,35 @@ import h5py
 from ..figures import montage
 from ..formats.hdf5 import open_checked
 from ..formats.shardset import MANIFEST_NAME, SPLITS, ShardSet, check_row_shapes
+from ..workdir import Workdir
+
+
+def workdir_summary(root: Path) -> str:
+    """One line per finished stage of a workdir, from its records (read, not verified: `radacx verify`)."""
+    work = Workdir(root)
+    records = [("cohort", work.cohort_manifest), ("shards", work.shards_manifest),
+               *(("embed", p) for p in sorted((root / "features").glob("*/manifest.json"))),
+               ("probe", work.probes_record),
+               *(("finetune", p) for p in sorted((root / "finetune").glob("*/manifest.json"))),
+               *(("predictions", p) for p in sorted(work.predictions_dir.glob("*/manifest.json"))),
+               ("saliency", work.saliency_record), ("report", work.report_record)]
+    lines = [f"{root}: a radacx workdir"]
+    for stage, path in records:
+        if not path.is_file():
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            lines.append(f"  {stage:11s} {path.relative_to(root)}: unreadable")
+            continue
+        facts = {"cohort": lambda r: f"{r.get('rows')} images, {r.get('rejects')} rejected ({r.get('archive_name')})",
+                 "shards": lambda r: f"{sum(s.get('rows', 0) for s in r.get('shards', []))} images in "
+                                     f"{len(r.get('shards', []))} shards",
+                 "predictions": lambda r: f"arm {r.get('arm')}, tested on {', '.join(r.get('tested_on', []))}"}
+        fact = facts.get(stage, lambda r: f"{len(r.get('files', {}))} file(s)")(rec)
+        lines.append(f"  {stage:11s} {str(path.parent.relative_to(root)):24s} {fact}")
+    lines.append("integrity: `radacx verify " + str(root) + "` re-hashes every file and checks each chain")
+    return "\n".join(lines)
 
 
 def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) -> str:
@@ -16,8 +45,11 @@ def inspect_path(path: str | Path, png: str | Path | None = None, n: int = 8) ->
     lines = [str(path)]
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return _folder_summary(path)
+    if path.is_dir() and Workdir(path).cohort_manifest.is_file():
+        return workdir_summary(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected a shard, a feature cache or a shard folder)")
+        raise FileNotFoundError(f"{path}: no such file (expected a workdir, a shard, a feature cache or a shard "
+                                f"folder)")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path}: not an HDF5 file (expected a shard or a feature cache)")
     with open_checked(path) as f:  # no links, external storage or virtual datasets

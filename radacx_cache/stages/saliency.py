@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from .._io import atomic_path, read_json, stage_run, write_csv, write_json
+from .._io import atomic_path, progress_bar, read_json, stage_run, write_csv, write_json
 from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
 from ..config import Config
 from ..formats.checkpoints import Classifier, load_checkpoint
@@ -145,7 +144,7 @@ class _Batch:
 
 
 def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, truth: dict,
-            boxes: dict | None = None, variants=IMAGE_VARIANTS) -> dict:
+            boxes: dict | None = None, variants=IMAGE_VARIANTS, cascade_on: str = "original") -> dict:
     """Everything measured on one arm, on the sampled images and every test ``variant``:
 
     - ``rows``: per image, method and ``source`` the region metrics of the saliency map for the
@@ -155,8 +154,9 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
       region deleted or kept alone (``interventions``), beside the intact image's;
     - ``curves``: per image and map (the model's, a random order, the anatomy, the input intensity),
       the deletion and insertion areas for the class the map explains;
-    - ``cascade``: per image and randomisation level, the rank correlation of the map with the
-      map of a network whose head (and top encoder blocks) were re-drawn."""
+    - ``cascade``: per image and randomisation level, on the ``cascade_on`` test images (the arm's
+      own training variant: the check is of the method, one variant suffices), the rank correlation
+      of the map with the map of a network whose head (and top encoder blocks) were re-drawn."""
     sc, out = cfg.saliency, {"rows": [], "occlusion": [], "curves": [], "cascade": []}
     target = first_positive(test.positives(), test.target_order)  # the headline reading's target
     line_width = test.render_config["line_width"]  # the ink as the shards were drawn
@@ -172,7 +172,7 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
         for variant in variants:
             b = _batch(model, sc, batch, items, regs, variant)
             checked = _map_rows(out["rows"], arm, nets, b, sc, classes, target, truth, boxes)
-            for name, n_blocks in levels.items():
+            for name, n_blocks in levels.items() if variant == cascade_on else ():
                 with randomised(model, n_blocks, cfg.seed) as net:
                     maps, _ = explain(sc.check_method, net, b.x, b.pred.tolist(), baseline=b.base,
                                       ig_steps=sc.ig_steps, contrastive=sc.target == "contrastive")
@@ -310,13 +310,15 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     for name in cfg.saliency.variants:
         test.check_variant(name)  # a derived variant of this shard set (variants.json)
     variants = (*IMAGE_VARIANTS, *cfg.saliency.variants)
+    trained_on = {r["arm"]: ARM_BY_NAME[r["arm"].split("-")[0]].trained_on if "-" not in r["arm"]
+                  else r["arm"].split("-", 1)[1] for r in records}
     found: dict = {"rows": [], "occlusion": [], "curves": [], "cascade": []}
     log.info("saliency: %d arm(s) x %d test variant(s) x %d images (%d with boxes)", len(records), len(variants),
              len(positions), len(boxes))
-    for rec in tqdm(records, desc="saliency", disable=None if progress else True):
+    for rec in progress_bar(records, desc="saliency arms", enabled=progress):
         started = time.monotonic()
         for key, rows in run_arm(rec["arm"], arm_model(rec, work, verifier, classes), test, positions, cfg, classes,
-                                 truth, boxes, variants).items():
+                                 truth, boxes, variants, trained_on[rec["arm"]]).items():
             found[key] += rows
         log.info("saliency: %s done in %.0f s (%.2f s per image and test variant)", rec["arm"],
                  time.monotonic() - started, (time.monotonic() - started) / max(1, len(positions) * len(variants)))
@@ -328,8 +330,6 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     n_boot, seed = cfg.report.bootstrap, cfg.seed
     summary = summarise(df, n_boot, seed)
     checks = control_checks(df, cfg.saliency.check_method, n_boot, seed)
-    trained_on = {r["arm"]: ARM_BY_NAME[r["arm"].split("-")[0]].trained_on if "-" not in r["arm"]
-                  else r["arm"].split("-", 1)[1] for r in records}
     write_csv(work.saliency_file("csv"), df)
     for kind, frame in frames.items():
         write_csv(work.intervention_rows(kind), frame)

@@ -23,10 +23,9 @@ import h5py
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, parallel_config
-from tqdm import tqdm
 
-from .._io import (apply_permissions, spreadsheet_safe, atomic_path, cap_threads, file_sha256, read_json, remove_stale_tmp, stable_hash,
-                  stage_lock, write_csv, write_json)
+from .._io import (apply_permissions, atomic_path, cap_threads, file_sha256, progress_bar, read_json,
+                   remove_stale_tmp, spreadsheet_safe, stable_hash, stage_lock, write_csv, write_json)
 from .._version import __version__
 from ..archives import archive
 from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
@@ -347,8 +346,7 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
                                           {"formats": archive(cfg.archive.kind).image_formats,
                                            "strict_links": cfg.archive.strict_links})
                     for t in pending)
-            bar = tqdm(total=sum(len(t.rows) for t in pending), desc="shards", unit="img",
-                       disable=None if progress else True)
+            bar = progress_bar(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", enabled=progress)
             for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
                 done[sidecar["name"]] = sidecar
                 bar.update(sidecar["rows"] + len(sidecar["rejects"]))
