@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -242,7 +243,23 @@ def progress_bar(iterable=None, *, enabled: bool = True, every: float = PROGRESS
         return tqdm(iterable, disable=True, **kwargs)
     if sys.stderr.isatty():
         return tqdm(iterable, **kwargs)
-    return tqdm(iterable, file=_LogLines(logging.getLogger("radacx_cache.progress")), mininterval=every,
-                bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%), {rate_fmt}, elapsed {elapsed}, "
-                           "ETA {remaining}", **kwargs)
+    return _LoggedBar(iterable, file=_LogLines(logging.getLogger("radacx_cache.progress")), mininterval=every,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%), {rate_fmt}, elapsed {elapsed}, "
+                                 "ETA {remaining}", every=every, **kwargs)
+
+
+class _LoggedBar(tqdm):
+    """A bar whose every refresh is a log line: at most one per ``every`` seconds, whatever calls
+    refresh (``set_postfix`` does on each step), and the last one when it closes."""
+
+    def __init__(self, *args, every: float = PROGRESS_EVERY, **kwargs):
+        self._every, self._logged = every, -float("inf")
+        super().__init__(*args, **kwargs)
+
+    def refresh(self, nolock=False, lock_args=None):
+        now = time.monotonic()
+        if now - self._logged < self._every and not (self.total and self.n >= self.total):
+            return
+        self._logged = now
+        super().refresh(nolock=nolock, lock_args=lock_args)
 

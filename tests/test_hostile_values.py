@@ -191,3 +191,18 @@ def test_inspect_on_a_workdir_summarises_its_stages(pipeline):
     cohort = pd.read_csv(pipeline["cfg"].work / "cohort" / "cohort.csv")
     assert f"cohort      cohort                   {len(cohort)} images" in text
     assert "shards      shards" in text
+
+
+def test_progress_lines_are_rate_limited_whatever_refreshes_the_bar(caplog):
+    """A training loop calls set_postfix on every step (a refresh): the log still gets one line per
+    interval and the last one, not one per step."""
+    import logging
+    from radacx_cache._io import progress_bar
+    with caplog.at_level(logging.INFO, logger="radacx_cache.progress"):
+        bar = progress_bar(total=500, desc="V3 epoch 1/20", unit="batch", every=3600)
+        for _ in range(500):
+            bar.update(1)
+            bar.set_postfix(loss="0.5")
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "radacx_cache.progress"]
+    assert 1 <= len(lines) <= 3 and lines[-1].startswith("V3 epoch 1/20: 500/500 (100%)"), lines

@@ -248,6 +248,10 @@ def glance_section(data: dict, n_boot: int) -> Section | None:
                   "[95% CI], and beyond an equal-area control)",
                   ["Arm", "Test images", "n", "Lungs + heart deleted", "beyond equal area outside anatomy",
                    "Finding deleted", "beyond equal area", "Map vs intensity: deletion gain", "insertion gain", "Head"])
+    ref = data.get("reference") or {}
+    sec.rows.append([f"reference: ignores the image (majority {ref.get('majority_class', '?')} "
+                     f"{ref.get('majority', float('nan')):.3f}, chance {ref.get('chance', float('nan')):.3f})", "any",
+                     ref.get("n", "–"), "+0.000", "+0.000", "+0.000", "+0.000", "+0.000", "+0.000", "constant"])
     for arm, variant in dict.fromkeys((k[0], k[1]) for k in occ):
         anat, find = occ.get((arm, variant, "anatomy", "delete")), occ.get((arm, variant, "finding", "delete"))
         out_eff = anat and anat["controls"].get("equal_area_outside")
@@ -260,8 +264,9 @@ def glance_section(data: dict, n_boot: int) -> Section | None:
                          _diff(find_eff["effect"] if find_eff else None, n_boot)[0],
                          *(_diff(g, n_boot)[0] for g in gains),
                          _head_flag(head) or "ok"])
-    sec.notes.append("A model that ignores the image scores +0.000 everywhere. Full tables, keep-alone, every "
-                     "region, the cascade and completeness: results/saliency.md (docs/saliency.md).")
+    sec.notes.append("Drops and gains on the same sampled images, paired patient bootstrap; a model that ignores the "
+                     "image scores +0.000 everywhere (the reference row). Full tables, keep-alone, every region, the "
+                     "cascade and completeness: results/saliency.md (docs/saliency.md).")
     return sec
 
 
