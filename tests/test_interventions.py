@@ -327,3 +327,24 @@ def test_every_boxed_image_joins_the_sample_up_to_the_cap():
     assert len(set(capped) & set(boxed)) >= 30 and set(plain) <= set(capped)
     assert (sample_images(test, 48, 0, boxed, cap=30) == capped).all()  # seeded
     assert (sample_images(test, 48, 0, boxed, cap=0) == plain).all()
+
+
+def test_the_ig_baseline_is_the_blur_whatever_fill_the_interventions_use():
+    from radacx_cache.stages.saliency import _batch
+
+    class Flat(torch.nn.Module):
+        lm = LM
+
+        def forward(self, x):
+            return torch.zeros(len(x), 3)
+    pixels = np.stack([textured(i) for i in range(3)])
+    items = [{"original": p} for p in pixels]
+    for fill in ("mean", "blur"):
+        b = _batch(Flat(), SimpleNamespace(fill=fill, blur_sigma=4.0, baseline="blur"), np.arange(3), items,
+                   [None] * 3, "original")
+        blurred = np.stack([fill_image(p, "blur", 4.0) for p in pixels])
+        assert torch.equal(b.base, LM.to_input(torch.from_numpy(blurred))), fill
+        assert (b.fills == np.stack([fill_image(p, fill, 4.0) for p in pixels])).all()
+    black = _batch(Flat(), SimpleNamespace(fill="blur", blur_sigma=4.0, baseline="black"), np.arange(3), items,
+                   [None] * 3, "original")
+    assert float(black.base.abs().max()) == 0.0

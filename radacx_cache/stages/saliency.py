@@ -188,9 +188,11 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
 def _batch(model, sc, positions, items, regs, variant: str) -> _Batch:
     lm = model.lm
     pixels = np.stack([it[variant] for it in items])
-    fills = np.stack([fill_image(p, sc.fill, sc.blur_sigma) for p in pixels])
+    fills = np.stack([fill_image(p, sc.fill, sc.blur_sigma) for p in pixels])  # the curves' fill
+    blurred = fills if sc.fill == "blur" else np.stack([fill_image(p, "blur", sc.blur_sigma) for p in pixels])
     x = lm.to_input(torch.from_numpy(pixels))
-    base = lm.to_input(torch.from_numpy(fills) if sc.baseline == "blur" else torch.zeros_like(torch.from_numpy(pixels)))
+    # IG's baseline is the blurred image (saliency.baseline), whatever fill the interventions use
+    base = lm.to_input(torch.from_numpy(blurred) if sc.baseline == "blur" else torch.zeros_like(torch.from_numpy(pixels)))
     proba = predict(model, lm, pixels)
     return _Batch(positions, items, regs, variant, pixels, fills, x, base, proba, proba.argmax(1))
 
