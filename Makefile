@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo demo-ablation demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick bench clean
+.PHONY: help install demo demo-ablation demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick fuzz bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -60,6 +60,9 @@ test: install ## the test suite (CPU, generated data, ~minutes)
 
 test-quick: install ## the tests that build no phantom pipeline (under a minute)
 	$(PY) -m pytest -q -m "not slow and not pipeline" tests
+
+fuzz: install ## the property-based fuzz suite with a large example budget (tests/test_fuzz.py; ~10 minutes)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py
 
 bench: install ## throughput benchmarks (ratios against named baselines)
 	$(PY) benchmarks/shards.py

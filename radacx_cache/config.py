@@ -95,7 +95,7 @@ class RenderConfig:
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
     mask_supersample: int = _within(2, 1, 8)
-    variants: dict = field(default_factory=dict)  # overlay ablations: name -> settings (overlays.py), drawn at read time
+    variants: dict = field(default_factory=dict)  # overlay ablations: name -> settings, drawn at read time
 
     def __post_init__(self):
         if not 0 < self.fill_alpha <= 1:
@@ -309,7 +309,7 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
+            f"unknown config key {(prefix + str(unknown[0]))[:80]!r}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         key = prefix + name

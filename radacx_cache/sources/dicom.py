@@ -171,7 +171,18 @@ def decode_dicom(data: bytes, expected: tuple[int, int] | None = None, max_pixel
                  fits=None) -> tuple[np.ndarray, tuple[int, int]]:
     """8-bit grey pixels and (Rows, Columns) of a DICOM radiograph. The size is checked against
     ``expected`` (with ``fits(size, expected)``, exact equality by default) and ``max_pixels`` before
-    the pixel data is decoded."""
+    the pixel data is decoded. Any failure inside pydicom (it converts a header element when it is
+    first read: a wrong length, an unknown VR) is a DicomError naming what pydicom said."""
+    try:
+        return _decode(data, expected, max_pixels, fits)
+    except DicomError:
+        raise
+    except Exception as exc:  # noqa: BLE001  a malformed element read lazily: this file's reject, one line
+        raise DicomError(f"malformed DICOM header or pixel data ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from None
+
+
+def _decode(data: bytes, expected, max_pixels: int, fits) -> tuple[np.ndarray, tuple[int, int]]:
     ds = read_header(data)
     size = (_integer(ds, "Rows", low=1), _integer(ds, "Columns", low=1))
     if expected is not None:

@@ -276,7 +276,6 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
                                 run.cfg.finetune.batch_size), val.positives(), order=val.target_order)  # headline
     state.history.append({"epoch": state.epoch, "val_accuracy": val_acc})
     log_rows.writerow([state.epoch, state.step, "", "", "", "", f"{val_acc:.5f}"])
-    log.info("finetune %s: epoch %d val accuracy %.4f", run.variant, state.epoch, val_acc)
     state.epoch += 1
     state.batches_consumed = 0
     run.stream.resume_batches = 0
@@ -285,6 +284,8 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
         run.save(run.best)
     else:
         state.bad_epochs += 1
+    log.info("finetune %s: epoch %d/%d val accuracy %.4f (best %.4f; %d of %d epochs without gain)", run.variant,
+             state.epoch, run.cfg.finetune.epochs, val_acc, state.best, state.bad_epochs, run.cfg.finetune.patience)
     run.save(run.last)
     if state.bad_epochs >= run.cfg.finetune.patience:
         log.info("finetune %s: early stop after %d epochs without improvement", run.variant,
