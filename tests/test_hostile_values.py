@@ -206,3 +206,38 @@ def test_progress_lines_are_rate_limited_whatever_refreshes_the_bar(caplog):
         bar.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "radacx_cache.progress"]
     assert 1 <= len(lines) <= 3 and lines[-1].startswith("V3 epoch 1/20: 500/500 (100%)"), lines
+
+
+def test_records_that_name_each_other_as_upstream_are_a_cycle_not_a_recursion_error(tmp_path):
+    """Two re-sealed records from elsewhere, each the other's upstream: one RecordError naming the
+    cycle (it was 'maximum recursion depth exceeded')."""
+    import json as _json
+    from radacx_cache.formats.records import RecordError, Verifier, seal
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for me, other in (("a", "b"), ("b", "a")):
+        data = seal({"stage": "cohort", "command": "radacx cohort", "files": {}, "record_version": 1,
+                     "upstream": {f"{other}/manifest.json": "0" * 16}})
+        (tmp_path / me / "manifest.json").write_text(_json.dumps(data))
+    with pytest.raises(RecordError, match="upstream records form a cycle"):
+        Verifier(tmp_path).record(tmp_path / "a" / "manifest.json")
+
+
+def test_verify_calls_a_record_behind_a_link_broken_and_writes_nothing_through_it(tmp_path):
+    """A workdir whose cohort/ is a link to a folder elsewhere: verify says BROKEN for it and leaves no
+    .verified.json there (it used to write one through the link and call the record intact)."""
+    from radacx_cache.formats.records import VERIFIED, write_record
+    from radacx_cache.stages.verify import verify_workdir
+    elsewhere, work = tmp_path / "elsewhere", tmp_path / "work"
+    (elsewhere / "cohort").mkdir(parents=True)
+    (elsewhere / "cohort" / "cohort.csv").write_text("dicom_id\nx\n")
+    write_record(elsewhere / "cohort" / "manifest.json", elsewhere, "cohort", "radacx cohort", files=["cohort.csv"])
+    (elsewhere / "cohort" / VERIFIED).unlink(missing_ok=True)
+    assert verify_workdir(elsewhere)[1]  # intact where it lives
+    (elsewhere / "cohort" / VERIFIED).unlink(missing_ok=True)
+    work.mkdir()
+    (work / "cohort").symlink_to(elsewhere / "cohort")
+    lines, ok = verify_workdir(work)
+    assert not ok and any(line.startswith("BROKEN  cohort/manifest.json") and "reached through the link" in line
+                          for line in lines), lines
+    assert not (elsewhere / "cohort" / VERIFIED).exists()

@@ -108,6 +108,20 @@ def rel_to(root: Path, path: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def link_below(root: Path, path: Path) -> Path | None:
+    """The first symbolic link among the folders from ``root`` (exclusive) down to ``path``'s folder, or None."""
+    try:
+        rel = Path(os.path.normpath(path.absolute())).relative_to(os.path.normpath(root.absolute()))
+    except ValueError:
+        return None
+    here = root
+    for part in rel.parts[:-1]:
+        here = here / part
+        if here.is_symlink():
+            return here
+    return None
+
+
 def _stat_key(path: Path) -> list:
     st = path.stat()
     return [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns]
@@ -135,9 +149,11 @@ def _remember(folder: Path, hashes: dict) -> None:
         pass
 
 
-def check_files(folder: Path, expected: dict, what: str, command: str, rehash: bool = False) -> None:
+def check_files(folder: Path, expected: dict, what: str, command: str, rehash: bool = False,
+                remember: bool = True) -> None:
     """Every file of ``expected`` ({name: {bytes, sha256}}) present and unchanged, hashed at most
-    once per (inode, ctime, size, mtime) unless ``rehash``."""
+    once per (inode, ctime, size, mtime) unless ``rehash``; ``remember=False``: write no
+    ``.verified.json`` (a folder reached through a link)."""
     known, fresh = ({} if rehash else _load_verified(folder)), {}
     for name, entry in expected.items():
         path = folder / safe_relpath(name, what)
@@ -150,7 +166,7 @@ def check_files(folder: Path, expected: dict, what: str, command: str, rehash: b
             raise RecordError(f"{path} changed after `{command}` wrote it (its sha256 is not the one in {what}); "
                               f"rerun `{command}`")
         fresh[name] = entry["sha256"]
-    if fresh:
+    if fresh and remember:
         _remember(folder, fresh)
 
 
@@ -178,18 +194,36 @@ def read_record(path: Path, stage: str | None = None, command: str | None = None
 class Verifier:
     """Verifies records and the chain above them, each once per run (``radacx verify``, every stage)."""
 
-    def __init__(self, root: str | Path, rehash: bool = False):
+    def __init__(self, root: str | Path, rehash: bool = False, refuse_links: bool = False):
         self.root = Path(root)
         self.rehash = rehash
+        # `radacx verify`: a record reached through a link below the workdir is BROKEN, not followed; the
+        # stages read through such links (a workdir may share finished stages) but never write through them
+        self.refuse_links = refuse_links
         self.done: dict[str, Record] = {}
+        self._open: list[str] = []  # the chain being walked: a record met again on it is a cycle
 
     def record(self, path: Path, stage: str | None = None, command: str | None = None) -> Record:
         rel = rel_to(self.root, Path(path))
         if rel in self.done:
             return self.done[rel]
+        if rel in self._open:  # records from elsewhere can name each other as upstream: never recurse forever
+            raise RecordError(f"{path}: upstream records form a cycle ({' -> '.join([*self._open, rel])}); "
+                              f"no stage writes that, rerun the stages named in them")
+        self._open.append(rel)
+        try:
+            return self._record(path, rel, stage, command)
+        finally:
+            self._open.pop()
+
+    def _record(self, path: Path, rel: str, stage: str | None, command: str | None) -> Record:
+        link = link_below(self.root, Path(path))
+        if link is not None and self.refuse_links:
+            raise RecordError(f"{path}: reached through the link {link} (-> {os.path.realpath(link)}); verify reads "
+                              f"and writes only inside the workdir (copy the folder in, or verify where it lives)")
         rec = read_record(Path(path), stage, command or WRITERS.get(rel.split("/")[0]))
         cmd = rec.get("command", command or "")
-        check_files(rec.path.parent, rec.get("files", {}), str(rec.path), cmd, self.rehash)
+        check_files(rec.path.parent, rec.get("files", {}), str(rec.path), cmd, self.rehash, remember=link is None)
         for up_rel, up_fp in rec.get("upstream", {}).items():
             up = self.record(self.root / safe_relpath(up_rel, str(rec.path)))
             if up.fingerprint != up_fp:

@@ -6,6 +6,7 @@ verified-once caches (``.verified.json``) of the folders found intact.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..formats.records import RecordError, Verifier, rel_to
@@ -14,8 +15,15 @@ RECORD_NAMES = ("manifest.json", "saliency-manifest.json", "variants.json")
 
 
 def find_records(root: Path) -> list[Path]:
-    """Every stage record under ``root`` (links are not followed), in pipeline order."""
+    """Every stage record under ``root``, in pipeline order. Links are not followed, but a record one
+    or two folders behind a folder link is listed (as seen through the link), so that verify names it
+    BROKEN instead of passing over it."""
     found = [p for p in root.rglob("*.json") if p.name in RECORD_NAMES and not p.is_symlink()]
+    for folder, dirs, _ in os.walk(root):
+        for d in dirs:
+            link = Path(folder) / d
+            if link.is_symlink():
+                found += [p for pattern in ("*", "*/*") for p in link.glob(pattern) if p.name in RECORD_NAMES]
 
     def rank(path: Path):
         top = rel_to(root, path).split("/")[0]
@@ -33,7 +41,7 @@ def verify_workdir(root: str | Path) -> tuple[list[str], bool]:
     records = find_records(root)
     if not records:
         return [f"{root}: no stage records (no stage has finished here)"], False
-    verifier, lines, ok = Verifier(root, rehash=True), [], True
+    verifier, lines, ok = Verifier(root, rehash=True, refuse_links=True), [], True
     for path in records:
         try:
             rec = verifier.record(path)
