@@ -16,7 +16,7 @@ LAYERS = (
     ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
     ("saliency_metrics", "interventions"),
     ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*", "attribution"),
-    ("stages", "stages.*"),
+    ("stages", "stages.*", "results"),
     ("cli", ""),
 )
 LONG_ALLOWED = {("phantom.generator", "generate")}  # the phantom generator reads as a script

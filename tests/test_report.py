@@ -191,3 +191,39 @@ def test_figures_from_the_phantom_say_so_and_the_readings_table_is_there(reporte
     cohort = json.loads((reported["cfg"].work / "cohort" / "manifest.json").read_text())
     counts = cohort["counts"]["train"]
     assert sum(counts["targets"].values()) == counts["images"] <= sum(counts["positives"].values())
+
+
+def test_results_load_matches_the_markdown_table(reported):
+    """radacx_cache.results.load: every Table 1 cell of table1.md is a row of the tidy table (same
+    numbers at the printed precision), p is never 0, and a results file changed since the report
+    wrote it is refused."""
+    import re
+    from radacx_cache import results
+    from radacx_cache.formats.records import RecordError
+    work = reported["cfg"].work
+    df = results.load(work)
+    assert list(df.columns) == results.COLUMNS and not (df["p"] == 0).any()
+    md = (work / "results" / "table1.md").read_text()
+    table = md.split("### Table 1", 1)[1].split("\n\n")[1]
+    checked = 0
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] not in ("Baseline", "V1", "V2"):
+            continue
+        for variant, cell in (("original", cells[2]), ("masked", cells[3])):
+            point, low, high = map(float, re.match(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", cell).groups())
+            row = df[(df.section == "table1") & (df.arm == cells[0]) & (df.tested_on == variant)
+                     & (df.quantity == "accuracy") & (df.detail == "argmax")].iloc[0]
+            assert (round(row.value, 4), round(row.low, 3), round(row.high, 3)) == (point, low, high), cells
+            checked += 1
+        d = df[(df.section == "table1_difference") & (df.arm == cells[0])].iloc[0]
+        assert f"{d.value:+.4f}" in cells[4] and (cells[5].startswith("<") == bool(d.p_below))
+    assert checked == 6
+    path = work / "results" / "table1.json"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original.replace(b'"n_test"', b'"n_test" ', 1))
+        with pytest.raises(RecordError, match="changed after"):
+            results.load(work)
+    finally:
+        path.write_bytes(original)

@@ -293,3 +293,15 @@ def test_a_finished_v3_predicts_a_new_variant_without_training_again(ablated, tm
     assert "thin" in summary["tested_on"] and "test_thin" in summary
     record = json.loads((work / "predictions" / "V3" / "manifest.json").read_text())
     assert "thin.csv" in record["files"] and "thin" in record["tested_on"]
+
+
+def test_results_load_reads_the_ablation_as_the_markdown_prints_it(ablated):
+    from radacx_cache import results
+    df = results.load(ablated["work"])
+    md = (ablated["work"] / "results" / "table1.md").read_text()
+    rows = df[(df.section == "ablation") & (df.quantity == "accuracy")]
+    assert len(rows) >= 10 and set(rows["tested_on"]) >= {"original", "masked", "thick", "filled"}
+    for r in rows.itertuples():
+        assert f"| {r.tested_on} | {r.value:.4f} [{r.low:.3f}, {r.high:.3f}] |" in md, r
+    diffs = df[(df.section == "ablation") & (df.quantity == "accuracy - original")]
+    assert len(diffs) and not (diffs["p"] == 0).any() and diffs["p_below"].dtype == bool
