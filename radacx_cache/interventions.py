@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .metrics import bootstrap_mean, paired_difference, prediction_spread
+from .metrics import bootstrap_finite, paired_finite, prediction_spread
 
 FILLS = ("blur", "mean")
 OCCLUSION_REGIONS = ("lungs", "heart", "anatomy", "outside_anatomy", "finding")
@@ -136,17 +136,12 @@ def curve_auc(probabilities: np.ndarray) -> float:
 
 
 def _boot(values: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    ok = np.isfinite(values)
-    return bootstrap_mean(np.nan_to_num(values), ok, patients, n_boot=n_boot, seed=seed) if ok.any() \
-        else (float("nan"),) * 3
+    return bootstrap_finite(values, patients, n_boot=n_boot, seed=seed)
 
 
 def _paired(a: np.ndarray, b: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict | None:
     """mean(b − a) over the images where both are finite, paired patient bootstrap (None: under two)."""
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2:
-        return None
-    return paired_difference(np.nan_to_num(a), np.nan_to_num(b), ok, patients, n_boot=n_boot, seed=seed)
+    return paired_finite(a, b, patients, n_boot=n_boot, seed=seed)
 
 
 def occlusion_summary(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:

@@ -209,6 +209,25 @@ def paired_difference(values_a, values_b, mask, patients, *, n_boot=1000, seed=0
             "n_boot": n_boot}
 
 
+def bootstrap_finite(values, patients, *, n_boot=1000, seed=0) -> tuple[float, float, float]:
+    """``bootstrap_mean`` over the images whose value is finite (NaN: undefined there, e.g. no box);
+    (nan, nan, nan) where none is."""
+    values = np.asarray(values, float)
+    ok = np.isfinite(values)
+    return bootstrap_mean(np.nan_to_num(values), ok, patients, n_boot=n_boot, seed=seed) if ok.any() \
+        else (float("nan"),) * 3
+
+
+def paired_finite(values_a, values_b, patients, *, n_boot=1000, seed=0) -> dict | None:
+    """``paired_difference`` (mean(b) − mean(a)) over the images where both values are finite; None
+    where fewer than two are."""
+    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return None
+    return paired_difference(np.nan_to_num(a), np.nan_to_num(b), ok, patients, n_boot=n_boot, seed=seed)
+
+
 def bootstrap_ci(proba, positives, patients, *, reading="argmax", n_boot=1000, seed=0, alpha=0.05):
     """(point, low, high) of the accuracy under ``reading``, resampled by patient."""
     values, mask = correctness(np.asarray(proba).argmax(1), positives, reading)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .metrics import bootstrap_mean, paired_difference
+from .metrics import bootstrap_mean, paired_finite
 from .render import boundary
 
 CONTROLS = ("uniform_anatomy", "centred_gaussian", "random_head", "shuffled_maps", "input_intensity")
@@ -147,11 +147,11 @@ def _versus(model: pd.DataFrame, control: pd.DataFrame, metric: str, n_boot: int
     common = model.index.intersection(control.index)
     if len(common) < 2:
         return None
-    a, b = control.loc[common, metric].to_numpy(), model.loc[common, metric].to_numpy()
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2:
-        return None
+    a, b = control.loc[common, metric].to_numpy(float), model.loc[common, metric].to_numpy(float)
     patients = model.loc[common, "subject_id"].to_numpy()
-    d = paired_difference(np.nan_to_num(a), np.nan_to_num(b), ok, patients, n_boot=n_boot, seed=seed)
+    d = paired_finite(a, b, patients, n_boot=n_boot, seed=seed)
+    if d is None:
+        return None
+    ok = np.isfinite(a) & np.isfinite(b)  # the control's value over the same images as the difference
     value = bootstrap_mean(np.nan_to_num(a), ok, patients, n_boot=n_boot, seed=seed)
     return {"value": value, "diff": d, "beaten": bool(d["low"] > 0)}

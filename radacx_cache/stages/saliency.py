@@ -28,7 +28,7 @@ from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
 from ..config import Config
 from ..formats.checkpoints import Classifier, load_checkpoint
 from ..figures import saliency_panels, stamp
-from ..metrics import bootstrap_mean, paired_difference
+from ..metrics import bootstrap_finite, paired_finite
 from ..models import LoadedModel, load_model
 from ..render import Geometry, box_region
 from ..attribution import (Contrastive, RandomHead, curve_rows, explain, occlusion_rows, predict, randomised,
@@ -261,10 +261,9 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
                 continue
             rec = {"arm": arm, "method": method, "metric": metric, "variants": variants}
             for v in variants:
-                vals, area = by[v][metric].to_numpy(), by[v][AREA[metric]].to_numpy()
+                vals, area = by[v][metric].to_numpy(float), by[v][AREA[metric]].to_numpy()
                 ok = np.isfinite(vals)
-                rec[v] = bootstrap_mean(np.nan_to_num(vals), ok, by[v]["subject_id"].to_numpy(), n_boot=n_boot,
-                                        seed=seed) if ok.any() else (np.nan, np.nan, np.nan)
+                rec[v] = bootstrap_finite(vals, by[v]["subject_id"].to_numpy(), n_boot=n_boot, seed=seed)
                 rec[f"{v}_area"] = float(np.mean(area[ok])) if ok.any() else np.nan
                 rec[f"{v}_n"] = int(ok.sum())
             for v in variants[1:]:
@@ -276,10 +275,8 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
 def _paired(base: pd.DataFrame, other: pd.DataFrame, metric: str, n_boot: int, seed: int) -> dict | None:
     """other − base on the images both hold, paired patient bootstrap (None: fewer than two)."""
     common = base.index.intersection(other.index)
-    a, b = base.loc[common, metric].to_numpy(), other.loc[common, metric].to_numpy()
-    ok = np.isfinite(a) & np.isfinite(b)
-    return paired_difference(np.nan_to_num(a), np.nan_to_num(b), ok, base.loc[common, "subject_id"].to_numpy(),
-                             n_boot=n_boot, seed=seed) if ok.sum() > 1 else None
+    return paired_finite(base.loc[common, metric].to_numpy(float), other.loc[common, metric].to_numpy(float),
+                         base.loc[common, "subject_id"].to_numpy(), n_boot=n_boot, seed=seed)
 
 
 def _current_arms(work: Workdir, verifier: Verifier) -> list[Record]:
