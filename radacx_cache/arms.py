@@ -49,6 +49,22 @@ def variant_arm(method: str, trained_on: str) -> str:
     return f"{arm_for(method, 'masked').name}-{trained_on}"
 
 
+def trained_on(arm: str) -> str | None:
+    """The training image variant of an arm (the inverse of ``variant_arm``): V1-V4's from ``ARMS``,
+    ``V2-<variant>`` / ``V4-<variant>``'s variant, None for the zero-shot baseline; KeyError for an unknown arm."""
+    base, _, derived = arm.partition("-")
+    return derived or ARM_BY_NAME[base].trained_on
+
+
+def original_counterpart(arm: str) -> str | None:
+    """The same method's arm trained on original images, for an arm trained on an overlay (V2 and
+    V2-<variant>: V1; V4 and V4-<variant>: V3); None for any other arm."""
+    base = ARM_BY_NAME.get(arm.partition("-")[0])
+    if base is None or trained_on(arm) in (None, "original"):
+        return None
+    return arm_for(base.method, "original").name
+
+
 def finetune_test_variants(trained_on: str, variants) -> tuple[str, ...]:
     """What a fine-tuned arm is tested on: V3 (original) on every variant of the shard set (the
     test-time side of the overlay ablation), V4 on original and masked, V4-<variant> on its own."""

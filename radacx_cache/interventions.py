@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .arms import original_counterpart
 from .metrics import bootstrap_finite, paired_finite, prediction_spread
 
 FILLS = ("blur", "mean")
@@ -182,8 +183,7 @@ def arm_pairs(arms) -> list[tuple[str, str]]:
     """(arm trained on an overlay, the same method's arm trained on original): V2 and V1, V4 and V3,
     V2-<variant> and V1, V4-<variant> and V3, for the arms present."""
     present = set(arms)
-    base = {"V2": "V1", "V4": "V3"}
-    return [(a, base[a.split("-")[0]]) for a in arms if a.split("-")[0] in base and base[a.split("-")[0]] in present]
+    return [(a, base) for a in arms if (base := original_counterpart(a)) in present]
 
 
 def arm_contrasts(df: pd.DataFrame, trained_on: dict, n_boot: int, seed: int, mode: str = "delete") -> list[dict]:

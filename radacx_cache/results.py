@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._io import read_json
-from .arms import ARM_BY_NAME
+from .arms import trained_on
 from .formats.records import Verifier
 from .workdir import Workdir
 
@@ -52,8 +52,10 @@ def _file(record, path: Path) -> Path:
 
 
 def _trained_on(arm: str) -> str | None:
-    base = ARM_BY_NAME.get(arm.split("-")[0])
-    return arm.split("-", 1)[1] if "-" in arm else (base.trained_on if base else None)
+    try:
+        return trained_on(arm)
+    except KeyError:  # an arm this version does not define: its training variant is unknown
+        return None
 
 
 def _row(section, arm, tested_on, quantity, detail, ci=(NAN, NAN, NAN), n=None, n_boot=None, diff=None) -> dict:

@@ -348,3 +348,15 @@ def test_the_ig_baseline_is_the_blur_whatever_fill_the_interventions_use():
     black = _batch(Flat(), SimpleNamespace(fill="blur", blur_sigma=4.0, baseline="black"), np.arange(3), items,
                    [None] * 3, "original")
     assert float(black.base.abs().max()) == 0.0
+
+
+def test_arms_know_their_training_variant_and_their_original_counterpart():
+    from radacx_cache.arms import original_counterpart, trained_on, variant_arm
+    from radacx_cache.interventions import arm_pairs
+    for method, variant in (("probe", "original"), ("probe", "masked"), ("probe", "thick"), ("finetune", "crop")):
+        assert trained_on(variant_arm(method, variant)) == variant  # the inverse of variant_arm
+    assert trained_on("Baseline") is None and original_counterpart("V1") is None
+    assert [original_counterpart(a) for a in ("V2", "V2-thick", "V4", "V4-crop")] == ["V1", "V1", "V3", "V3"]
+    assert arm_pairs(["V1", "V2", "V4", "V2-thick"]) == [("V2", "V1"), ("V2-thick", "V1")]  # V3 absent: no V4 pair
+    with pytest.raises(KeyError):
+        trained_on("V9")

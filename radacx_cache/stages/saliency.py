@@ -25,6 +25,7 @@ import torch
 
 from .._io import atomic_path, progress_bar, read_json, stage_run, write_csv, write_json
 from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
+from ..arms import trained_on as arm_trained_on
 from ..config import Config
 from ..formats.checkpoints import Classifier, load_checkpoint
 from ..figures import saliency_panels, stamp
@@ -309,8 +310,7 @@ def _run_saliency(cfg: Config, progress: bool) -> dict:
     for name in cfg.saliency.variants:
         test.check_variant(name)  # a derived variant of this shard set (variants.json)
     variants = (*IMAGE_VARIANTS, *cfg.saliency.variants)
-    trained_on = {r["arm"]: ARM_BY_NAME[r["arm"].split("-")[0]].trained_on if "-" not in r["arm"]
-                  else r["arm"].split("-", 1)[1] for r in records}
+    trained_on = {r["arm"]: arm_trained_on(r["arm"]) for r in records}
     found: dict = {"rows": [], "occlusion": [], "curves": [], "cascade": []}
     log.info("saliency: %d arm(s) x %d test variant(s) x %d images (%d with boxes)", len(records), len(variants),
              len(positions), len(boxes))
