@@ -49,8 +49,10 @@ class ArchiveTables:
 
 
 class Archive:
-    """One archive's format. Subclasses set the class attributes and implement the four methods."""
+    """One archive's format. Subclasses set the class attributes (``id_rule`` among them) and implement
+    ``read``, ``relpath`` and ``input_files``."""
     kind: ClassVar[str]  # the config's archive.kind
+    id_rule: ClassVar  # staticmethod (image id, subject, study) -> why they are not this archive's ids, or None
     name: ClassVar[str]  # as people write it, in reports
     chexmask_file: ClassVar[str]  # the CheXmask file of this archive (its id column: ``chexmask_id_column``)
     id_name: ClassVar[str]  # what the archive calls an image's id, for reject reasons
@@ -79,8 +81,9 @@ class Archive:
         raise NotImplementedError
 
     def id_problem(self, row) -> str | None:
-        """Why a metadata row's identifiers are not this archive's, or None (then paths may be built)."""
-        raise NotImplementedError
+        """Why a metadata row's identifiers are not this archive's, or None (then paths may be built):
+        the archive's ``id_rule`` on the row's image id, subject and study."""
+        return self.id_rule(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         """The image file of a validated row, relative to ``archive.root``."""

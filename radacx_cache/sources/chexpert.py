@@ -103,6 +103,7 @@ def jpg_relpath(prefix: str, dicom_id: str) -> str:
 
 class CheXpert(Archive):
     kind = "chexpert"
+    id_rule = staticmethod(id_problem)  # the module's id check, applied by Archive.id_problem
     name = "CheXpert"
     chexmask_file = "CheXpert"
     id_name = "Path"
@@ -114,9 +115,6 @@ class CheXpert(Archive):
         root = Path(cfg.archive.root)
         entries = read_tables(root)
         return ArchiveTables(entries, entries, entries[["dicom_id", "split"]], kind=self.kind)
-
-    def id_problem(self, row) -> str | None:
-        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         return jpg_relpath(row["prefix"], row["dicom_id"])

@@ -149,6 +149,7 @@ def archive_path(root: str | Path, relpath: str, strict_links: bool = False) -> 
 
 class MIMIC(Archive):
     kind = "mimic"
+    id_rule = staticmethod(id_problem)  # the module's id check, applied by Archive.id_problem
     name = "MIMIC-CXR-JPG"
     chexmask_file = "MIMIC-CXR-JPG"
     id_name = "dicom_id"
@@ -161,9 +162,6 @@ class MIMIC(Archive):
         root = Path(cfg.archive.root)
         return ArchiveTables(read_metadata(root), read_labels(root, cfg.archive.labeler), read_split(root),
                              kind=self.kind)
-
-    def id_problem(self, row) -> str | None:
-        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         return jpg_relpath(row["subject_id"], row["study_id"], row["dicom_id"])

@@ -185,6 +185,7 @@ def read_bboxes(path: str | Path) -> tuple[pd.DataFrame, list[dict]]:
 
 class NIH(Archive):
     kind = "nih"
+    id_rule = staticmethod(id_problem)  # the module's id check, applied by Archive.id_problem
     name = "NIH ChestX-ray14"
     chexmask_file = "ChestX-Ray8"
     id_name = "Image Index"
@@ -205,9 +206,6 @@ class NIH(Archive):
             rejects += box_rejects
         return ArchiveTables(entries, entries, split, kind=self.kind, rejects=rejects, image_folders=image_folders(root),
                              boxes=boxes)
-
-    def id_problem(self, row) -> str | None:
-        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         return png_relpath(row["dicom_id"], tables.image_folders)

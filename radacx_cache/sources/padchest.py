@@ -143,6 +143,7 @@ def id_problem(image_id, subject_id, study_id) -> str | None:
 
 class PadChest(Archive):
     kind = "padchest"
+    id_rule = staticmethod(id_problem)  # the module's id check, applied by Archive.id_problem
     name = "PadChest"
     chexmask_file = "Padchest"
     id_name = "ImageID"
@@ -165,9 +166,6 @@ class PadChest(Archive):
             entries = entries[~other].reset_index(drop=True)
         split = entries[["dicom_id"]].assign(split="train")  # no official split: the cohort draws the test split
         return ArchiveTables(entries, entries, split, kind=self.kind, rejects=rejects)
-
-    def id_problem(self, row) -> str | None:
-        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         prefix = str(row["prefix"]).strip()

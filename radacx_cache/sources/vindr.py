@@ -169,6 +169,7 @@ def _boxes(raw, image, readers, finding, path: Path) -> tuple[pd.DataFrame, list
 
 class VinDr(Archive):
     kind = "vindr"
+    id_rule = staticmethod(id_problem)  # the module's id check, applied by Archive.id_problem
     name = "VinDr-CXR"
     chexmask_file = "VinDr-CXR"
     id_name = "image_id"
@@ -180,9 +181,6 @@ class VinDr(Archive):
         root = Path(cfg.archive.root)
         entries, split, boxes, rejects = read_tables(root, cfg.cohort.min_readers)
         return ArchiveTables(entries, entries, split, kind=self.kind, rejects=rejects, boxes=boxes, boxes_in_pixels=True)
-
-    def id_problem(self, row) -> str | None:
-        return id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
 
     def relpath(self, tables: ArchiveTables, row) -> str:
         return dicom_relpath(row["prefix"], row["dicom_id"])
