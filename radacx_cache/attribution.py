@@ -13,7 +13,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from .interventions import CONTROLS as OCCLUSION_CONTROLS
-from .interventions import CURVES, MODES, curve_auc, curve_images, fill_image, occlude, occlusion_regions, rank_pixels
+from .interventions import CURVES, MODES, curve_auc, curve_images, occlude, occlusion_regions, rank_pixels
 from .models import LoadedModel
 from .render import draw_variant
 
@@ -23,7 +23,7 @@ METHODS = ("gradcam", "integrated_gradients")
 class RandomHead(torch.nn.Module):
     """An arm's network with its trained head replaced by a seeded random one of the same scale: the
     control that shows what a method draws from the encoder and the input alone (the head only:
-    the encoder is the arm's own; ``randomised_copy`` re-draws encoder blocks too)."""
+    the encoder is the arm's own; ``randomised`` re-draws encoder blocks too)."""
 
     def __init__(self, model: torch.nn.Module, seed: int):
         super().__init__()
@@ -129,11 +129,12 @@ def predict(model: torch.nn.Module, lm: LoadedModel, pixels: np.ndarray, batch_s
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def occlusion_rows(model, lm, original: np.ndarray, masks: np.ndarray, spec: dict | None, reg: dict,
-                   finding: np.ndarray | None, target: int, intact: np.ndarray, sc, rng, ids: dict) -> list[dict]:
-    """One image's occlusion rows: every region and its equal-area controls, deleted and kept alone,
-    drawn as the test variant (``spec``; None: original) over the occluded radiograph."""
-    fill = fill_image(original, sc.fill, sc.blur_sigma)
+def occlusion_rows(model, lm, original: np.ndarray, fill: np.ndarray, masks: np.ndarray, spec: dict | None,
+                   reg: dict, finding: np.ndarray | None, target: int, intact: np.ndarray, rng,
+                   ids: dict) -> list[dict]:
+    """One image's occlusion rows: every region and its equal-area controls, deleted (replaced by
+    ``fill``, the radiograph's ``fill_image``) and kept alone, drawn as the test variant (``spec``;
+    None: original) over the occluded radiograph."""
     plan, images = [], []
     for region, found in occlusion_regions(reg, finding, rng).items():
         for probe in ("region", *OCCLUSION_CONTROLS):

@@ -71,7 +71,8 @@ def occlusion_frame(model_for, n: int = 24) -> pd.DataFrame:
         model = model_for(masks)
         image = textured(i)
         intact = torch.softmax(model(LM.to_input(torch.from_numpy(image[None]))), 1)[0].detach().numpy()
-        rows += occlusion_rows(model, LM, image, masks, None, regions(masks, 1), None, 0, intact, SC,
+        fill = fill_image(image, SC.fill, SC.blur_sigma)
+        rows += occlusion_rows(model, LM, image, fill, masks, None, regions(masks, 1), None, 0, intact,
                                np.random.default_rng([i, 2]), {"arm": "A", "tested_on": "original",
                                                                "dicom_id": f"d{i}", "subject_id": i, "position": i})
     return pd.DataFrame(rows)

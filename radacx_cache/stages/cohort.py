@@ -97,25 +97,26 @@ def patient_split(subjects: np.ndarray, official: np.ndarray, mode: str, val_fra
                              "CheXpert publish only train and test); use cohort.split=paper")
         return df["official"].replace({"validate": "val"}).to_numpy(object)
     out = np.where(df["official"] == "test", "test", "train").astype(object)
-    rng = np.random.default_rng(seed)
     if not (out == "test").any() and len(out):
         # an archive without a test split (PadChest; VinDr-CXR's Kaggle train.csv): a seeded, patient-disjoint
         # test split of the same share as val, said aloud, instead of a Table 1 with no test images
-        counts = df["subject"].value_counts().sort_index()
-        order = counts.index.to_numpy()[np.random.default_rng([seed, 5]).permutation(len(counts))]
-        cum = np.cumsum(counts.loc[order].to_numpy())
-        out[df["subject"].isin(set(order[cum <= val_fraction * cum[-1]])).to_numpy()] = "test"
+        drawn = _patients_drawn(df["subject"], val_fraction, np.random.default_rng([seed, 5]))
+        out[df["subject"].isin(drawn).to_numpy()] = "test"
         log.warning("cohort: the archive's tables hold no test split (PadChest publishes none; VinDr-CXR's Kaggle "
                     "copy lacks PhysioNet's annotations_test.csv, its official test set): %d images (%d patients) "
                     "drawn as a seeded, patient-disjoint test split (seed %d)", int((out == "test").sum()),
                     int(df.loc[out == "test", "subject"].nunique()), seed)
-    pool = df.loc[out != "test", "subject"]
-    counts = pool.value_counts().sort_index()
-    order = counts.index.to_numpy()[rng.permutation(len(counts))]
-    cum = np.cumsum(counts.loc[order].to_numpy())
-    val_patients = set(order[cum <= val_fraction * cum[-1]]) if len(cum) else set()
+    val_patients = _patients_drawn(df.loc[out != "test", "subject"], val_fraction, np.random.default_rng(seed))
     out[df["subject"].isin(val_patients).to_numpy()] = "val"
     return out
+
+
+def _patients_drawn(subjects: pd.Series, share: float, rng: np.random.Generator) -> set:
+    """Patients in a seeded random order, taken while their images stay within ``share`` of the images."""
+    counts = subjects.value_counts().sort_index()
+    order = counts.index.to_numpy()[rng.permutation(len(counts))]
+    cum = np.cumsum(counts.loc[order].to_numpy())
+    return set(order[cum <= share * cum[-1]]) if len(cum) else set()
 
 
 def _reject(rejects: list, ids, reason: str, stage: str = "cohort") -> None:
@@ -313,12 +314,12 @@ def _build_cohort(cfg: Config) -> dict:
             return record.data
         except RecordError as exc:  # edited or from an older version: built again
             log.warning("cohort: rebuilding (%s)", exc)
+    found = archive(cfg.archive.kind)
     tables = read_archive_tables(cfg, with_chexmask=False)
     images, rejects = select_images(tables, c, labeler=cfg.archive.labeler)
     store = private_tmp(work.masks_rle)
     try:
         masks = stream_masks(cfg.archive.chexmask_csv, images["dicom_id"], store, chexmask_id_column(cfg))
-        found = archive(cfg.archive.kind)
         df, more = attach_masks(images, masks, c, seed=cfg.seed, sizes_in_tables=found.sizes_in_tables,
                                 mean_above_max_is_suspect=found.mean_above_max_is_suspect)
         # from here the old cohort is replaced: withdraw its commit first, so that no later stage
@@ -359,9 +360,9 @@ def _build_cohort(cfg: Config) -> dict:
         policy={"uncertain": c.uncertain, "multi_positive": c.multi_positive, "priority": list(c.priority),
                 "split": c.split, "val_fraction": c.val_fraction, "min_mask_quality": c.min_mask_quality,
                 "views": list(c.views), "seed": cfg.seed,
-                **archive(cfg.archive.kind).policy(cfg)},
-        archive=cfg.archive.kind, archive_name=archive(cfg.archive.kind).name,
-        **({"archive_summary": summary} if (summary := archive(cfg.archive.kind).summary(df)) else {}),
+                **found.policy(cfg)},
+        archive=cfg.archive.kind, archive_name=found.name,
+        **({"archive_summary": summary} if (summary := found.summary(df)) else {}),
         synthetic_archive=phantom_home(cfg.archive.root) is not None)
     return record.data
 

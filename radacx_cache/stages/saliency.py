@@ -170,6 +170,7 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
         batch = positions[start:start + sc.batch_size]
         items = [test.row(i, ("original", "masks", *variants)) for i in batch]
         regs = [regions(it["masks"], line_width) for it in items]  # one image's, for every map of it
+        fills = [fill_image(it["original"], sc.fill, sc.blur_sigma) if sc.occlusion else None for it in items]
         for variant in variants:
             b = _batch(model, sc, batch, items, regs, variant)
             checked = _map_rows(out["rows"], arm, nets, b, sc, classes, target, truth, boxes)
@@ -180,7 +181,8 @@ def run_arm(arm: str, model, test: ShardSet, positions, cfg: Config, classes, tr
                 out["cascade"] += [{"arm": arm, "tested_on": variant, "level": name, "dicom_id": it["dicom_id"],
                                     "subject_id": it["subject_id"], "rank_correlation": rank_correlation(mine, smap)}
                                    for it, mine, smap in zip(items, checked, maps)]
-            _intervention_rows(out, arm, model, b, specs[variant], sc, classes, target, truth, boxes, checked, rng)
+            _intervention_rows(out, arm, model, b, fills, specs[variant], sc, classes, target, truth, boxes, checked,
+                               rng)
     checked = [r for r in out["rows"] if r["source"] == "model" and r["method"] == sc.check_method]
     out["rows"] += control_rows(checked, cfg.seed)
     return out
@@ -228,17 +230,17 @@ def _map_rows(rows: list, arm: str, nets: dict, b: _Batch, sc, classes, target, 
     return checked
 
 
-def _intervention_rows(out: dict, arm: str, model, b: _Batch, spec: dict | None, sc, classes, target, truth: dict,
-                       boxes: dict | None, checked: list, rng) -> None:
-    """Append one batch's occlusion rows (the headline target) and curve rows (the class each map
-    explains) to ``out``."""
+def _intervention_rows(out: dict, arm: str, model, b: _Batch, fills: list, spec: dict | None, sc, classes, target,
+                       truth: dict, boxes: dict | None, checked: list, rng) -> None:
+    """Append one batch's occlusion rows (the headline target; ``fills``: each radiograph's fill, made
+    once for every test variant) and curve rows (the class each map explains) to ``out``."""
     for j, (pos, it, reg) in enumerate(zip(b.positions, b.items, b.regs)):
         ids = {"arm": arm, "tested_on": b.variant, "dicom_id": it["dicom_id"], "subject_id": it["subject_id"],
                "position": int(pos)}
         if sc.occlusion:
             finding = _finding_region(truth, boxes, it["dicom_id"], classes[target[pos]])
-            out["occlusion"] += occlusion_rows(model, model.lm, it["original"], it["masks"], spec, reg, finding,
-                                               int(target[pos]), b.proba[j], sc, rng, ids)
+            out["occlusion"] += occlusion_rows(model, model.lm, it["original"], fills[j], it["masks"], spec, reg,
+                                               finding, int(target[pos]), b.proba[j], rng, ids)
         if sc.curves:
             out["curves"] += curve_rows(model, model.lm, b.pixels[j], b.fills[j], checked[j], reg, int(b.pred[j]),
                                         sc.curve_steps, rng, ids)
