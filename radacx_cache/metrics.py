@@ -254,6 +254,13 @@ def format_p(p, n_boot: int) -> str:
     return f"< 2/{n_boot}" if p == 0 else f"{p:.3f}"
 
 
+def format_difference(d: dict | None, n_boot: int, digits: int = 4) -> tuple[str, str]:
+    """A paired difference for a table: ("+0.0123 [-0.004, +0.031]", its p), or ("–", "–") for none."""
+    if d is None:
+        return "–", "–"
+    return f"{d['diff']:+.{digits}f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d, n_boot)
+
+
 # ---------------------------------------------------------------- how a multi-positive image is read
 ALTERNATIVES = {
     "argmax": "first positive in the target order (headline)",

@@ -14,15 +14,9 @@ import numpy as np
 
 from ..arms import ABLATION_COLUMNS
 from ..findings import first_positive
-from ..metrics import (COLLAPSE_SHARE, best_constant, bootstrap_mean, correctness, format_p, paired_difference,
-                       prediction_spread)
+from ..metrics import (COLLAPSE_SHARE, best_constant, bootstrap_mean, correctness, format_difference,
+                       paired_difference, prediction_spread)
 from ..tables import Section
-
-
-def _diff_cell(d: dict | None, n_boot: int) -> tuple[str, str]:
-    if d is None:
-        return "–", "–"
-    return f"{d['diff']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d, n_boot)
 
 
 def ablation_results(load, variants, positives, patients, order, n_boot: int, seed: int) -> list[dict]:
@@ -83,7 +77,8 @@ def ablation_sections(rows: list[dict], classes, n_boot: int, reference: dict | 
     for row in rows:
         point, low, high = row["accuracy"]
         table.rows.append([f"{row['arm']}: {row['column']}", row["variant"], f"{point:.4f} [{low:.3f}, {high:.3f}]",
-                           *_diff_cell(row["minus_original"], n_boot), *_diff_cell(row["minus_masked"], n_boot),
+                           *format_difference(row["minus_original"], n_boot),
+                           *format_difference(row["minus_masked"], n_boot),
                            *_spread_cells(row, classes)])
     table.notes.append("Headline accuracy (the first positive in the cohort's target order) on the same test images "
                        "for every variant; differences paired by image, patient bootstrap, each p from the same "
@@ -92,7 +87,8 @@ def ablation_sections(rows: list[dict], classes, n_boot: int, reference: dict | 
                        "predictions (a near-constant classifier: compare it with the majority row, not with the "
                        "other variants).")
     per_class = Section("Overlay ablation per class: accuracy difference to original (images whose target is "
-                        "the class; point estimates on the n images of each class, no CI)", ["Arm", "Variant", *classes])
+                        "the class; point estimates on the n images of each class, no CI)",
+                        ["Arm", "Variant", *classes])
     per_class.rows = [[row["arm"], row["variant"], *(f"{d:+.3f}" if np.isfinite(d) else "n/a"
                                                      for d in row["per_class_minus_original"])]
                       for row in rows if row["variant"] != "original"]

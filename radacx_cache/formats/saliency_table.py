@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics import format_p
+from ..metrics import format_difference
 from ..saliency_metrics import CONTROL_TEXT, CONTROLS
 from ..tables import Section, render_markdown
 
@@ -32,9 +32,7 @@ def _ci(ci, digits: int = 3) -> str:
 
 
 def _diff(d: dict | None, n_boot: int) -> tuple[str, str]:
-    if d is None:
-        return "–", "–"
-    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", format_p(d, n_boot)
+    return format_difference(d, n_boot, digits=3)
 
 
 def _metric_text(metric: str, data: dict) -> str:
@@ -46,12 +44,10 @@ def saliency_section(data: dict, n_boot: int) -> Section:
     sec = Section("Saliency: where the models look (mean over test images [95% CI], area baseline)",
                   ["Arm", "Method", "Metric", "Original", "Masked", "Masked − original [95% CI]", "p"])
     for rec in data["summary"]:
-        d = rec.get("masked_minus_original")
-        diff = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–"
         sec.rows.append([rec["arm"], rec["method"], _metric_text(rec["metric"], data),
                          _cell(rec["original"], rec["original_area"], rec.get("original_n")),
                          _cell(rec["masked"], rec["masked_area"], rec.get("masked_n")),
-                         diff, format_p(d, n_boot) if d else "–"])
+                         *_diff(rec.get("masked_minus_original"), n_boot)])
     sec.notes.append(f"{data['images']} seeded test images per arm, the same for every arm and variant; maps are "
                      "made non-negative and sum to 1; 'area' is what a uniform map scores. Saliency shows where "
                      "the gradient signal is, not what caused a prediction (docs/saliency.md).")
@@ -69,11 +65,9 @@ def variants_section(data: dict, n_boot: int) -> Section | None:
                   ["Arm", "Method", "Metric", "Variant", "Value", "− original [95% CI]", "p"])
     for rec in data["summary"]:
         for v in rec.get("variants", [])[2:]:
-            d = rec.get(f"{v}_minus_original")
             sec.rows.append([rec["arm"], rec["method"], _metric_text(rec["metric"], data), v,
                              _cell(rec[v], rec[f"{v}_area"], rec.get(f"{v}_n")),
-                             f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–",
-                             format_p(d, n_boot) if d else "–"])
+                             *_diff(rec.get(f"{v}_minus_original"), n_boot)])
     if not sec.rows:
         return None
     sec.notes.append("The ink metric uses the paper's line width for every variant (the band the stored masked "
