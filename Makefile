@@ -1,5 +1,5 @@
 # radacx-cache: `make demo` (install + every stage on the phantom archive) and `make test`.
-# ARCHIVE=nih, chexpert or vindr: the demo on a phantom in that archive's layout (pipelines/demo-*.yaml)
+# ARCHIVE=nih, chexpert, vindr, padchest or generic: the demo on a phantom in that layout (pipelines/demo-*.yaml)
 ARCHIVE ?= mimic
 CONFIG ?= $(if $(filter mimic,$(ARCHIVE)),pipelines/demo.yaml,pipelines/demo-$(ARCHIVE).yaml)
 PYTHON ?= python3
@@ -36,7 +36,7 @@ demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-
 demo-ablation: install ## overlay ablations on the phantom: six overlay variants x every arm (pipelines/ablation.yaml)
 	$(MAKE) demo CONFIG=pipelines/ablation.yaml
 
-demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout; ARCHIVE=nih|chexpert|vindr)
+demo-data: install ## generate the phantom archive (real MIMIC-CXR-JPG + CheXmask layout; ARCHIVE=nih|chexpert|vindr|padchest|generic)
 	$(call radacx,demo-data)
 cohort: install ## filter, label policy and patient-level split
 	$(call radacx,cohort)

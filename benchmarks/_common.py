@@ -42,9 +42,9 @@ def full_resolution_items(n: int, seed: int = 0, size: tuple[int, int] = (3056, 
 
 def small_pipeline(n_patients: int = 80, long_side: int = 256, seed: int = 0, workdir: str | None = None):
     """A phantom archive + cohort + shards in a temporary folder; returns the config."""
-    from radacx_cache.stages.cohort import build_cohort
     from radacx_cache.config import load_config
     from radacx_cache.phantom.generator import generate
+    from radacx_cache.stages.cohort import build_cohort
     from radacx_cache.stages.shards import build_shards
     root = Path(workdir or tempfile.mkdtemp(prefix="radacx-bench-"))
     summary = generate(root / "phantom", n_patients=n_patients, long_side=long_side, seed=seed,

@@ -19,9 +19,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
-
 from _common import small_pipeline
+from PIL import Image
 
 VIT_B16_GFLOP = 35.13  # open_clip model_profile.csv, image tower (docs/models.md)
 H100_BF16_TFLOPS = 989.0
@@ -42,8 +41,8 @@ def naive(model, shards, n):
 
 
 def stage(cfg, model, shards, n):
+    from radacx_cache.formats.shard import ShardSet
     from radacx_cache.stages.embed import embed_variant
-    from radacx_cache.formats.shardset import ShardSet
     sub = ShardSet(shards.root, shards.index.iloc[:n], shards.manifest)
     shutil.rmtree(cfg.work / "features", ignore_errors=True)
     t0 = time.perf_counter()
@@ -60,8 +59,8 @@ def main():
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
+    from radacx_cache.formats.shard import open_shards
     from radacx_cache.models import load_model
-    from radacx_cache.formats.shardset import open_shards
     patients = 80 if args.device == "cpu" else max(80, args.images // 2)
     cfg = small_pipeline(n_patients=patients)
     cfg.runtime.device, cfg.embed.batch_size = args.device, args.batch_size

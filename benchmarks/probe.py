@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 import torch
-
 from _common import timed  # noqa: F401  (sets sys.path)
+
 from radacx_cache.estimators.linear_probe import LinearProbe, fit_final, sweep_c
 from radacx_cache.metrics import accuracy_argmax
 

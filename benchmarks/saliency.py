@@ -12,11 +12,10 @@ import argparse
 import time
 
 import torch
-
 from _common import timed  # noqa: F401  (sets sys.path)
-from radacx_cache.formats.checkpoints import Classifier
-from radacx_cache.models import load_model
+
 from radacx_cache.attribution import saliency_maps
+from radacx_cache.models import Classifier, load_model
 
 
 def rate(fn, n: int) -> float:

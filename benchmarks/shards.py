@@ -21,15 +21,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+from _common import full_resolution_items, timed
 from joblib import Parallel, delayed
 from PIL import Image
-
-from _common import full_resolution_items, timed
 
 
 def naive_render(data, rles, shape, size=224):
     from skimage.segmentation import find_boundaries
     from skimage.transform import resize
+
     from radacx_cache.sources.chexmask import MASK_NAMES, decode_rle
     img = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     side = max(img.shape)
@@ -63,7 +63,9 @@ def fast_render(items):
 def ablation_specs() -> dict:
     """The six variants of pipelines/ablation.yaml, with their full settings."""
     from radacx_cache.config import load_config
-    return load_config(Path(__file__).resolve().parents[1] / "pipelines" / "ablation.yaml", []).render.variants
+    from radacx_cache.overlays import OverlaySpec
+    variants = load_config(Path(__file__).resolve().parents[1] / "pipelines" / "ablation.yaml", []).render.variants
+    return {name: OverlaySpec.from_record(name, spec) for name, spec in variants.items()}
 
 
 def render_with_variants(items, specs):
@@ -79,8 +81,7 @@ def render_with_variants(items, specs):
 def step_profile(item, repeat: int = 20) -> list[tuple[str, float]]:
     """Milliseconds per step of ``render_image`` for one image (best of ``repeat``)."""
     from radacx_cache.config import RenderConfig
-    from radacx_cache.render import (MIN_OVERLAY_SHARE, decode_grey, masks_at, overlay, pad_resize,
-                                     square_geometry)
+    from radacx_cache.render import MIN_OVERLAY_SHARE, decode_grey, masks_at, overlay, pad_resize, square_geometry
     cfg, (data, rles, shape) = RenderConfig(), item
     steps = {}
 

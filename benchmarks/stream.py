@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-
 from _common import small_pipeline
 
 
@@ -27,10 +26,10 @@ def main():
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=6, help="training steps to time (the first is warm-up)")
     args = ap.parse_args()
-    from radacx_cache.stages.finetune import Classifier, soft_ce
-    from radacx_cache.models import load_model
-    from radacx_cache.formats.shardset import open_shards
+    from radacx_cache.formats.shard import open_shards
     from radacx_cache.formats.stream import ShardStream, consumer_order
+    from radacx_cache.models import load_model
+    from radacx_cache.stages.finetune import Classifier, soft_ce
     cfg = small_pipeline(n_patients=400, long_side=256)
     train = open_shards(cfg.work / "shards").split("train")
     n = len(train)

@@ -6,6 +6,6 @@ __all__ = ["__version__", "ShardSet", "open_shards"]
 
 def __getattr__(name):  # PEP 562: h5py and pandas are imported only when a shard set is opened
     if name in ("ShardSet", "open_shards"):
-        from .formats import shardset
-        return getattr(shardset, name)
+        from .formats import shard
+        return getattr(shard, name)
     raise AttributeError(f"module 'radacx_cache' has no attribute {name!r}")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os

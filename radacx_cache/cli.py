@@ -26,6 +26,23 @@ STAGES = {
 }
 
 
+# the record a stage reads first, checked before the stage (and torch) is imported: a stage run too
+# early says what to run and creates nothing (no lock file, no folder)
+UPSTREAM = {"shards": "cohort", **{s: "shards" for s in ("embed", "probe", "zeroshot", "finetune", "saliency",
+                                                          "report")}}
+
+
+def _require_upstream(name: str, workdir) -> None:
+    from .workdir import Workdir
+    if name not in UPSTREAM:
+        return
+    work = Workdir(workdir)
+    record = {"cohort": work.cohort_manifest, "shards": work.shards_manifest}[UPSTREAM[name]]
+    if not record.is_file():
+        raise FileNotFoundError(f"{work.root}: no finished {UPSTREAM[name]} stage ({record} is missing); run "
+                                f"`radacx {UPSTREAM[name]}` with the same config first")
+
+
 def _call(name: str, *args, **kwargs):
     module, function, _ = STAGES[name]
     return getattr(importlib.import_module(f"radacx_cache.{module}"), function)(*args, **kwargs)
@@ -80,12 +97,37 @@ def _summary(name: str, result, cfg) -> str:
         shown = ["### " + s for s in sections[1:] if s.startswith(SHOWN_SECTIONS[1:])]
         return "\n\n".join([*shown, f"saliency: {result['images']} test images per arm -> "
                                       f"{work}/results/saliency.md, saliency/"])
+    if name in ("probe", "zeroshot", "finetune") and isinstance(result, dict):
+        return _arm_table(name, result, work)
     if isinstance(result, dict):
         lines = [f"  {k}: {_fmt(v)}" for k, v in result.items() if not isinstance(v, (dict, list))]
         nested = {k: v for k, v in result.items() if isinstance(v, dict)}
         return "\n".join([f"{name}: done -> {work}", *lines, *(f"  {k}: {json.dumps(v, default=str)[:300]}"
                                                              for k, v in nested.items())])
     return ""
+
+
+def _arm_table(name: str, result: dict, work) -> str:
+    """One aligned table per stage that trains or scores arms: the test accuracy of each arm on each
+    test variant (headline reading), and what was chosen on validation (probe C; fine-tune's best
+    validation accuracy and epochs), so test and validation numbers are never side by side unnamed."""
+    rows = []  # arm, tested on, test accuracy, chosen on validation
+    for key, value in result.items():
+        if isinstance(value, dict):  # fine-tune: one summary per arm
+            chosen = (f"best val accuracy {_fmt(value.get('best_val_accuracy'))} after {value.get('epochs')} "
+                      f"epochs" if "best_val_accuracy" in value else "")
+            rows += [(key, k[len("test_"):], _fmt(v), chosen) for k, v in value.items() if k.startswith("test_")]
+        elif "/" in key and not key.endswith("/C"):
+            arm, variant = key.split("/", 1)
+            c = result.get(f"{arm}/C")
+            rows.append((arm, variant, _fmt(value), "" if c is None else f"C = {c:.3g}"))
+    if not rows:
+        return f"{name}: done -> {work}"
+    head = ("arm", "tested on", "test accuracy", "chosen on validation")
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(4)]
+    line = lambda r: "  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
+    return "\n".join([f"{name}: done -> {work} (test split, headline reading: argmax against the target; "
+                      f"Table 1 after `radacx report`)", line(head), *(line(r) for r in rows)])
 
 
 class _QuietThirdParty(logging.Filter):
@@ -153,6 +195,7 @@ def main(argv=None) -> int:
             return 0 if ok else 2
         layout = [f"phantom.layout={args.layout}"] if getattr(args, "layout", None) else []
         cfg = load_config(args.config, [*args.set, *layout])
+        _require_upstream(args.stage, cfg.workdir)
         text = _summary(args.stage, _stage(args.stage, cfg, args), cfg)
         if text:
             print(text)

@@ -16,9 +16,8 @@ from typing import Literal
 import yaml
 
 from ._yaml import plain_yaml as _yaml
-
 from .findings import FINDINGS, FINDINGS_ALL
-from .overlays import checked_colors, overlay_variants, paper_overlay
+from .overlays import DEFAULT_COLORS, PAPER_STYLES, OverlaySpec, checked_colors, overlay_variants
 from .sources.archive import ARCHIVES, archive
 
 ARCHIVE_KIND = Literal[tuple(ARCHIVES)]  # type: ignore[valid-type]  # the registry's (sources/), never listed here
@@ -83,15 +82,12 @@ class CohortConfig:
         _open_interval("cohort.val_fraction", self.val_fraction, 0.0, 1.0)
 
 
-_DEFAULT_COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
-
-
 @dataclass
 class RenderConfig:
     size: int = _within(224, 16, 1024)
-    overlay: Literal["boundary", "fill", "crop"] = "boundary"
+    overlay: Literal[PAPER_STYLES] = "boundary"  # type: ignore[valid-type]  # overlays.py owns the styles
     line_width: int = _within(2, 1, 64)
-    colors: dict = field(default_factory=lambda: dict(_DEFAULT_COLORS))
+    colors: dict = field(default_factory=lambda: dict(DEFAULT_COLORS))
     fill_alpha: float = 0.35
     draft: bool = True  # reduced-size JPEG decoding where the result is equivalent at `size`
     mask_supersample: int = _within(2, 1, 8)
@@ -101,14 +97,14 @@ class RenderConfig:
         if not 0 < self.fill_alpha <= 1:
             raise ConfigError(f"config key 'render.fill_alpha': {self.fill_alpha!r} is not in (0, 1]")
         try:  # a partial `colors` (e.g. only the heart) is merged with the defaults
-            self.colors = checked_colors(self.colors, _DEFAULT_COLORS, "render.colors")
+            self.colors = checked_colors(self.colors, DEFAULT_COLORS, "render.colors")
             self.variants = overlay_variants(self.variants, self.paper_overlay())
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def paper_overlay(self) -> dict:
+    def paper_overlay(self) -> OverlaySpec:
         """The full settings of the paper's overlay, the stored ``masked`` variant."""
-        return paper_overlay({"overlay": self.overlay, "line_width": self.line_width, "colors": self.colors,
+        return OverlaySpec.paper({"overlay": self.overlay, "line_width": self.line_width, "colors": self.colors,
                               "fill_alpha": self.fill_alpha})
 
 
@@ -243,10 +239,6 @@ class Config:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
-    @property
-    def work(self) -> Path:
-        return Path(self.workdir)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -262,20 +254,20 @@ def _coerce(value, typ, key):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return _build(typ, value, key + ".")
-    if typ is bool or typ == "bool":
+    if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
         return value
-    if typ in (int, "int"):
+    if typ is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         try:
             return int(value)
         except ValueError:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-    if typ in (float, "float"):
+    if typ is float:
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -283,17 +275,17 @@ def _coerce(value, typ, key):
         if not math.isfinite(number):
             raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
         return number
-    if typ in (str, "str"):
+    if typ is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return str(value)
-    if origin in (list, "list"):
+    if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return value
-    if origin in (dict, "dict"):
+    if origin is dict:
         if isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, dict):

@@ -81,6 +81,23 @@ class LoadedModel:
         return self.model.encode_image(x), None
 
 
+class Classifier(torch.nn.Module):
+    """An arm's network: the model's vision tower + a linear head on its embedding (randomly
+    initialised for fine-tuning; a fitted probe's weights for V1/V2 saliency)."""
+
+    def __init__(self, visual: torch.nn.Module, embed_dim: int, n_classes: int):
+        super().__init__()
+        self.visual = visual
+        self.head = torch.nn.Linear(embed_dim, n_classes)
+
+    def features(self, x):
+        """What the head reads."""
+        return self.visual(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> float (B, 3, H, W) in [0, 1]."""
     x = pixels.float().div_(255)

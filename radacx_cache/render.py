@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import RenderConfig
+from .overlays import DEFAULT_COLORS, PAPER_STYLES, OverlaySpec
 from .sources.chexmask import MASK_NAMES, parse_rle, sample_rle
 from .sources.dicom import DicomError, decode_dicom, is_dicom, percentile_window
 
@@ -52,10 +53,11 @@ class Geometry:
 
     @classmethod
     def from_array(cls, values) -> "Geometry":
-        """The inverse of ``as_array`` (a shard's ``geometry`` row; 7 values in schema v1)."""
-        values = [float(v) for v in values]
-        h, w, side, top, left, scale, reduce = values[:7]
-        mask_h, mask_w = values[7:9] if len(values) >= 9 else (h, w)
+        """The inverse of ``as_array`` (a shard's ``geometry`` row)."""
+        if len(values) != len(GEOMETRY_FIELDS):
+            raise ValueError(f"a geometry row has {len(GEOMETRY_FIELDS)} values ({', '.join(GEOMETRY_FIELDS)}), "
+                             f"not {len(values)}")
+        h, w, side, top, left, scale, reduce, mask_h, mask_w = (float(v) for v in values)
         return cls(int(h), int(w), int(side), int(top), int(left), scale, int(reduce), int(mask_h), int(mask_w))
 
     def mask_frame(self) -> "Geometry":
@@ -277,7 +279,7 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
     ``boundary`` draws coloured borders (the paper's figure 1), ``fill`` alpha-blends the regions,
     ``crop`` keeps only pixels inside the lungs and heart.
     """
-    colors = colors or {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
+    colors = colors or DEFAULT_COLORS
     rgb = np.repeat(grey[..., None], 3, axis=2)
     if mode == "crop":
         return rgb * masks.any(axis=0)[..., None].astype(np.uint8)
@@ -289,14 +291,14 @@ def overlay(grey: np.ndarray, masks: np.ndarray, mode: str = "boundary", *,
         elif mode == "fill":
             out[mask] = (1 - alpha) * out[mask] + alpha * color
         else:
-            raise ValueError(f"overlay mode {mode!r}: expected boundary, fill or crop")
+            raise ValueError(f"overlay mode {mode!r}: expected one of {', '.join(PAPER_STYLES)}")
     return np.clip(np.rint(out), 0, 255).astype(np.uint8) if mode == "fill" else out
 
 
-def draw_variant(original: np.ndarray, masks: np.ndarray, spec: dict) -> np.ndarray:
+def draw_variant(original: np.ndarray, masks: np.ndarray, spec: OverlaySpec) -> np.ndarray:
     """An overlay variant drawn at read time: ``original`` (H, W) or (N, H, W) uint8 and its
-    ``masks`` ((N,) 3, H, W) bool, as the shards store them, drawn with ``spec`` (the full settings of
-    ``RenderConfig.variants``); (..., H, W, 3) uint8. The paper's settings (``RenderConfig.paper_overlay``)
+    ``masks`` ((N,) 3, H, W) bool, as the shards store them, drawn with ``spec`` (``overlays.OverlaySpec``;
+    a settings dict as records hold it is read with ``OverlaySpec.from_record``); (..., H, W, 3) uint8. The paper's settings (``RenderConfig.paper_overlay``)
     give exactly the stored ``masked`` pixels; a style of ``none`` (or no structures) gives the
     original in three channels."""
     if original.ndim == 3:
@@ -305,14 +307,13 @@ def draw_variant(original: np.ndarray, masks: np.ndarray, spec: dict) -> np.ndar
             out[i] = draw_variant(original[i], masks[i], spec)
         return out
     masks = np.asarray(masks, dtype=bool)  # the shards store them as uint8 0/1: never an index array
-    chosen = np.array([name in spec["structures"] for name in MASK_NAMES])
-    if spec["style"] == "none" or not chosen.any():
+    chosen = np.array([name in spec.structures for name in MASK_NAMES])
+    if spec.style == "none" or not chosen.any():
         return np.repeat(original[..., None], 3, axis=2)
     if not chosen.all():
         masks = masks & chosen[:, None, None]  # a structure left out draws nothing
-    colors = spec["colors"] if spec["ink"] is None else {name: [spec["ink"]] * 3 for name in MASK_NAMES}
-    return overlay(original, masks, spec["style"], colors=colors, line_width=spec["line_width"],
-                   alpha=spec["fill_alpha"])
+    colors = spec.colors if spec.ink is None else {name: [spec.ink] * 3 for name in MASK_NAMES}
+    return overlay(original, masks, spec.style, colors=colors, line_width=spec.line_width, alpha=spec.fill_alpha)
 
 
 def render_image(data: bytes, rles: dict[str, str], mask_shape: tuple[int, int],

@@ -19,7 +19,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHARD_VARIANTS = "variants.json"  # beside the shards (formats.shardset reads it from a bare shard folder too)
+RECORD = "manifest.json"  # every stage folder's record (its commit point)
+# the names in a shard folder (formats.shard reads them from a bare folder too, without a Workdir)
+SHARD_MANIFEST, SHARD_INDEX, SHARD_REJECTS, SHARD_VARIANTS = RECORD, "index.csv", "rejects.csv", "variants.json"
+SHARD_SIDECARS = "*-[0-9][0-9][0-9][0-9][0-9].json"  # the glob of shard_name(...) sidecars
+
+
+def shard_name(split: str, number: int) -> str:
+    """``<split>-NNNNN.h5``: the file name of a split's ``number``-th shard."""
+    return f"{split}-{number:05d}.h5"
+
+
+def sidecar_name(name: str) -> str:
+    """The JSON sidecar beside a data file: ``<split>-NNNNN.json`` after a shard, ``<variant>.json``
+    (provenance) beside an arm's ``<variant>.csv``."""
+    return str(Path(name).with_suffix(".json"))
+
+
+SALIENCY_RECORD = "saliency-manifest.json"  # results/ holds two records: the saliency stage's and the report's
+RECORD_NAMES = (RECORD, SALIENCY_RECORD, SHARD_VARIANTS)  # what `radacx verify` looks for
+VERIFIED_CACHE = ".verified.json"  # a record folder's verified-once hashes (formats.records)
 
 
 class Workdir:
@@ -42,7 +61,7 @@ class Workdir:
 
     @property
     def cohort_manifest(self) -> Path:
-        return self.cohort_dir / "manifest.json"
+        return self.cohort_dir / RECORD
 
     @property
     def cohort_boxes(self) -> Path:
@@ -64,15 +83,21 @@ class Workdir:
 
     @property
     def shards_manifest(self) -> Path:
-        return self.shards_dir / "manifest.json"
+        return self.shards_dir / SHARD_MANIFEST
 
     @property
     def shards_index(self) -> Path:
-        return self.shards_dir / "index.csv"
+        return self.shards_dir / SHARD_INDEX
 
     @property
     def shards_rejects(self) -> Path:
-        return self.shards_dir / "rejects.csv"
+        return self.shards_dir / SHARD_REJECTS
+
+    def shard(self, name: str) -> Path:
+        return self.shards_dir / name
+
+    def shard_sidecar(self, name: str) -> Path:
+        return self.shards_dir / sidecar_name(name)
 
     @property
     def shards_variants(self) -> Path:
@@ -92,14 +117,14 @@ class Workdir:
         return self.features_dir(model_tag) / name
 
     def features_record(self, model_tag: str) -> Path:
-        return self.features_dir(model_tag) / "manifest.json"
+        return self.features_dir(model_tag) / RECORD
 
     # zero-shot
     def zeroshot_text(self, model_tag: str) -> Path:
         return self.root / "zeroshot" / model_tag / "text.npz"
 
     def zeroshot_record(self, model_tag: str) -> Path:
-        return self.zeroshot_text(model_tag).with_name("manifest.json")
+        return self.zeroshot_text(model_tag).with_name(RECORD)
 
     # probes: the fitted linear heads (V1, V2), for saliency
     def probe_weights(self, arm: str) -> Path:
@@ -107,7 +132,7 @@ class Workdir:
 
     @property
     def probes_record(self) -> Path:
-        return self.root / "probes" / "manifest.json"
+        return self.root / "probes" / RECORD
 
     # fine-tune
     def finetune_dir(self, image_variant: str) -> Path:
@@ -126,7 +151,7 @@ class Workdir:
         return self.finetune_dir(image_variant) / "train_log.csv"
 
     def finetune_record(self, image_variant: str) -> Path:
-        return self.finetune_dir(image_variant) / "manifest.json"
+        return self.finetune_dir(image_variant) / RECORD
 
     # predictions of every arm, read by the report
     @property
@@ -136,8 +161,12 @@ class Workdir:
     def predictions(self, arm: str, image_variant: str) -> Path:
         return self.predictions_dir / arm / f"{image_variant}.csv"
 
+    def predictions_meta(self, arm: str, image_variant: str) -> Path:
+        """The provenance sidecar beside ``predictions(arm, image_variant)``."""
+        return self.predictions(arm, image_variant).with_name(sidecar_name(f"{image_variant}.csv"))
+
     def predictions_record(self, arm: str) -> Path:
-        return self.predictions_dir / arm / "manifest.json"
+        return self.predictions_dir / arm / RECORD
 
     # report
     @property
@@ -146,7 +175,7 @@ class Workdir:
 
     @property
     def report_record(self) -> Path:
-        return self.results_dir / "manifest.json"
+        return self.results_dir / RECORD
 
     # the report's files; ``result`` refuses any other name, so a new output is named here first
     RESULT_FILES = ("table1.md", "table1.tex", "table1.csv", "table1.json", "metrics.json", "per_class_auroc.csv",
@@ -175,4 +204,4 @@ class Workdir:
 
     @property
     def saliency_record(self) -> Path:
-        return self.results_dir / "saliency-manifest.json"
+        return self.results_dir / SALIENCY_RECORD

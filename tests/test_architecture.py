@@ -13,9 +13,10 @@ LAYERS = (
     ("_version", "_io", "_lazy", "_yaml", "findings", "overlays"),
     ("sources", "sources.*"),
     ("config",),
-    ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "tables", "archives"),
+    ("workdir", "arms", "render", "metrics", "models", "runtime", "augment", "figures", "archives"),
     ("saliency_metrics", "interventions"),
-    ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*", "attribution"),
+    ("estimators", "estimators.*", "formats", "formats.*", "phantom", "phantom.*", "attribution", "tables",
+     "tables.*"),
     ("stages", "stages.*", "results"),
     ("cli", ""),
 )
@@ -93,9 +94,9 @@ def test_imports_follow_the_layer_order(graph):
 def test_the_layer_check_can_fail(graph):
     """Planted: a stage importing another stage, a format importing a stage, the config importing a format."""
     planted = {**graph, "stages.embed": graph["stages.embed"] | {"stages.shards"},
-               "formats.shardset": graph["formats.shardset"] | {"stages.report"},
+               "formats.shard.reader": graph["formats.shard.reader"] | {"stages.report"},
                "config": graph["config"] | {"formats.features"}}
-    assert import_violations(planted) == ["config -> formats.features", "formats.shardset -> stages.report",
+    assert import_violations(planted) == ["config -> formats.features", "formats.shard.reader -> stages.report",
                                           "stages.embed -> stages.shards"]
 
 
@@ -122,7 +123,8 @@ def test_the_cycle_check_can_fail(graph):
     assert sorted(cycles(planted)) == ["metrics", "saliency_metrics"]
 
 
-READERS = ("formats.shardset", "formats.stream", "formats.features", "stages.embed", "stages.probe", "stages.finetune")
+READERS = ("formats.shard", "formats.shard.reader", "formats.shard.schema", "formats.stream", "formats.features",
+           "stages.embed", "stages.probe", "stages.finetune")
 
 
 def writer_imports(graph) -> list[str]:
@@ -189,3 +191,39 @@ def test_the_length_check_can_fail():
     assert too_long("m", f"def f():\n{body}\n") == ["m.f"]
     assert too_long("m", "x = 1\n" * 421) == ["m"]
     assert too_long("m", "x = 1\n" * 420) == []
+
+# ---------------------------------------------------------------- how far the config travels
+MAX_CONFIG_RETURNS = 20  # issue 26: tracing cfg through the fine-tune stage
+
+
+def test_the_config_comes_back_to_a_file_it_left_at_most_20_times_in_finetune():
+    """``tests/cfg_trace.py`` follows ``cfg`` (and its sections, and objects that hold one) through the
+    calls of ``run_finetune`` in execution order. Fine-tune's ``Run`` holds the stage context and its
+    own settings, not the config, so the loop no longer carries the config through every file."""
+    from cfg_trace import trace
+    stays, returns, _ = trace(PKG, ("stages.finetune", "run_finetune"))
+    assert returns <= MAX_CONFIG_RETURNS, f"{returns} returns, {stays} stays"
+
+
+def _bouncing_package(root: Path, calls: int, carrier: bool) -> Path:
+    pkg = root / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "b.py").write_text("def f(cfg):\n    return cfg\n\n\ndef g(x):\n    return x\n")
+    body = "\n".join(["    f(cfg)"] * calls + ["    g(3)"])  # g gets no config: never followed
+    holder = ("from dataclasses import dataclass\n\n\n@dataclass\nclass Run:\n    cfg: 'Config'\n\n\n"
+              "def loop(run: Run):\n    f(run.cfg)\n\n\n" if carrier else "")
+    tail = "    run = Run(cfg)\n    loop(run)\n" if carrier else ""
+    (pkg / "a.py").write_text(f"from .b import f, g\n{holder}\ndef run(cfg):\n{body}\n{tail}")
+    return pkg
+
+
+@pytest.mark.parametrize("calls, carrier, returns", [(10, False, 19), (11, False, 21), (10, True, 21)])
+def test_the_config_trace_counts_each_return_and_can_fail(tmp_path, calls, carrier, returns):
+    """Planted: ``a.run`` hands ``cfg`` to ``b.f`` ``calls`` times (each call but the first comes back
+    to b, each comes back to a): 2 * calls - 1 returns; a carrier object (``Run`` holding the config)
+    handed on carries it too. 11 calls break the bound of 20."""
+    from cfg_trace import trace
+    found = trace(_bouncing_package(tmp_path, calls, carrier), ("a", "run"))[1]
+    assert found == returns
+    assert (found <= MAX_CONFIG_RETURNS) == (returns <= MAX_CONFIG_RETURNS)

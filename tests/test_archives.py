@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import shared_path
 from test_cohort import FAULT_EXPECTATIONS
 
@@ -33,6 +32,9 @@ LAYOUT_EXPECTATIONS = {
     "padchest": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # checked on the PNG
                  "duplicate_label_row": ("cohort", "ImageID appears several times in"),
                  "bad_label_value": ("cohort", "Labels 'yes' is not a list of quoted terms")},
+    "generic": {"mask_size_mismatch": ("shards", "but the tables / CheXmask say"),  # checked on the PNG
+                "duplicate_label_row": ("cohort", "image appears several times in manifest.csv"),
+                "bad_label_value": ("cohort", "'yes' is not 1, 0, -1 or blank")},
 }
 
 
@@ -49,8 +51,9 @@ def txv_data(name: str):
 def archive(request, tmp_path_factory):
     """A small phantom in the layout, with faults, through cohort and shards."""
     from conftest import make_config
-    from radacx_cache.stages.cohort import build_cohort
+
     from radacx_cache.phantom.generator import generate
+    from radacx_cache.stages.cohort import build_cohort
     from radacx_cache.stages.shards import build_shards
     layout = request.param
     out = tmp_path_factory.mktemp(f"phantom-{layout}")
@@ -63,7 +66,7 @@ def archive(request, tmp_path_factory):
 
 
 def test_every_planted_fault_is_rejected_with_its_reason(archive):
-    work, layout = archive["cfg"].work, archive["layout"]
+    work, layout = Path(archive["cfg"].workdir), archive["layout"]
     rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"), pd.read_csv(work / "shards" / "rejects.csv")])
     expected = {**FAULT_EXPECTATIONS, **LAYOUT_EXPECTATIONS[layout]}
     from radacx_cache.phantom.layouts import LAYOUTS as PHANTOM_LAYOUTS
@@ -80,13 +83,14 @@ def test_every_planted_fault_is_rejected_with_its_reason(archive):
 
 def test_the_cohort_contract_holds_on_every_layout(archive):
     cfg, layout = archive["cfg"], archive["layout"]
-    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv")
+    cohort = pd.read_csv(Path(cfg.workdir) / "cohort" / "cohort.csv")
     assert (cohort.groupby("subject_id")["split"].nunique() == 1).all()  # patient-disjoint
     assert set(cohort["split"]) == {"train", "val", "test"}
     assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
     assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) == 1).all()
     assert archive["cohort"]["archive_name"] == {"nih": "NIH ChestX-ray14", "chexpert": "CheXpert",
-                                                 "vindr": "VinDr-CXR", "padchest": "PadChest"}[layout]
+                                                 "vindr": "VinDr-CXR", "padchest": "PadChest",
+                                                 "generic": "generic archive"}[layout]
     if layout == "vindr":  # one image per "patient"; the official test table stays the test split
         assert cohort["path"].str.fullmatch(r"(train|test)/[0-9a-f]{32}\.dicom").all()
         assert (cohort.loc[cohort["split"] == "test", "path"].str.startswith("test/")).all()
@@ -98,6 +102,10 @@ def test_the_cohort_contract_holds_on_every_layout(archive):
         assert (cohort["quality_mean"] > cohort["quality_max"]).mean() > 0.4
         methods = archive["cohort"]["archive_summary"]["label_method"]
         assert sum(methods.values()) == len(cohort) and methods["Physician"] > 0 and methods["RNN_model"] > 0
+    elif layout == "generic":  # the manifest's image paths are the ids; its split column is kept
+        assert cohort["path"].str.fullmatch(r"images/p\d{5}_s\d+_v\d\.png").all()
+        assert (cohort["path"] == cohort["dicom_id"]).all()
+        assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() > 0  # -1 cells read
     elif layout == "nih":  # NIH has no uncertain labels, and its Rows x Columns come from CheXmask
         assert cohort[[f"uncertain_{c}" for c in cfg.cohort.classes]].to_numpy().sum() == 0
         assert cohort["path"].str.fullmatch(r"images/\d{8}_\d{3}\.png").all()
@@ -110,8 +118,8 @@ def test_the_cohort_contract_holds_on_every_layout(archive):
 def test_masks_land_on_the_anatomy_at_the_image_size_or_its_downscaled_copy(archive):
     """NIH: the PNG is CheXmask's frame. CheXpert-v1.0-small: the JPEG is smaller than CheXmask's
     frame; the shard records both sizes and the masks still land on the lungs."""
-    from radacx_cache.formats.shardset import ShardSet
-    train = ShardSet(archive["cfg"].work / "shards").split("train")
+    from radacx_cache.formats.shard import ShardSet
+    train = ShardSet(Path(archive["cfg"].workdir) / "shards").split("train")
     for i in range(0, len(train), max(1, len(train) // 6)):
         height, width, *_, mask_height, mask_width = train.row(i, ("geometry",))["geometry"]
         if archive["layout"] == "chexpert":
@@ -130,7 +138,7 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
     (NIH) or the -small copy of it (CheXpert)."""
     xrv = pytest.importorskip("torchxrayvision")
     layout, summary = archive["layout"], archive["phantom"]
-    work = archive["cfg"].work
+    work = Path(archive["cfg"].workdir)
     cohort = pd.read_csv(work / "cohort" / "cohort.csv")
     broken = set(pd.read_csv(work / "shards" / "rejects.csv")["id"])  # the planted bad files
     cohort = cohort[~cohort["dicom_id"].isin(broken)].set_index("path")
@@ -154,6 +162,8 @@ def test_torchxrayvision_reads_the_phantom_layout(archive):
         keys = ds.csv["image_id"]
     elif layout == "padchest":
         pytest.skip("PC_Dataset reads a flat image folder: its peer test is tests/test_padchest.py")
+    elif layout == "generic":
+        pytest.skip("a generic archive is ours: no peer reader exists; tests/test_generic.py reads real radiographs")
     else:
         ds = xrv.datasets.CheX_Dataset(imgpath=os.path.join(root, "CheXpert-v1.0-small"),
                                        csvpath=os.path.join(root, "CheXpert-v1.0-small", "train.csv"),
@@ -199,9 +209,9 @@ def test_nih_reader_on_the_real_data_entry_table(tmp_path):
 def test_chexpert_reader_on_the_real_train_table(tmp_path):
     """The real CheXpert train table (shipped by torchxrayvision): views, the prefix, the labels as
     written, and the count of frontal images with one of the five findings positive (123,801)."""
-    from radacx_cache.stages.cohort import label_matrices
     from radacx_cache.findings import FINDINGS
     from radacx_cache.sources.chexpert import read_tables
+    from radacx_cache.stages.cohort import label_matrices
     src = txv_data("chexpert_train.csv.gz")
     (tmp_path / "CheXpert-v1.0-small").mkdir()
     shutil.copy(src, tmp_path / "CheXpert-v1.0-small" / "train.csv.gz")
@@ -295,9 +305,9 @@ def test_torchxrayvision_box_masks_agree_with_the_boxes_in_the_shards(archive):
     gives, in each image's frame, the boxes that the shards hold in theirs (mapped back through the
     stored geometry): IoU > 0.9 for every box of the five findings."""
     xrv = pytest.importorskip("torchxrayvision")
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     from radacx_cache.render import Geometry
-    root, work = archive["phantom"]["root"], archive["cfg"].work
+    root, work = archive["phantom"]["root"], Path(archive["cfg"].workdir)
     ds = xrv.datasets.NIH_Dataset(imgpath=os.path.join(root, "images"),
                                   csvpath=os.path.join(root, "Data_Entry_2017_v2020.csv"),
                                   bbox_list_path=os.path.join(root, "BBox_List_2017.csv"), views=["PA", "AP"],
@@ -337,9 +347,9 @@ def test_torchxrayvision_vindr_box_masks_agree_with_the_boxes_in_the_shards(arch
     (the union of every reader's boxes of a finding, in the DICOM's pixels) against the shards' boxes
     mapped back through the stored geometry: the same region for each finding the readers agreed on."""
     xrv = pytest.importorskip("torchxrayvision")
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     from radacx_cache.render import Geometry
-    root, work = archive["phantom"]["root"], archive["cfg"].work
+    root, work = archive["phantom"]["root"], Path(archive["cfg"].workdir)
     ds = xrv.datasets.VinDr_Dataset(imgpath=os.path.join(root, "train"), pathology_masks=True,
                                     csvpath=os.path.join(root, "annotations", "annotations_train.csv"))
     names = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",

@@ -162,7 +162,8 @@ def test_an_archive_without_a_test_split_gets_a_seeded_patient_disjoint_one():
 
 def test_the_ablation_table_marks_a_collapsed_row_and_carries_the_reference_rows():
     from types import SimpleNamespace
-    from radacx_cache.formats.ablation_table import ablation_reference, ablation_results, ablation_sections
+
+    from radacx_cache.tables.ablation import ablation_reference, ablation_results, ablation_sections
     classes = ["A", "B", "C"]
     positives = np.zeros((40, 3))
     positives[np.arange(40), np.arange(40) % 3] = 1

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -69,7 +71,7 @@ def test_splits_are_patient_disjoint_seeded_and_sized():
 
 
 def test_every_planted_fault_is_rejected_with_its_reason(pipeline, phantom):
-    work = pipeline["cfg"].work
+    work = Path(pipeline["cfg"].workdir)
     rejects = pd.concat([pd.read_csv(work / "cohort" / "rejects.csv"),
                          pd.read_csv(work / "shards" / "rejects.csv")])
     assert {f["fault"] for f in phantom["planted"]} == set(FAULT_EXPECTATIONS)
@@ -89,21 +91,21 @@ def test_every_planted_fault_is_rejected_with_its_reason(pipeline, phantom):
 
 def test_cohort_is_patient_disjoint_positive_and_good_masks(pipeline):
     cfg = pipeline["cfg"]
-    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv")
+    cohort = pd.read_csv(Path(cfg.workdir) / "cohort" / "cohort.csv")
     per_patient = cohort.groupby("subject_id")["split"].nunique()
     assert (per_patient == 1).all()
     assert (cohort[[f"target_{c}" for c in cfg.cohort.classes]].sum(axis=1) >= 1).all()
     assert (cohort["quality_mean"] >= 0.7).all()
     assert set(cohort["ViewPosition"]) <= {"PA", "AP"}
     assert pipeline["cohort"]["rows"] == len(cohort) > 300
-    rejects = pd.read_csv(cfg.work / "cohort" / "rejects.csv")
+    rejects = pd.read_csv(Path(cfg.workdir) / "cohort" / "rejects.csv")
     assert rejects["reason"].str.contains("mask quality").any()  # low-quality masks were planted
     assert rejects["reason"].str.contains("LATERAL").any()
 
 
 def test_cohort_rerun_is_a_no_op(pipeline):
     from radacx_cache.stages.cohort import build_cohort
-    path = pipeline["cfg"].work / "cohort" / "cohort.csv"
+    path = Path(pipeline["cfg"].workdir) / "cohort" / "cohort.csv"
     before = path.stat().st_mtime_ns
     build_cohort(pipeline["cfg"])
     assert path.stat().st_mtime_ns == before
@@ -111,9 +113,11 @@ def test_cohort_rerun_is_a_no_op(pipeline):
 
 def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
     import os
-    from radacx_cache.stages.cohort import build_cohort
-    from radacx_cache.phantom.generator import generate
+
     from conftest import make_config
+
+    from radacx_cache.phantom.generator import generate
+    from radacx_cache.stages.cohort import build_cohort
     root = os.path.dirname(os.path.dirname(phantom["root"]))  # <out>/mimic-cxr-jpg/2.0.0
     again = generate(root, n_patients=400, long_side=256, seed=7, faults=True, progress=False)
     assert again == phantom  # up to date: nothing regenerated
@@ -127,8 +131,8 @@ def test_phantom_and_cohort_reruns_keep_the_fingerprint(phantom, tmp_path):
 
 def small_tables(**chexmask_overrides):
     """Archive tables without files: 4 patients, one frontal image each, masks of 10x10."""
-    from radacx_cache.stages.cohort import ArchiveTables
     from radacx_cache.findings import FINDINGS_ALL
+    from radacx_cache.stages.cohort import ArchiveTables
     ids = [f"{i:08x}-00000000-00000000-00000000-0000000{i}" for i in range(4)]  # real-format dicom_ids
     meta = pd.DataFrame({"dicom_id": ids, "subject_id": [10000001, 10000002, 10000003, 10000004],
                          "study_id": [50000001, 50000002, 50000003, 50000004], "ViewPosition": ["PA"] * 4,
@@ -148,8 +152,8 @@ def small_tables(**chexmask_overrides):
 
 
 def test_select_cohort_is_pure_and_rejects_a_swapped_dice_row():
-    from radacx_cache.stages.cohort import select_cohort
     from radacx_cache.config import CohortConfig
+    from radacx_cache.stages.cohort import select_cohort
     cohort, rejects = select_cohort(small_tables(quality_mean=(1, 0.95)), CohortConfig(), seed=0)
     img = small_tables().metadata["dicom_id"].tolist()
     assert set(cohort["dicom_id"]) == {img[0], img[2], img[3]}
@@ -172,11 +176,13 @@ def test_streamed_cohort_equals_the_in_memory_reference(pipeline, tmp_path, comp
     memory; a .csv.gz CheXmask table gives the same again."""
     import gzip
     import shutil
+
     from conftest import make_config
-    from radacx_cache.stages.cohort import build_cohort, read_archive_tables, select_cohort
+
     from radacx_cache.formats.cohort_files import read_rle_rows, rle_content_hash, row_digest
-    from radacx_cache.stages import cohort as cohort_module
     from radacx_cache.sources.chexmask import MASK_NAMES
+    from radacx_cache.stages import cohort as cohort_module
+    from radacx_cache.stages.cohort import build_cohort, read_archive_tables, select_cohort
     monkeypatch.setattr(cohort_module, "CHEXMASK_CHUNK_ROWS", 37)  # many chunks, a ragged last one
     cfg = pipeline["cfg"]
     chexmask = cfg.archive.chexmask_csv
@@ -205,13 +211,15 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
     """The old cohort stays committed until the new one is ready; once outputs start to be replaced
     the old commit is withdrawn, so later stages refuse instead of mixing old rows with new masks."""
     import shutil
-    from radacx_cache.stages import cohort as cohort_module
-    from radacx_cache.formats.cohort_files import load_cohort
-    from radacx_cache.workdir import Workdir
+
     from conftest import make_config
+
+    from radacx_cache.formats.cohort_files import load_cohort
+    from radacx_cache.stages import cohort as cohort_module
+    from radacx_cache.workdir import Workdir
     cfg = pipeline["cfg"]
     work = tmp_path / "w"
-    shutil.copytree(cfg.work / "cohort", work / "cohort")
+    shutil.copytree(Path(cfg.workdir) / "cohort", work / "cohort")
     run = make_config({"root": cfg.archive.root, "chexmask_csv": cfg.archive.chexmask_csv}, work,
                       "cohort.min_mask_quality=0.75")  # another policy: a rerun must replace the cohort
     before = (work / "cohort" / "masks-rle.h5").read_bytes()
@@ -224,18 +232,19 @@ def test_a_cohort_rerun_that_fails_half_way_leaves_no_committed_mix(pipeline, tm
     assert (work / "cohort" / "masks-rle.h5").read_bytes() == before  # untouched: still the committed one
     assert load_cohort(Workdir(work)) is not None
     assert not list((work / "cohort").glob(".*.tmp"))
-    real_write_csv = cohort_module.write_csv
     monkeypatch.undo()
 
-    def csv_then_die(path, df):
+    from radacx_cache.formats import cohort_files
+
+    def csv_then_die(path, df):  # the cohort's tables are written by its format module
         raise KeyboardInterrupt("killed while writing the tables")
-    monkeypatch.setattr(cohort_module, "write_csv", csv_then_die)
+    monkeypatch.setattr(cohort_files, "write_csv", csv_then_die)
     with pytest.raises(KeyboardInterrupt):
         cohort_module.build_cohort(run, progress=False)
     from radacx_cache.formats.records import RecordError
     with pytest.raises(RecordError, match="no finished record"):
         load_cohort(Workdir(work))  # withdrawn: nothing downstream can read a mix
-    monkeypatch.setattr(cohort_module, "write_csv", real_write_csv)
+    monkeypatch.undo()
     assert cohort_module.build_cohort(run, progress=False)["rows"] > 0
 
 
@@ -249,6 +258,7 @@ def _mimic_tables(phantom, tmp_path):
 
 def test_a_non_utf8_byte_names_the_file_and_line(phantom, tmp_path):
     import gzip
+
     from radacx_cache.sources.mimic import read_metadata, table_path
     root = _mimic_tables(phantom, tmp_path)
     path = table_path(root, "metadata")

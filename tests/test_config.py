@@ -17,7 +17,7 @@ def test_defaults_and_overrides(tmp_path):
     ("shards.n_jobs=two", "'shards.n_jobs': expected an integer"),
     ("cohort.classes=Edema,Flu", "'cohort.classes'"),
     ("config_version=4", "config_version 4"),
-    ("archive.kind=candid", "'archive.kind': 'candid' is not one of mimic, chexpert, nih, padchest, vindr"),
+    ("archive.kind=candid", "'archive.kind': 'candid' is not one of mimic, chexpert, generic, nih, padchest, vindr"),
     ("archive.mimic_root=/x", "unknown config key 'archive.mimic_root'"),  # a v3 file spells it archive.root
     ("shards.rows_per_shard=0", "'shards.rows_per_shard': 0 is outside its range"),
     ("render.line_width=-2", "'render.line_width'"),

@@ -12,12 +12,12 @@ def blocks() -> list[str]:
 
 
 def test_the_doc_has_its_examples():
-    assert len(blocks()) == 3
+    assert len(blocks()) == 4
 
 
-@pytest.mark.parametrize("number", range(3))
+@pytest.mark.parametrize("number", range(4))
 def test_training_doc_examples_run(pipeline, features, number, capsys):
-    work = str(pipeline["cfg"].work)
+    work = str(Path(pipeline["cfg"].workdir))
     code = blocks()[number].replace("runs/demo", work)
     exec(compile(code, f"{DOC.name} example {number + 1}", "exec"), {})
     assert capsys.readouterr().out.strip()

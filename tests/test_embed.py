@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -8,16 +9,16 @@ from PIL import Image
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.stages.embed import embed_variant, merge_rank_partials
 from radacx_cache.formats.features import FeatureCache, FeatureCacheError, cache_fingerprints
-from radacx_cache.workdir import Workdir
 from radacx_cache.models import load_model
+from radacx_cache.stages.embed import embed_variant, merge_rank_partials
+from radacx_cache.workdir import Workdir
 
 
 def private_cfg(pipeline, tmp_path, *extra):
     cfg = pipeline["cfg"]
     for part in ("cohort", "shards"):
-        (tmp_path / part).symlink_to(cfg.work / part)
+        (tmp_path / part).symlink_to(Path(cfg.workdir) / part)
     return load_config(None, [f"workdir={tmp_path}", "embed.batch_size=32", "embed.block_rows=96", *extra])
 
 
@@ -25,7 +26,7 @@ def test_cached_features_equal_open_clip_preprocess_and_encode_image(pipeline, f
     import open_clip
     cfg = pipeline["cfg"]
     model = load_model("tiny", seed=cfg.seed)
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     preprocess = open_clip.image_transform(224, is_train=False, mean=model.mean, std=model.std)
     for variant in ("original", "masked"):
         cache = FeatureCache(features["features"][variant], cache_fingerprints(model, shards, variant))
@@ -42,7 +43,7 @@ def test_cached_features_equal_open_clip_preprocess_and_encode_image(pipeline, f
 
 def test_rerun_is_a_no_op_and_another_model_is_refused(pipeline, features):
     cfg = pipeline["cfg"]
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     path = features["features"]["original"]
     stamp = __import__("os").stat(path).st_mtime_ns
     model = load_model("tiny", seed=cfg.seed)
@@ -57,7 +58,7 @@ def test_rerun_is_a_no_op_and_another_model_is_refused(pipeline, features):
 def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path, monkeypatch):
     from radacx_cache.stages import embed
     cfg = private_cfg(pipeline, tmp_path)
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)
     real = embed._encode
     calls = {"n": 0}
@@ -85,7 +86,7 @@ def test_interrupted_run_resumes_to_the_same_cache(pipeline, features, tmp_path,
 
 def test_two_ranks_take_disjoint_blocks_and_merge(pipeline, features, tmp_path):
     cfg = private_cfg(pipeline, tmp_path)
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)
     parts = [embed_variant(cfg, model, shards, "original", rank=r, world=2, progress=False) for r in (0, 1)]
     done = []
@@ -114,7 +115,7 @@ def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_pat
     import sys
     cfg = pipeline["cfg"]
     for part in ("cohort", "shards"):
-        (tmp_path / part).symlink_to(cfg.work / part)
+        (tmp_path / part).symlink_to(Path(cfg.workdir) / part)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "radacx_cache.cli", "embed",
            "--set", f"workdir={tmp_path}", "--set", "seed=7", "--set", "embed.block_rows=96",
@@ -132,7 +133,7 @@ def test_torchrun_two_processes_build_the_same_cache(pipeline, features, tmp_pat
 def test_out_of_memory_batches_back_off_and_continue(pipeline, features, tmp_path, monkeypatch, caplog):
     from radacx_cache.stages import embed
     cfg = private_cfg(pipeline, tmp_path)
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     model = load_model("tiny", seed=pipeline["cfg"].seed)
     real = embed._encode
 
@@ -146,3 +147,35 @@ def test_out_of_memory_batches_back_off_and_continue(pipeline, features, tmp_pat
     assert "batch size lowered to 8" in caplog.text
     np.testing.assert_allclose(FeatureCache(final).features,
                                FeatureCache(features["features"]["original"]).features, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed-header"])
+def test_a_full_disk_then_a_damaged_partial_recovers_on_rerun_with_identical_features(pipeline, features, tmp_path,
+                                                                                     monkeypatch, damage):
+    """The disk-full regression (issue 28): the write fails with ENOSPC (one line, nothing committed),
+    h5py leaves the partial file damaged, and the rerun with space freed moves it aside
+    (``.masked.h5.partial.damaged``) and rebuilds: the same features as a clean build."""
+    import errno
+
+    from radacx_cache.stages import embed
+    cfg = private_cfg(pipeline, tmp_path)
+    shards = open_shards(Path(cfg.workdir) / "shards")
+    model = load_model("tiny", seed=pipeline["cfg"].seed)
+    real, calls = embed.write_rows, {"n": 0}
+
+    def disk_full(*args):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+    monkeypatch.setattr(embed, "write_rows", disk_full)
+    with pytest.raises(FeatureCacheError, match="disk full while writing"):
+        embed_variant(cfg, model, shards, "masked", progress=False)
+    monkeypatch.setattr(embed, "write_rows", real)
+    partial = tmp_path / "features" / model.tag / ".masked.h5.partial"
+    data = partial.read_bytes()
+    partial.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 512 + data[512:])
+    final = embed_variant(cfg, model, shards, "masked", progress=False)
+    assert partial.with_name(partial.name + ".damaged").exists() and not partial.exists()
+    np.testing.assert_allclose(FeatureCache(final).features, FeatureCache(features["features"]["masked"]).features,
+                               rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from radacx_cache.stages.finetune import TrainingError, train_variant
 def cfg_for(pipeline, tmp_path, *extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
     for part in ("cohort", "shards"):
-        (tmp_path / part).symlink_to(pipeline["cfg"].work / part)
+        (tmp_path / part).symlink_to(Path(pipeline["cfg"].workdir) / part)
     return load_config(None, [f"workdir={tmp_path}", "seed=7", "finetune.batch_size=16",
                               "finetune.block_rows=32", "finetune.shuffle_buffer=64",
                               "finetune.lr_encoder=0.002", "finetune.lr_head=0.002",
@@ -33,15 +33,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(pipeline, tmp_pa
     assert train_variant(b, "masked", progress=False, stop_after_steps=cut) == {"interrupted_at_step": cut}
     resumed = train_variant(b, "masked", progress=False, resume=True)
     assert resumed["steps"] == full["steps"]
-    wa, wb = weights(a.work / "finetune/masked/last.pt"), weights(b.work / "finetune/masked/last.pt")
+    wa, wb = weights(Path(a.workdir) / "finetune/masked/last.pt"), weights(Path(b.workdir) / "finetune/masked/last.pt")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
     assert resumed["test_original"] == pytest.approx(full["test_original"])
     for variant in ("original", "masked"):
-        assert (b.work / "predictions" / "V4" / f"{variant}.csv").exists()
-    stamp = (a.work / "finetune/masked/last.pt").stat().st_mtime_ns
+        assert (Path(b.workdir) / "predictions" / "V4" / f"{variant}.csv").exists()
+    stamp = (Path(a.workdir) / "finetune/masked/last.pt").stat().st_mtime_ns
     assert train_variant(a, "masked", progress=False)["steps"] == full["steps"]  # finished: a no-op
-    assert (a.work / "finetune/masked/last.pt").stat().st_mtime_ns == stamp
+    assert (Path(a.workdir) / "finetune/masked/last.pt").stat().st_mtime_ns == stamp
 
 
 def test_resume_with_another_config_is_refused(pipeline, tmp_path):
@@ -78,7 +78,7 @@ def test_tiny_model_learns_the_phantom_task(pipeline, tmp_path):
                   "finetune.checkpoint_every=0")
     result = train_variant(cfg, "original", progress=False)
     from radacx_cache.metrics import first_positive, reference_correctness
-    shards = open_shards(pipeline["cfg"].work / "shards")
+    shards = open_shards(Path(pipeline["cfg"].workdir) / "shards")
     train_p, val_p = shards.split("train").positives(), shards.split("val").positives()
     majority = float(reference_correctness(train_p, val_p, "argmax")["majority"][0].mean())
     best_constant = float(np.bincount(first_positive(val_p)).max() / len(val_p))  # even knowing val
@@ -88,15 +88,16 @@ def test_tiny_model_learns_the_phantom_task(pipeline, tmp_path):
 def test_test_predictions_come_from_the_best_checkpoint(pipeline, tmp_path):
     """V3/V4 predictions equal a prediction made with best.pt (not with the last weights)."""
     import pandas as pd
-    from radacx_cache.stages.finetune import Classifier, evaluate
+
     from radacx_cache.models import load_model
+    from radacx_cache.stages.finetune import Classifier, evaluate
     cfg = cfg_for(pipeline, tmp_path, "finetune.epochs=3", "finetune.patience=5", "finetune.checkpoint_every=0",
                   "finetune.lr_encoder=0.05", "finetune.lr_head=0.05")  # large steps: epochs differ
     summary = train_variant(cfg, "original", progress=False)
     best = torch.load(tmp_path / "finetune/original/best.pt", map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / "finetune/original/last.pt", map_location="cpu", weights_only=True)
     lm = load_model("tiny", seed=7)
-    shards = open_shards(pipeline["cfg"].work / "shards")
+    shards = open_shards(Path(pipeline["cfg"].workdir) / "shards")
     test = shards.split("test")
     model = Classifier(lm.model.visual, 64, len(shards.target_names))
     preds = pd.read_csv(tmp_path / "predictions/V3/masked.csv", dtype={"dicom_id": str})
@@ -129,11 +130,11 @@ def test_a_kill_during_the_checkpoint_write_keeps_log_and_checkpoint_together(pi
     with pytest.raises(KeyboardInterrupt):
         train_variant(b, "original", progress=False)
     monkeypatch.setattr(torch, "save", real_save)
-    out = b.work / "finetune" / "original"
+    out = Path(b.workdir) / "finetune" / "original"
     (out / ".last.pt.k1ll3d.tmp").write_bytes(b"what a SIGKILL leaves behind")
     assert list(pd.read_csv(out / "train_log.csv").columns)[:2] == ["epoch", "step"]
     train_variant(b, "original", progress=False, resume=True)
     cols = ["epoch", "step", "loss", "lr_head", "val_accuracy"]
-    logs = [pd.read_csv(c.work / "finetune" / "original" / "train_log.csv")[cols] for c in (a, b)]
+    logs = [pd.read_csv(Path(c.workdir) / "finetune" / "original" / "train_log.csv")[cols] for c in (a, b)]
     pd.testing.assert_frame_equal(logs[0], logs[1])
     assert not list(out.glob(".*.tmp"))

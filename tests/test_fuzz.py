@@ -49,7 +49,7 @@ def domain_error(exc: BaseException) -> bool:
     """The project's own one-line errors: ValueError and its subclasses (ConfigError, DicomError,
     RLEError, RenderError, ...) and the record / shard errors."""
     from radacx_cache.formats.records import RecordError
-    from radacx_cache.formats.shardset import ShardError
+    from radacx_cache.formats.shard import ShardError
     return isinstance(exc, (ValueError, RecordError, ShardError)) and "\n" not in str(exc).strip()
 
 

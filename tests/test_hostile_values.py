@@ -2,6 +2,7 @@
 values, tables saved with Excel's byte-order mark and CRLF, a config key given twice, an oversized
 reader number. Each is what a real archive or a hand-edited file can carry."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ def test_cells_a_spreadsheet_would_run_are_escaped_and_nothing_else():
 
 def test_rejects_files_escape_archive_values(pipeline):
     """The session pipeline's rejects files hold no cell a spreadsheet would run."""
-    work = pipeline["cfg"].work
+    work = Path(pipeline["cfg"].workdir)
     for path in (work / "cohort" / "rejects.csv", work / "shards" / "rejects.csv"):
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
         for col in ("id", "reason"):
@@ -74,10 +75,11 @@ def test_any_exception_from_one_image_is_its_reject_row_and_the_run_finishes(pip
     """A decoder that fails in a way nobody foresaw (an IndexError from a malformed LUT, a KeyError):
     that image is a reject row with the exception's type and message; every other image is sharded."""
     import shutil
+
     from radacx_cache.config import load_config
     from radacx_cache.stages import shards as shard_stage
     cfg0 = pipeline["cfg"]
-    shutil.copytree(cfg0.work / "cohort", tmp_path / "cohort")
+    shutil.copytree(Path(cfg0.workdir) / "cohort", tmp_path / "cohort")
     cfg = load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg0.archive.root}",
                              f"archive.chexmask_csv={cfg0.archive.chexmask_csv}", "seed=7", "shards.rows_per_shard=64",
                              "shards.backend=sequential", "shards.max_reject_share=0.5"])
@@ -105,7 +107,9 @@ def test_any_exception_from_one_image_is_its_reject_row_and_the_run_finishes(pip
 def _dicom(edit=None, syntax=None) -> bytes:
     """A valid 12-bit radiograph (the phantom's writer), optionally edited with pydicom and re-saved."""
     import io
+
     import pydicom
+
     from radacx_cache.phantom.layouts.vindr import dicom_bytes
     stored = (np.arange(64 * 48).reshape(64, 48) % 4000).astype(np.uint16)
     data = dicom_bytes(stored, "MONOCHROME2", 1.0, 0.0, (2000.0, 4000.0))
@@ -153,6 +157,7 @@ def test_a_deflated_dicom_is_refused_before_it_is_inflated():
     """A deflate bomb: 60 MB of zeros behind a Deflated Explicit VR file meta, about 60 KB on disk."""
     import tracemalloc
     import zlib
+
     from radacx_cache.sources.dicom import DEFLATED, DicomError, read_header, transfer_syntax
     deflated = _dicom(syntax=DEFLATED)
     assert transfer_syntax(deflated) == DEFLATED
@@ -171,6 +176,7 @@ def test_a_deflated_dicom_is_refused_before_it_is_inflated():
 def test_progress_off_a_terminal_is_logged_with_done_total_rate_and_eta(caplog):
     """Under a scheduler (no terminal) a long stage still says how far it is (issue 29)."""
     import logging
+
     from radacx_cache._io import progress_bar
     with caplog.at_level(logging.INFO, logger="radacx_cache.progress"):
         for _ in progress_bar(range(5), desc="shards", unit="img", every=0):
@@ -186,9 +192,9 @@ def test_progress_off_a_terminal_is_logged_with_done_total_rate_and_eta(caplog):
 
 def test_inspect_on_a_workdir_summarises_its_stages(pipeline):
     from radacx_cache.stages.inspect import inspect_path
-    text = inspect_path(pipeline["cfg"].work)
+    text = inspect_path(Path(pipeline["cfg"].workdir))
     assert "a radacx workdir" in text and "radacx verify" in text
-    cohort = pd.read_csv(pipeline["cfg"].work / "cohort" / "cohort.csv")
+    cohort = pd.read_csv(Path(pipeline["cfg"].workdir) / "cohort" / "cohort.csv")
     assert f"cohort      cohort                   {len(cohort)} images" in text
     assert "shards      shards" in text
 
@@ -197,6 +203,7 @@ def test_progress_lines_are_rate_limited_whatever_refreshes_the_bar(caplog):
     """A training loop calls set_postfix on every step (a refresh): the log still gets one line per
     interval and the last one, not one per step."""
     import logging
+
     from radacx_cache._io import progress_bar
     with caplog.at_level(logging.INFO, logger="radacx_cache.progress"):
         bar = progress_bar(total=500, desc="V3 epoch 1/20", unit="batch", every=3600)
@@ -212,11 +219,12 @@ def test_records_that_name_each_other_as_upstream_are_a_cycle_not_a_recursion_er
     """Two re-sealed records from elsewhere, each the other's upstream: one RecordError naming the
     cycle (it was 'maximum recursion depth exceeded')."""
     import json as _json
+
     from radacx_cache.formats.records import RecordError, Verifier, seal
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for me, other in (("a", "b"), ("b", "a")):
-        data = seal({"stage": "cohort", "command": "radacx cohort", "files": {}, "record_version": 1,
+        data = seal({"stage": "demo", "command": "radacx demo", "files": {}, "record_version": 1,
                      "upstream": {f"{other}/manifest.json": "0" * 16}})
         (tmp_path / me / "manifest.json").write_text(_json.dumps(data))
     with pytest.raises(RecordError, match="upstream records form a cycle"):
@@ -231,7 +239,7 @@ def test_verify_calls_a_record_behind_a_link_broken_and_writes_nothing_through_i
     elsewhere, work = tmp_path / "elsewhere", tmp_path / "work"
     (elsewhere / "cohort").mkdir(parents=True)
     (elsewhere / "cohort" / "cohort.csv").write_text("dicom_id\nx\n")
-    write_record(elsewhere / "cohort" / "manifest.json", elsewhere, "cohort", "radacx cohort", files=["cohort.csv"])
+    write_record(elsewhere / "cohort" / "manifest.json", elsewhere, "demo", "radacx demo", files=["cohort.csv"])
     (elsewhere / "cohort" / VERIFIED).unlink(missing_ok=True)
     assert verify_workdir(elsewhere)[1]  # intact where it lives
     (elsewhere / "cohort" / VERIFIED).unlink(missing_ok=True)
@@ -241,3 +249,89 @@ def test_verify_calls_a_record_behind_a_link_broken_and_writes_nothing_through_i
     assert not ok and any(line.startswith("BROKEN  cohort/manifest.json") and "reached through the link" in line
                           for line in lines), lines
     assert not (elsewhere / "cohort" / VERIFIED).exists()
+
+
+def test_a_jpeg2000_file_that_fails_to_decode_is_one_line_and_pydicom_logs_nothing(caplog):
+    """pydicom logs an ERROR with a traceback for each decoder that fails, before raising: for a file
+    that becomes a reject row that is noise in a 18,000-file run. The reject is one line; pydicom's
+    records are dropped while decoding and its loggers are back afterwards."""
+    import logging
+
+    from pydicom.encaps import encapsulate
+
+    from radacx_cache.sources.dicom import DicomError, decode_dicom
+
+    def broken_codestream(ds):
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # SOC, SIZ marker, then nothing
+        ds["PixelData"].VR = "OB"
+    data = _dicom(broken_codestream, syntax="1.2.840.10008.1.2.4.90")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DicomError) as err:
+        decode_dicom(data)
+    assert "\n" not in str(err.value) and "JPEG 2000" in str(err.value)
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert not logging.getLogger("pydicom.pixels.decoders.base").disabled
+
+
+# ---------------------------------------------------------------- HDF5 handed over: walked by object, with a cap
+@pytest.mark.parametrize("depth", [3, 40])
+def test_groups_that_hard_link_the_next_level_twice_are_walked_once_per_object(tmp_path, depth):
+    """2^depth paths, depth + 1 groups: the safety walk visits each object once, so a 40-level file
+    (2^40 paths, the hostile case that hung `inspect`) is checked as fast as a 3-level one; a group
+    linked below itself (a cycle) ends too, and a planted external link at the bottom is still found."""
+    import time
+
+    import h5py
+
+    from radacx_cache.formats.hdf5 import UnsafeHDF5, open_checked, unsafe_objects
+    path = tmp_path / "doubled.h5"
+    with h5py.File(path, "w") as f:
+        groups = [f.create_group("g0")]
+        for k in range(1, depth + 1):
+            g = f.create_group(f"level{k}")
+            groups[-1]["left"] = g
+            groups[-1]["right"] = g
+            groups.append(g)
+        groups[-1]["loop"] = groups[0]  # a cycle back to the top
+    start = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        assert unsafe_objects(f) == []
+    assert time.perf_counter() - start < 5
+    with h5py.File(path, "a") as f:
+        f[f"level{depth}"]["out"] = h5py.ExternalLink("/etc/passwd", "/")
+    with pytest.raises(UnsafeHDF5, match="external link"):
+        open_checked(path)
+
+
+def test_a_file_with_more_links_than_the_cap_is_refused(tmp_path):
+    import h5py
+
+    from radacx_cache.formats.hdf5 import unsafe_objects
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("g")
+        for i in range(11):
+            g[f"x{i}"] = g  # 11 hard links to one group
+    with h5py.File(path, "r") as f:
+        assert unsafe_objects(f, max_links=12) == []  # 12 links in all: at the cap, allowed
+        assert "more than 11 links" in unsafe_objects(f, max_links=11)[0]
+
+
+@pytest.mark.parametrize("box, ok", [
+    ([9, 4, 0, 0, 10, 10], True),  # the last row, the last class: in range
+    ([9, 5, 0, 0, 10, 10], False),  # class 5 of 5 (0-4)
+    ([0, 7, 0, 0, 10, 10], False),  # class 7 of 5
+    ([0, -1, 0, 0, 10, 10], False),  # would silently pick the last class
+    ([10, 0, 0, 0, 10, 10], False),  # row 10 of a 10-row file
+    ([0, 0, 0, float("nan"), 10, 10], False),
+    ([0, 1.5, 0, 0, 10, 10], False),
+])
+def test_a_shards_boxes_name_a_row_and_a_class_in_range(tmp_path, box, ok):
+    from radacx_cache.formats.shard import ShardError
+    from radacx_cache.formats.shard.reader import checked_boxes
+    table = np.array([[0, 0, 1, 1, 5, 5], box], np.float32)
+    if ok:
+        assert checked_boxes(tmp_path / "s.h5", table, rows=10, classes=5) is table
+    else:
+        with pytest.raises(ShardError, match="boxes row 1"):
+            checked_boxes(tmp_path / "s.h5", table, rows=10, classes=5)

@@ -20,15 +20,15 @@ from radacx_cache._io import StageBusy, stage_lock
 from radacx_cache.cli import main
 from radacx_cache.config import ConfigError, load_config
 from radacx_cache.formats.features import FeatureCache, FeatureCacheError
+from radacx_cache.formats.shard import ShardError, open_shards
 from radacx_cache.render import RenderError, decode_grey
-from radacx_cache.formats.shardset import ShardError, open_shards
 from radacx_cache.sources.mimic import archive_path, id_problem
 
 
 def copy_work(pipeline, tmp_path, *parts, extra=()):
     cfg = pipeline["cfg"]
     for part in parts:
-        shutil.copytree(cfg.work / part, tmp_path / part)
+        shutil.copytree(Path(cfg.workdir) / part, tmp_path / part)
     return load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg.archive.root}",
                               f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", "embed.batch_size=32",
@@ -174,10 +174,10 @@ def test_workdir_permissions_setting_is_honoured(pipeline, tmp_path):
 
 # ---------------------------------------------------------------- nothing lost
 def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline, features, tmp_path, monkeypatch):
-    from radacx_cache.stages import embed
     from radacx_cache.models import load_model
+    from radacx_cache.stages import embed
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     model = load_model("tiny", seed=7)
     real, calls = embed.write_rows, {"n": 0}
 
@@ -202,8 +202,8 @@ def test_disk_full_while_embedding_commits_nothing_and_a_rerun_repairs(pipeline,
 
 
 def test_a_committed_cache_damaged_later_is_refused_and_rebuilt(pipeline, features, tmp_path):
-    from radacx_cache.stages.embed import embed_variant
     from radacx_cache.models import load_model
+    from radacx_cache.stages.embed import embed_variant
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards", "features")
     path = tmp_path / "features" / "tiny" / "masked.h5"
     with h5py.File(path, "r+") as f:
@@ -281,8 +281,9 @@ def test_a_missing_archive_is_an_error_and_missing_images_are_retried(pipeline, 
 
 def test_conflicting_duplicates_are_rejected_and_no_image_is_written_twice():
     from test_cohort import small_tables
-    from radacx_cache.stages.cohort import select_cohort
+
     from radacx_cache.config import CohortConfig
+    from radacx_cache.stages.cohort import select_cohort
     tables = small_tables()
     img = tables.metadata["dicom_id"].tolist()
     dup_mask = tables.chexmask.iloc[[0]].assign(quality_mean=0.75)  # a second, different row for image 0
@@ -396,7 +397,7 @@ def _plant_external(path: Path, dataset: str, outside: Path, shape, dtype=np.uin
 
 def test_hdf5_external_storage_and_links_are_refused(pipeline, features, tmp_path):
     from radacx_cache.formats.hdf5 import UnsafeHDF5, open_checked
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     cfg = copy_work(pipeline, tmp_path, "cohort", "shards")
     shard = sorted((tmp_path / "shards").glob("test-*.h5"))[0]
     with h5py.File(shard, "r") as f:
@@ -413,8 +414,8 @@ def test_hdf5_external_storage_and_links_are_refused(pipeline, features, tmp_pat
     assert main(["inspect", str(passwd), "--png", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
     # a planted partial cache whose features live in an outside file: never written into
-    from radacx_cache.stages.embed import embed_variant
     from radacx_cache.models import load_model
+    from radacx_cache.stages.embed import embed_variant
     model = load_model("tiny", seed=7)
     partial = tmp_path / "features" / model.tag / ".masked.h5.partial"
     partial.parent.mkdir(parents=True)
@@ -424,7 +425,7 @@ def test_hdf5_external_storage_and_links_are_refused(pipeline, features, tmp_pat
         f.create_dataset("features", (10, 4), np.float32, external=[(str(outside), 0, h5py.h5f.UNLIMITED)])
     outside.write_bytes(b"\0" * 160)
     shards = open_shards(tmp_path / "shards")
-    shutil.copy(pipeline["cfg"].work / "shards" / shard.name, shard)  # the real shard back
+    shutil.copy(Path(pipeline["cfg"].workdir) / "shards" / shard.name, shard)  # the real shard back
     embed_variant(cfg, model, shards, "masked", progress=False)
     assert outside.read_bytes() == b"\0" * 160
 
@@ -443,7 +444,7 @@ def test_memory_bomb_caches_are_refused_and_set_aside(pipeline, features, tmp_pa
         FeatureCache(cache)
     embed_variant(cfg, load_model("tiny", seed=7), open_shards(tmp_path / "shards"), "masked", progress=False)
     assert (cache.parent / ".masked.h5.damaged").exists()
-    session = FeatureCache(pipeline["cfg"].work / "features" / "tiny" / "masked.h5").features
+    session = FeatureCache(Path(pipeline["cfg"].workdir) / "features" / "tiny" / "masked.h5").features
     np.testing.assert_allclose(FeatureCache(cache).features, session, atol=1e-5)  # rebuilt
 
 
@@ -455,7 +456,7 @@ def test_hostile_image_files_become_reject_rows(pipeline, tmp_path, kind):
     cfg = pipeline["cfg"]
     archive = tmp_path / "archive"
     shutil.copytree(cfg.archive.root, archive, symlinks=True)
-    cohort = pd.read_csv(cfg.work / "cohort" / "cohort.csv", dtype={"dicom_id": str})
+    cohort = pd.read_csv(Path(cfg.workdir) / "cohort" / "cohort.csv", dtype={"dicom_id": str})
     victim = archive / cohort["path"].iloc[3]
     victim.unlink()
     if kind == "fifo":
@@ -512,7 +513,7 @@ def test_inspect_lists_groups_and_refuses_dangling_links(tmp_path, capsys):
 
 def test_a_shard_declaring_enormous_images_is_refused_unread(pipeline, tmp_path):
     """8 images of 2^20 x 2^20 pixels declared in a small file: refused by shape, nothing read."""
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     copy_work(pipeline, tmp_path, "cohort", "shards")
     shard = sorted((tmp_path / "shards").glob("test-*.h5"))[0]
     with h5py.File(shard, "r+") as f:

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from radacx_cache.interventions import (curve_auc, curve_images, curve_summary, equal_area_region, fill_image,
-                                        occlude, occlusion_regions, occlusion_summary, rank_pixels)
+from radacx_cache.attribution import RandomHead, curve_rows, explain, occlusion_rows, rank_correlation
+from radacx_cache.interventions import (curve_auc, curve_images, curve_summary, equal_area_region, fill_image, occlude,
+                                        occlusion_regions, occlusion_summary, rank_pixels)
 from radacx_cache.models import unit_pixels
 from radacx_cache.saliency_metrics import image_metrics, regions
-from radacx_cache.attribution import RandomHead, curve_rows, explain, occlusion_rows, rank_correlation
 
 SIZE = 64
 LM = SimpleNamespace(to_input=unit_pixels)  # the models below read pixels in [0, 1]
@@ -296,8 +296,7 @@ def test_heads_that_explain_a_constant_are_flagged_near_the_line():
 
 def test_cascading_randomisation_redraws_the_top_blocks_and_restores_them():
     from radacx_cache.attribution import randomised
-    from radacx_cache.formats.checkpoints import Classifier
-    from radacx_cache.models import load_model
+    from radacx_cache.models import Classifier, load_model
     lm = load_model("tiny", seed=0)
     model = Classifier(lm.model.visual, 64, 5).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

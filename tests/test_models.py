@@ -116,7 +116,9 @@ def test_spec_parsing():
 def test_a_pickled_weight_file_in_a_model_folder_runs_nothing(tmp_path):
     """A ``.bin`` whose unpickling would run code: refused with one line, the payload never runs."""
     import json
+
     import torch
+
     from radacx_cache.models import DATA, ModelError, load_model
 
     class Payload:

@@ -4,8 +4,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
-from radacx_cache.metrics import accuracy as policy_accuracy
 from radacx_cache.estimators.linear_probe import LinearProbe, fit_final, soft_targets, sweep_c
+from radacx_cache.metrics import accuracy as policy_accuracy
 
 
 def blobs(n=600, d=20, k=4, seed=0, sep=1.5):
@@ -132,6 +132,7 @@ def test_collinear_features_under_a_vanishing_penalty_stay_finite_and_fast():
 
 def _standardised_problem(X, Y):
     import torch
+
     from radacx_cache.estimators.logistic_solver import Problem
     Z = (X - X.mean(0)) / X.std(0)
     return Z, Problem([(torch.as_tensor(Z), torch.as_tensor(soft_targets(Y)))])
@@ -150,6 +151,7 @@ def test_a_fit_started_at_another_cs_solution_costs_no_pass_and_is_exact():
     """The C search starts each fit at a neighbouring C's solution and reuses its pass: only the
     penalty changed. The result must still be the optimum at the new C (a cold fit's)."""
     import torch
+
     from radacx_cache.estimators.logistic_solver import lbfgs
     X, Y = c_sensitive()
     Z, problem = _standardised_problem(X[:2000], Y[:2000])
@@ -225,6 +227,7 @@ def test_linear_probe_passes_scikit_learns_estimator_checks():
     """All of ``check_estimator`` (55 checks in scikit-learn 1.9): fitted-state errors, input
     validation, binary decision_function, label types, pickling, cloning."""
     import warnings
+
     from sklearn.utils.estimator_checks import check_estimator
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

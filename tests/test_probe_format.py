@@ -14,8 +14,10 @@ def fitted():
 
 
 def test_a_written_probe_reads_back_and_predicts_the_same(tmp_path):
-    import torch
     from types import SimpleNamespace
+
+    import torch
+
     from radacx_cache.formats.probes import ProbeHead
     probe = fitted()
     write_probe(tmp_path / "V1.npz", probe, "features", "abc")

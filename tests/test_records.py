@@ -6,6 +6,7 @@ names both fingerprints or the changed file and the command that fixes it, or be
 import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from radacx_cache.cli import main
 from radacx_cache.config import load_config
 from radacx_cache.formats.records import RecordError, Verifier, read_record, record_fingerprint, seal
-from radacx_cache.formats.shardset import ShardError, ShardSet, open_verified
+from radacx_cache.formats.shard import ShardError, ShardSet, open_verified
 from radacx_cache.workdir import Workdir
 
 RUN_PARTS = ("cohort", "shards", "features", "zeroshot", "probes", "predictions")
@@ -33,7 +34,7 @@ def trained(pipeline, features):
 
 def copy_run(cfg, tmp_path, *extra, parts=RUN_PARTS):
     for part in parts:
-        shutil.copytree(cfg.work / part, tmp_path / part)
+        shutil.copytree(Path(cfg.workdir) / part, tmp_path / part)
     return load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg.archive.root}",
                               f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", "embed.batch_size=32",
@@ -85,7 +86,7 @@ def test_a_rewrite_keeping_size_and_mtime_is_caught(tmp_path):
 
 @pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "a/../../b", ""])
 def test_record_names_never_leave_their_folder(tmp_path, name):
-    data = seal({"stage": "demo", "command": "radacx demo", "files": {name: {"bytes": 1, "sha256": "0"}},
+    data = seal({"stage": "demo", "command": "radacx demo", "files": {name: {"bytes": 1, "sha256": "0" * 64}},
                  "upstream": {}})
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(RecordError, match="not a plain relative path"):
@@ -223,9 +224,10 @@ def test_training_target_and_scoring_target_are_one_rule():
 
 def test_saliency_probe_head_applies_the_probe_s_own_preprocessing():
     import torch
+
     from radacx_cache.estimators.linear_probe import LinearProbe
-    from radacx_cache.models import load_model
     from radacx_cache.formats.probes import ProbeHead
+    from radacx_cache.models import load_model
     lm = load_model("tiny", seed=3)
     rng = np.random.default_rng(1)
     pixels = torch.from_numpy(rng.integers(0, 255, (40, lm.image_size, lm.image_size), dtype=np.uint8))
@@ -244,7 +246,7 @@ def test_saliency_probe_head_applies_the_probe_s_own_preprocessing():
 def test_probe_predictions_recompute_from_the_raw_files(trained):
     """V1/V2 on each test variant, recomputed with h5py and numpy from that variant's cache and the
     saved head: a probe scoring the masked test set from the original cache cannot pass."""
-    work = trained.work
+    work = Path(trained.workdir)
     index = pd.read_csv(work / "shards" / "index.csv", dtype={"dicom_id": str})
     test = (index["split"] == "test").to_numpy()
     for arm in ("V1", "V2"):
@@ -282,3 +284,56 @@ def test_verify_reports_every_record_and_names_a_break(trained, tmp_path, capsys
     assert "BROKEN  predictions/V2/manifest.json" in out  # everything built on it
     assert "intact  shards/manifest.json" in out
     assert out.splitlines()[-1].startswith("verdict: BROKEN: ") and " broken (rerun" in out.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- typed decisions, checked on read
+def _resealed(pipeline, tmp_path, edit, record="cohort/manifest.json"):
+    """The session's cohort (or another) record with ``edit`` applied and sealed again (a valid
+    fingerprint: what a record from elsewhere can carry), written beside nothing else."""
+    data = json.loads((Path(pipeline["cfg"].workdir) / record).read_text())
+    data = {k: v for k, v in data.items() if k not in ("fingerprint", "record_version")}
+    edit(data)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(seal(data)))
+    return path
+
+
+@pytest.mark.parametrize("edit, accepted", [
+    (lambda d: None, True),
+    (lambda d: d["policy"].update(val_fraction=1.0), True),  # the edge of the range is in it
+    (lambda d: d["policy"].update(val_fraction=1.01), False),
+    (lambda d: d.update(target_order=d["target_order"][:-1] + ["Pneumonia"]), False),  # not an order of the classes
+    (lambda d: d.update(target_order=list(reversed(d["target_order"]))), True),
+    (lambda d: d.update(classes=d["classes"] + d["classes"][:1]), False),  # a class twice
+    (lambda d: d["policy"].update(uncertain="maybe"), False),
+    (lambda d: d.update(rows=-1), False),
+])
+def test_a_sealed_cohort_record_with_an_impossible_decision_is_refused_naming_the_field(pipeline, tmp_path, edit,
+                                                                                      accepted):
+    path = _resealed(pipeline, tmp_path, edit)
+    if accepted:
+        facts = read_record(path, "cohort").facts
+        assert set(facts.target_order) == set(facts.classes) and facts.policy.uncertain in ("ignore", "zeros", "ones")
+    else:
+        with pytest.raises(RecordError, match=r"'(val_fraction|target_order|classes|uncertain|rows)'"):
+            read_record(path, "cohort")
+
+
+def test_the_typed_policy_round_trips_to_the_recorded_one(pipeline):
+    """Table 1's provenance prints ``LabelPolicy.as_dict()``: it is the record's policy, key for key."""
+    rec = read_record(Path(pipeline["cfg"].workdir) / "cohort" / "manifest.json", "cohort")
+    assert list(rec.facts.policy.as_dict().items()) == list(rec["policy"].items())
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["files"].update({"index.csv": "deadbeef"}), "'files' entry 'index.csv'"),
+    (lambda d: d.update(shards=7), "'shards'"),
+    (lambda d: d["shards"].append({"name": "test-00009.h5", "rows": -1, "bytes": 10}), "'shards' entry"),
+    (lambda d: d.update(target_order=d["target_order"][::-1][:-1]), "'target_order'"),
+])
+def test_a_sealed_shard_record_of_the_wrong_shape_is_refused_naming_the_key(pipeline, tmp_path, edit, field):
+    """Each once ended in a traceback deep in a stage (issue 28)."""
+    path = _resealed(pipeline, tmp_path, edit, "shards/manifest.json")
+    with pytest.raises(RecordError) as err:
+        read_record(path, "shards")
+    assert field in str(err.value) and "\n" not in str(err.value)

@@ -2,14 +2,13 @@ import io
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from PIL import Image
 
 from radacx_cache.config import RenderConfig
-
-from radacx_cache.render import (RenderError, boundary, decode_grey, masks_at, overlay, pad_resize,
-                                 render_image, sample_grid, square_geometry)
+from radacx_cache.render import (RenderError, boundary, decode_grey, masks_at, overlay, pad_resize, render_image,
+                                 sample_grid, square_geometry)
 from radacx_cache.sources.chexmask import decode_rle, encode_rle
-from conftest import shared_path
 
 COLORS = {"right_lung": [255, 0, 0], "left_lung": [0, 255, 0], "heart": [0, 0, 255]}
 
@@ -180,10 +179,13 @@ def test_a_downscaled_copy_gets_the_full_resolution_masks_scaled_onto_it(factor)
         render_image(squashed, rles, shape, RenderConfig(), expected=shape, scaled_ok=True)
 
 
-def test_geometry_rows_of_schema_1_shards_still_read():
+def test_a_geometry_row_has_every_field_or_is_refused():
     from radacx_cache.render import Geometry
-    g = Geometry.from_array([300, 200, 300, 0, 50, 224 / 300, 1])
+    g = Geometry.from_array([300, 200, 300, 0, 50, 224 / 300, 1, 300, 200])
     assert (g.mask_height, g.mask_width) == (300, 200) and g.mask_frame() is g
+    np.testing.assert_allclose(Geometry.from_array(g.as_array()).as_array(), g.as_array())
+    with pytest.raises(ValueError, match="9 values"):  # a schema-1 row: its shards are refused anyway
+        Geometry.from_array([300, 200, 300, 0, 50, 224 / 300, 1])
 
 
 # ---------------------------------------------------------------- contracts fixed in advance

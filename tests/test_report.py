@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ def reported(pipeline, features):
 
 
 def test_report_table_files_and_figures(reported):
-    out = reported["cfg"].work / "results"
+    out = Path(reported["cfg"].workdir) / "results"
     table = pd.read_csv(out / "table1.csv")
     assert list(table["arm"]) == ["Baseline", "V1", "V2"]  # V3/V4 appear once fine-tuned
     for col in ("acc_argmax_original", "acc_any_masked", "acc_single_original", "balanced_accuracy_masked",
@@ -39,7 +40,7 @@ def test_report_table_files_and_figures(reported):
             cell = f"{r[f'acc_argmax_{v}']:.4f} [{r[f'acc_argmax_{v}_low']:.3f}, {r[f'acc_argmax_{v}_high']:.3f}]"
             assert cell in md and cell in tex, cell
     assert data["provenance"]["shards_fingerprint"] == json.loads(
-        (reported["cfg"].work / "shards" / "manifest.json").read_text())["fingerprint"]
+        (Path(reported["cfg"].workdir) / "shards" / "manifest.json").read_text())["fingerprint"]
     for fig in reported["report"]["figures"]:
         im = Image.open(fig)
         assert im.size[0] > 300 and im.size[1] > 200
@@ -48,10 +49,11 @@ def test_report_table_files_and_figures(reported):
 def test_table1_recomputed_from_the_prediction_files(reported):
     """Accuracies, CIs, paired differences and p, recomputed with the metric functions."""
     import numpy as np
-    from radacx_cache.metrics import bootstrap_ci, paired_bootstrap
+
     from radacx_cache.formats.predictions import load_predictions
+    from radacx_cache.metrics import bootstrap_ci, paired_bootstrap
     cfg = reported["cfg"]
-    work, n_boot = cfg.work, cfg.report.bootstrap
+    work, n_boot = Path(cfg.workdir), cfg.report.bootstrap
     data = json.loads((work / "results" / "table1.json").read_text())
     rows = {r["arm"]: r for r in data["rows"]}
     loaded = {}
@@ -93,11 +95,12 @@ def test_table1_recomputed_from_the_prediction_files(reported):
 
 def test_incomplete_or_edited_predictions_are_refused(reported, tmp_path):
     import shutil
+
     from radacx_cache.config import load_config
     from radacx_cache.formats.predictions import PredictionError
     from radacx_cache.formats.records import RecordError, write_record
     from radacx_cache.stages.report import build_report
-    work = reported["cfg"].work
+    work = Path(reported["cfg"].workdir)
     for part in ("cohort", "shards", "features", "zeroshot", "probes", "predictions"):
         shutil.copytree(work / part, tmp_path / part)
     cfg = load_config(None, [f"workdir={tmp_path}", "seed=7", "report.bootstrap=20"])
@@ -109,7 +112,7 @@ def test_incomplete_or_edited_predictions_are_refused(reported, tmp_path):
     record = json.loads((tmp_path / "predictions" / "V1" / "manifest.json").read_text())
     from radacx_cache.formats.records import Verifier
     ups = [Verifier(tmp_path).record(tmp_path / rel) for rel in record["upstream"]]
-    facts = {k: record[k] for k in ("arm", "model_spec", "model_fingerprint", "weights_seed")}
+    facts = {k: record[k] for k in ("arm", "tested_on", "model_spec", "model_fingerprint", "weights_seed")}
     write_record(tmp_path / "predictions" / "V1" / "manifest.json", tmp_path, "predictions", "radacx probe",
                  files=list(record["files"]), upstream=ups, **facts)  # even sealed anew, incomplete is refused
     with pytest.raises(PredictionError, match=f"no row for test image {df['dicom_id'].iloc[0]}"):
@@ -117,7 +120,7 @@ def test_incomplete_or_edited_predictions_are_refused(reported, tmp_path):
 
 
 def test_predictions_trace_back_to_their_inputs(reported):
-    work = reported["cfg"].work
+    work = Path(reported["cfg"].workdir)
     meta = json.loads((work / "predictions" / "V1" / "masked.json").read_text())
     assert meta["trained_on"] == "original" and meta["tested_on"] == "masked"
     assert meta["feature_fingerprints"]["variant"] == "masked"
@@ -135,7 +138,7 @@ def test_cli_reports_config_errors_with_the_key(caplog):
 
 def test_cli_cohort_summary(pipeline, capsys):
     cfg = pipeline["cfg"]
-    args = ["cohort", "--set", f"workdir={cfg.work}", "--set", f"archive.root={cfg.archive.root}",
+    args = ["cohort", "--set", f"workdir={Path(cfg.workdir)}", "--set", f"archive.root={cfg.archive.root}",
             "--set", f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "--set", "seed=7"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -144,10 +147,11 @@ def test_cli_cohort_summary(pipeline, capsys):
 
 def test_probe_refuses_features_of_other_shards(reported, tmp_path):
     import shutil
+
     from radacx_cache.config import load_config
     from radacx_cache.formats.records import RecordError, seal
     from radacx_cache.stages.probe import run_probes
-    work = reported["cfg"].work
+    work = Path(reported["cfg"].workdir)
     for part in ("cohort", "shards", "features"):
         shutil.copytree(work / part, tmp_path / part)
     path = tmp_path / "shards" / "manifest.json"
@@ -162,33 +166,34 @@ def test_probe_refuses_features_of_other_shards(reported, tmp_path):
 
 def test_zeroshot_predicts_each_test_variant_from_its_own_cache(reported):
     import numpy as np
+
     from radacx_cache.formats.features import FeatureCache
-    from radacx_cache.models import load_model
     from radacx_cache.formats.predictions import load_predictions
-    from radacx_cache.formats.shardset import open_shards
+    from radacx_cache.formats.shard import open_shards
+    from radacx_cache.models import load_model
     from radacx_cache.stages.zeroshot import class_prompts, text_embeddings, zeroshot_proba
     cfg = reported["cfg"]
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     test = (shards.index["split"] == "test").to_numpy()
     model = load_model("tiny", seed=cfg.seed)
     text = text_embeddings(model, class_prompts(shards.target_names, cfg.zeroshot.template, {}))
     scale = float(model.model.logit_scale.exp())
     for variant in ("original", "masked"):
-        feats = FeatureCache(cfg.work / "features" / "tiny" / f"{variant}.h5").features[test]
-        got = load_predictions(cfg.work / "predictions" / "Baseline" / f"{variant}.csv").proba
+        feats = FeatureCache(Path(cfg.workdir) / "features" / "tiny" / f"{variant}.h5").features[test]
+        got = load_predictions(Path(cfg.workdir) / "predictions" / "Baseline" / f"{variant}.csv").proba
         np.testing.assert_allclose(got, zeroshot_proba(feats, text, scale), atol=1e-5)
 
 
 def test_figures_from_the_phantom_say_so_and_the_readings_table_is_there(reported):
     from PIL import Image
-    out = reported["cfg"].work / "results"
+    out = Path(reported["cfg"].workdir) / "results"
     for name in ("accuracy.png", "confusion.png", "figure1_montage.png"):
         im = Image.open(out / name).convert("RGB")
         assert im.getpixel((2, 2)) == (178, 34, 34), name  # the band that says "synthetic phantom"
     md = (out / "table1.md").read_text()
     assert "The headline assumes one reading" in md and "best constant guess" in md
     assert "< 1/" not in md
-    cohort = json.loads((reported["cfg"].work / "cohort" / "manifest.json").read_text())
+    cohort = json.loads((Path(reported["cfg"].workdir) / "cohort" / "manifest.json").read_text())
     counts = cohort["counts"]["train"]
     assert sum(counts["targets"].values()) == counts["images"] <= sum(counts["positives"].values())
 
@@ -198,9 +203,10 @@ def test_results_load_matches_the_markdown_table(reported):
     numbers at the printed precision), p is never 0, and a results file changed since the report
     wrote it is refused."""
     import re
+
     from radacx_cache import results
     from radacx_cache.formats.records import RecordError
-    work = reported["cfg"].work
+    work = Path(reported["cfg"].workdir)
     df = results.load(work)
     assert list(df.columns) == results.COLUMNS and not (df["p"] == 0).any()
     md = (work / "results" / "table1.md").read_text()

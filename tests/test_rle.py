@@ -4,11 +4,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from radacx_cache.sources.chexmask import (MASK_NAMES, RLEError, decode_rle, encode_rle,
-                                           parse_landmarks, parse_rle, polygon_mask, read_chexmask,
-                                           sample_rle)
 from conftest import shared_path
+
+from radacx_cache.sources.chexmask import (MASK_NAMES, RLEError, decode_rle, encode_rle, parse_landmarks, parse_rle,
+                                           polygon_mask, read_chexmask, sample_rle)
 
 
 def dice(a, b):

@@ -1,17 +1,18 @@
 """Saliency (issues 9, 20): the metrics say what constructed models do, maps align with the shards'
 masks under padding, and the check against the controls fails for maps drawn without a model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from radacx_cache.render import Geometry
 from radacx_cache.attribution import saliency_maps
-from radacx_cache.saliency_metrics import image_metrics, regions
-from radacx_cache.formats.shardset import open_shards
+from radacx_cache.formats.shard import open_shards
 from radacx_cache.phantom.truth import read_truth, region_at, truth_path
+from radacx_cache.render import Geometry
+from radacx_cache.saliency_metrics import image_metrics, regions
 
 
 class HeartOnly(torch.nn.Module):
@@ -46,7 +47,7 @@ class InkOnly(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def item(pipeline):
-    shards = open_shards(pipeline["cfg"].work / "shards").split("test")
+    shards = open_shards(Path(pipeline["cfg"].workdir) / "shards").split("test")
     for i in range(len(shards)):  # a non-square original: padding on one side
         it = shards[i]
         if it["geometry"][3] > 0 or it["geometry"][4] > 0:
@@ -80,7 +81,7 @@ def test_truth_regions_align_with_the_shard_masks_under_padding(pipeline, item):
     cfg = pipeline["cfg"]
     path = truth_path(cfg.archive.root)
     assert path is not None
-    test = open_shards(cfg.work / "shards").split("test")
+    test = open_shards(Path(cfg.workdir) / "shards").split("test")
     truth = read_truth(path, test.index["dicom_id"])
     checked = 0
     for i in range(len(test)):
@@ -105,7 +106,7 @@ def test_phantom_truth_check_on_a_fine_tuned_arm(pipeline, tmp_path):
     from radacx_cache.stages.saliency import run_saliency
     cfg = pipeline["cfg"]
     for part in ("cohort", "shards"):
-        (tmp_path / part).symlink_to(cfg.work / part)
+        (tmp_path / part).symlink_to(Path(cfg.workdir) / part)
     run = load_config(None, [f"workdir={tmp_path}", "seed=7", f"archive.root={cfg.archive.root}",
                              "finetune.batch_size=16", "finetune.block_rows=32", "finetune.shuffle_buffer=64",
                              "finetune.lr_encoder=0.002", "finetune.lr_head=0.002", "finetune.warmup_steps=5",

@@ -1,6 +1,8 @@
 import functools
+import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -9,9 +11,9 @@ import pytest
 
 from radacx_cache import open_shards
 from radacx_cache.config import load_config
-from radacx_cache.stages.shards import build_shards
-from radacx_cache.formats.shardset import SCHEMA_VERSION, ShardError, validate_shard
+from radacx_cache.formats.shard import SCHEMA_VERSION, ShardError, validate_shard
 from radacx_cache.formats.stream import ShardMapDataset
+from radacx_cache.stages.shards import build_shards
 from radacx_cache.workdir import Workdir
 
 DATASETS = ("original", "masked", "masks", "labels", "targets", "dicom_id", "subject_id", "study_id",
@@ -21,9 +23,9 @@ DATASETS = ("original", "masked", "masks", "labels", "targets", "dicom_id", "sub
 def clone(pipeline, tmp_path, *overrides, with_shards=True):
     """A private copy of the session's cohort (and shards) under a new workdir."""
     cfg = pipeline["cfg"]
-    shutil.copytree(cfg.work / "cohort", tmp_path / "cohort")
+    shutil.copytree(Path(cfg.workdir) / "cohort", tmp_path / "cohort")
     if with_shards:
-        shutil.copytree(cfg.work / "shards", tmp_path / "shards")
+        shutil.copytree(Path(cfg.workdir) / "shards", tmp_path / "shards")
     return load_config(None, [f"workdir={tmp_path}", f"archive.root={cfg.archive.root}",
                               f"archive.chexmask_csv={cfg.archive.chexmask_csv}", "seed=7",
                               "shards.rows_per_shard=64", "shards.n_jobs=2", *overrides])
@@ -47,11 +49,11 @@ def assert_same_shards(a, b):
 
 def test_shard_schema_and_reader(pipeline):
     cfg = pipeline["cfg"]
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     manifest = pipeline["shards"]
     assert len(shards) == manifest["rows"] == sum(s["rows"] for s in manifest["shards"])
     assert manifest["rows"] + manifest["rejects"] == pipeline["cohort"]["rows"]
-    path = cfg.work / "shards" / manifest["shards"][0]["name"]
+    path = Path(cfg.workdir) / "shards" / manifest["shards"][0]["name"]
     with h5py.File(path, "r") as f:
         assert f.attrs["schema"] == "radacx-shard" and f.attrs["schema_version"] == SCHEMA_VERSION
         n = f["original"].shape[0]
@@ -79,14 +81,48 @@ def test_shard_schema_and_reader(pipeline):
         shards.get("no-such-id")
 
 
+def test_written_shards_hold_what_the_schema_table_says(pipeline):
+    """Every dataset of a written shard is a row of ``schema.DATASETS`` with its dtype, tail shape and
+    storage; the images are contiguous (memory-mappable) and the masks chunked per row."""
+    from radacx_cache.formats.shard import DATASETS, tail_shape
+    path = Path(pipeline["cfg"].workdir) / "shards" / pipeline["shards"]["shards"][0]["name"]
+    with h5py.File(path, "r") as f:
+        n, size, k = f["dicom_id"].shape[0], int(f.attrs["size"]), len(json.loads(f.attrs["target_names"]))
+        assert set(f) == {d.name for d in DATASETS if d.required}
+        for d in DATASETS:
+            if d.name not in f:
+                continue
+            ds = f[d.name]
+            assert ds.shape == (n, *tail_shape(d, size, k)), d.name
+            assert ds.dtype.kind == "S" if d.dtype == "S" else ds.dtype == np.dtype(d.dtype), d.name
+            assert (ds.chunks is None) == (d.storage != "row-chunks"), d.name
+            if d.storage == "row-chunks":
+                assert ds.chunks == (1, *tail_shape(d, size, k)) and ds.compression == "gzip"
+
+
+def test_the_reader_refuses_a_shard_off_the_schema(pipeline, tmp_path):
+    """A shard whose geometry rows have 7 values (schema 1) or whose masks lost a structure is refused
+    by the reader's schema check, naming the dataset."""
+    src = Path(pipeline["cfg"].workdir) / "shards" / pipeline["shards"]["shards"][0]["name"]
+    for name, bad in (("geometry", lambda a: a[:, :7]), ("masks", lambda a: a[:, :2])):
+        copy = tmp_path / f"{name}.h5"
+        shutil.copy(src, copy)
+        with h5py.File(copy, "r+") as f:
+            values = bad(f[name][:])
+            del f[name]
+            f[name] = values
+        with pytest.raises(ShardError, match=name):
+            validate_shard(copy)
+
+
 def test_shard_rows_equal_a_fresh_render(pipeline):
     from radacx_cache.formats.cohort_files import load_cohort, read_rle_rows
     from radacx_cache.render import render_image
     cfg = pipeline["cfg"]
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     cohort = load_cohort(Workdir(cfg.workdir))
     row = cohort[cohort["dicom_id"] == shards.index["dicom_id"].iloc[10]].iloc[0]
-    rle = read_rle_rows(cfg.work / "cohort" / "masks-rle.h5", [row["rle_row"]])[row["dicom_id"]]
+    rle = read_rle_rows(Path(cfg.workdir) / "cohort" / "masks-rle.h5", [row["rle_row"]])[row["dicom_id"]]
     data = (cfg.archive.root + "/" + row["path"])
     out = render_image(open(data, "rb").read(), rle, rle["shape"])
     item = shards[10]
@@ -95,7 +131,7 @@ def test_shard_rows_equal_a_fresh_render(pipeline):
 
 
 def test_rerun_is_a_no_op(pipeline):
-    folder = pipeline["cfg"].work / "shards"
+    folder = Path(pipeline["cfg"].workdir) / "shards"
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
     build_shards(pipeline["cfg"], progress=False)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
@@ -116,7 +152,7 @@ def test_truncated_shard_is_detected_and_rebuilt(pipeline, tmp_path):
     with pytest.raises(ShardError, match="truncated"):
         validate_shard(victim, sidecar.to_dict())
     build_shards(cfg, progress=False)
-    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+    assert_same_shards(tmp_path / "shards", Path(pipeline["cfg"].workdir) / "shards")
 
 
 def kill_worker_at(victim, name, tmp):
@@ -133,9 +169,9 @@ def test_killed_worker_then_rerun_gives_identical_shards(pipeline, tmp_path):
     assert not (tmp_path / "shards" / "train-00002.h5").exists()
     build_shards(cfg, progress=False)
     assert not list((tmp_path / "shards").glob(".*.tmp"))
-    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+    assert_same_shards(tmp_path / "shards", Path(pipeline["cfg"].workdir) / "shards")
     a = pd.read_csv(tmp_path / "shards" / "index.csv")
-    b = pd.read_csv(pipeline["cfg"].work / "shards" / "index.csv")
+    b = pd.read_csv(Path(pipeline["cfg"].workdir) / "shards" / "index.csv")
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -143,12 +179,12 @@ def test_dask_backend_on_a_local_cluster_gives_the_same_shards(pipeline, tmp_pat
     pytest.importorskip("dask.distributed")
     cfg = clone(pipeline, tmp_path, "shards.backend=dask", with_shards=False)
     build_shards(cfg, progress=False)
-    assert_same_shards(tmp_path / "shards", pipeline["cfg"].work / "shards")
+    assert_same_shards(tmp_path / "shards", Path(pipeline["cfg"].workdir) / "shards")
 
 
 def test_inspect_writes_a_montage(pipeline, tmp_path):
     from radacx_cache.cli import main
-    shard = sorted((pipeline["cfg"].work / "shards").glob("test-*.h5"))[0]
+    shard = sorted((Path(pipeline["cfg"].workdir) / "shards").glob("test-*.h5"))[0]
     png = tmp_path / "m.png"
     assert main(["inspect", str(shard), "--png", str(png), "--n", "4"]) == 0
     assert png.stat().st_size > 10_000
@@ -164,6 +200,7 @@ def test_unfinished_folder_is_not_opened(tmp_path):
 
 def test_a_shard_of_another_render_config_in_the_folder_is_refused(pipeline, tmp_path):
     import json
+
     from radacx_cache.stages.embed import embed_all
     cfg = clone(pipeline, tmp_path)
     victim = sorted((tmp_path / "shards").glob("val-*.h5"))[0]
@@ -194,7 +231,7 @@ def test_masked_images_are_the_overlay_of_the_originals_with_the_configured_colo
     lung (its colour) lies on the image's left, the left lung on the image's right."""
     from radacx_cache.render import overlay
     cfg = pipeline["cfg"]
-    shards = open_shards(cfg.work / "shards")
+    shards = open_shards(Path(cfg.workdir) / "shards")
     colors = cfg.render.colors
     right_x, left_x = [], []
     for i in range(0, len(shards), max(1, len(shards) // 25)):
@@ -213,7 +250,7 @@ def test_masked_images_are_the_overlay_of_the_originals_with_the_configured_colo
 
 def test_an_unknown_split_name_is_an_error_not_an_empty_set(pipeline):
     from radacx_cache import open_shards as lazily_imported
-    shards = lazily_imported(pipeline["cfg"].work / "shards")
+    shards = lazily_imported(Path(pipeline["cfg"].workdir) / "shards")
     assert len(shards.split("val")) > 0
     for wrong in ("validation", "validate", "Test"):
         with pytest.raises(ValueError, match="expected one of train, val, test"):
@@ -229,3 +266,20 @@ def test_radacx_help_imports_no_heavy_library():
             "print(sorted(m for m in ('torch', 'open_clip', 'h5py', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("stage, needs", [("embed", "shards"), ("report", "shards"), ("shards", "cohort")])
+def test_a_stage_run_too_early_says_what_to_run_loads_no_torch_and_creates_nothing(tmp_path, stage, needs):
+    """In an empty workdir a stage answers with one line naming the stage to run first, before torch is
+    imported and before its lock file or any folder exists."""
+    import subprocess
+    import sys
+    work = tmp_path / "empty"
+    code = ("import sys; from radacx_cache.cli import main\n"
+            f"rc = main([{stage!r}, '--set', 'workdir={work}'])\n"
+            "print(rc, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "2 False"
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and f"run `radacx {needs}`" in errors[0]
+    assert not work.exists()

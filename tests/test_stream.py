@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def collect(stream, workers):
 
 
 def test_two_workers_times_two_ranks_see_each_row_once(pipeline):
-    train = open_shards(pipeline["cfg"].work / "shards").split("train")
+    train = open_shards(Path(pipeline["cfg"].workdir) / "shards").split("train")
     seen = []
     for rank in (0, 1):
         stream = ShardStream(train, "original", 16, seed=3, block_rows=32, shuffle_buffer=64, rank=rank, world=2)
@@ -45,7 +46,7 @@ def test_two_workers_times_two_ranks_see_each_row_once(pipeline):
 
 
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(pipeline):
-    train = open_shards(pipeline["cfg"].work / "shards").split("train")
+    train = open_shards(Path(pipeline["cfg"].workdir) / "shards").split("train")
     make = lambda: ShardStream(train, "masked", 16, seed=5, block_rows=32, shuffle_buffer=64)
     full = make()
     full.set_epoch(1)
@@ -65,7 +66,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(pipeline):
 
 
 def test_batches_carry_pixels_and_targets_in_order(pipeline):
-    shards = open_shards(pipeline["cfg"].work / "shards")
+    shards = open_shards(Path(pipeline["cfg"].workdir) / "shards")
     test = shards.split("test")
     stream = ShardStream(test, "masked", 8, shuffle=False, block_rows=32)
     batch = next(iter(stream))
@@ -76,7 +77,7 @@ def test_batches_carry_pixels_and_targets_in_order(pipeline):
 
 
 def test_unreadable_shard_is_skipped_and_counted(pipeline, tmp_path):
-    src = pipeline["cfg"].work / "shards"
+    src = Path(pipeline["cfg"].workdir) / "shards"
     shutil.copytree(src, tmp_path / "shards")
     shards = open_shards(tmp_path / "shards").split("train")
     victim = sorted((tmp_path / "shards").glob("train-*.h5"))[0]
@@ -100,7 +101,7 @@ def test_augment_is_small_and_deterministic():
 def test_every_setting_in_the_constructor_and_the_worker_count_learnt(pipeline):
     """``ShardStream(train, "masked")`` works with defaults; with ``num_workers=None`` it learns the
     loader's worker count and yields exactly what ``num_workers=2`` yields; a wrong count is refused."""
-    train = open_shards(pipeline["cfg"].work / "shards").split("train")
+    train = open_shards(Path(pipeline["cfg"].workdir) / "shards").split("train")
     learnt = ShardStream(train, "masked", 16, seed=4, block_rows=32)
     assert learnt.batch_size == 16 and ShardStream(train, "masked").batch_size == 32
     with pytest.raises(TypeError, match="num_workers"):
@@ -111,3 +112,23 @@ def test_every_setting_in_the_constructor_and_the_worker_count_learnt(pipeline):
     wrong = ShardStream(train, "masked", 16, num_workers=3)
     with pytest.raises(RuntimeError, match="the DataLoader runs 2 workers"):
         loader(wrong)
+
+
+def test_the_stream_counts_the_batches_its_consumer_took(pipeline):
+    """``state_dict()`` with no argument: ``consume`` counted the batches the loop took in the main
+    process (DataLoader workers iterate copies of the stream), so a resume yields exactly the rest."""
+    import itertools
+    train = open_shards(Path(pipeline["cfg"].workdir) / "shards").split("train")
+    make = lambda: ShardStream(train, "original", 16, seed=5, block_rows=32, shuffle_buffer=64, num_workers=2)
+    everything = collect(make(), 2)
+    first = make()
+    loader = torch.utils.data.DataLoader(first, batch_size=None, num_workers=2)
+    taken = [b["index"].tolist() for b in itertools.islice(first.consume(loader), 5)]
+    assert taken == everything[:5] and first.state_dict()["batches_consumed"] == 5
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    loader = torch.utils.data.DataLoader(resumed, batch_size=None, num_workers=2)
+    rest = [b["index"].tolist() for b in resumed.consume(loader)]
+    assert rest == everything[5:] and resumed.state_dict()["batches_consumed"] == len(everything)
+    resumed.set_epoch(1)  # a new epoch starts from its first batch
+    assert resumed.state_dict()["batches_consumed"] == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,7 @@ VARIANTS = ["render.variants.thick.line_width=6", "render.variants.filled.style=
             "render.variants.heart_only.structures=[heart]", "render.variants.grey_ink.ink=255"]
 
 
-def paper(render_config: dict) -> dict:
+def paper(render_config: dict):
     from radacx_cache.config import RenderConfig
     return RenderConfig(**{k: v for k, v in render_config.items() if k != "variants"}).paper_overlay()
 
@@ -23,10 +25,11 @@ def paper(render_config: dict) -> dict:
 def test_the_paper_overlay_drawn_at_read_time_is_the_rendered_masked(tmp_path):
     """On a real radiograph: what render_image stores as `masked` is exactly draw_variant of its own
     original and masks under the paper's settings, for every style the paper's config can take."""
+    from test_render import wikimedia
+
     from radacx_cache.config import RenderConfig
     from radacx_cache.render import draw_variant, render_image
     from radacx_cache.sources.chexmask import encode_rle
-    from test_render import wikimedia
     data, masks = wikimedia()
     rles = {k: encode_rle(v) for k, v in masks.items()}
     for overlay, width in (("boundary", 2), ("boundary", 5), ("fill", 2), ("crop", 2)):
@@ -42,7 +45,7 @@ def test_a_variant_that_draws_nothing_is_the_original():
     original = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
     masks = rng.random((2, 3, 32, 32)) > 0.5
     base = RenderConfig().paper_overlay()
-    for spec in ({**base, "style": "none"}, {**base, "structures": []}):
+    for spec in (replace(base, style="none"), replace(base, structures=[])):
         assert np.array_equal(draw_variant(original, masks, spec), np.repeat(original[..., None], 3, axis=3))
     # and a control: a variant that draws does change the image
     assert not np.array_equal(draw_variant(original, masks, base), np.repeat(original[..., None], 3, axis=3))
@@ -55,16 +58,16 @@ def test_structures_ink_and_style_change_what_is_drawn():
     masks = np.zeros((3, 40, 40), bool)
     masks[0, 5:20, 5:15] = masks[1, 5:20, 25:35] = masks[2, 22:35, 12:28] = True
     base = RenderConfig().paper_overlay()
-    heart_only = draw_variant(original, masks, {**base, "structures": ["heart"]})
+    heart_only = draw_variant(original, masks, replace(base, structures=["heart"]))
     assert (heart_only[..., 2] == 255).any() and not (heart_only[..., 0] == 255).any()  # blue heart, no red lung
-    ink = draw_variant(original, masks, {**base, "ink": 255})
+    ink = draw_variant(original, masks, replace(base, ink=255))
     drawn = (ink != 100).any(2)
     assert drawn.any() and (ink[drawn] == 255).all()  # every drawn pixel white
-    thick = draw_variant(original, masks, {**base, "line_width": 6})
+    thick = draw_variant(original, masks, replace(base, line_width=6))
     assert (thick != 100).any(2).sum() > 2 * (draw_variant(original, masks, base) != 100).any(2).sum()
     # the shards store masks as uint8 0/1: every style must read them as the same boolean masks
     for style in ("boundary", "fill", "crop"):
-        spec = {**base, "style": style}
+        spec = replace(base, style=style)
         assert np.array_equal(draw_variant(original, masks.astype(np.uint8), spec), draw_variant(original, masks, spec))
 
 
@@ -98,7 +101,7 @@ def ablated(pipeline, features, tmp_path_factory):
     src = pipeline["cfg"]
     work = tmp_path_factory.mktemp("ablation")
     for part in ("cohort", "shards"):
-        shutil.copytree(src.work / part, work / part)
+        shutil.copytree(Path(src.workdir) / part, work / part)
     before = {p.name: p.stat().st_mtime_ns for p in (work / "shards").glob("*.h5")}
     cfg = load_config(None, [f"workdir={work}", f"archive.root={src.archive.root}",
                              f"archive.chexmask_csv={src.archive.chexmask_csv}", "seed=7", "shards.rows_per_shard=64",
@@ -117,7 +120,7 @@ def test_adding_variants_re_renders_no_shard(ablated):
     work = ablated["work"]
     after = {p.name: p.stat().st_mtime_ns for p in (work / "shards").glob("*.h5")}
     assert after == ablated["before"] and after
-    from radacx_cache.formats.shardset import open_verified
+    from radacx_cache.formats.shard import open_verified
     from radacx_cache.workdir import Workdir
     shards = open_verified(Workdir(work))
     assert shards.variants[:2] == ("original", "masked")
@@ -125,7 +128,7 @@ def test_adding_variants_re_renders_no_shard(ablated):
 
 
 def test_masked_in_the_shards_is_the_paper_variant_drawn_from_them(ablated):
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     from radacx_cache.render import draw_variant
     shards = ShardSet(ablated["work"] / "shards")
     spec = paper(shards.render_config)
@@ -136,7 +139,8 @@ def test_masked_in_the_shards_is_the_paper_variant_drawn_from_them(ablated):
 
 def test_readers_serve_a_derived_variant_as_drawn(ablated):
     import torch
-    from radacx_cache.formats.shardset import ShardSet
+
+    from radacx_cache.formats.shard import ShardSet
     from radacx_cache.formats.stream import ShardMapDataset, ShardStream
     from radacx_cache.render import draw_variant
     shards = ShardSet(ablated["work"] / "shards").split("train")
@@ -189,8 +193,9 @@ def test_the_ablation_table_recomputes_from_the_prediction_files(ablated):
     """Every accuracy and difference of ablation.json, recomputed with pandas from the arms'
     prediction CSVs and the shards' index (first positive in the target order)."""
     import json
+
     from radacx_cache.arms import ABLATION_COLUMNS
-    from radacx_cache.formats.shardset import ShardSet
+    from radacx_cache.formats.shard import ShardSet
     work = ablated["work"]
     data = json.loads((work / "results" / "ablation.json").read_text())
     shards = ShardSet(work / "shards")
@@ -221,6 +226,7 @@ def test_the_ablation_table_recomputes_from_the_prediction_files(ablated):
 
 def test_saliency_explains_the_derived_variants_it_is_asked_for(ablated, tmp_path):
     import json
+
     from radacx_cache.config import load_config
     from radacx_cache.stages.saliency import run_saliency
     work = tmp_path / "run"
@@ -253,8 +259,9 @@ def test_saliency_explains_the_derived_variants_it_is_asked_for(ablated, tmp_pat
 def test_a_variants_record_from_elsewhere_is_checked_on_reading(ablated, tmp_path, change, message):
     """variants.json is input like any other: resealed with a hostile entry, it is refused with a reason."""
     import json
+
     from radacx_cache.formats.records import seal
-    from radacx_cache.formats.shardset import ShardError, ShardSet
+    from radacx_cache.formats.shard import ShardError, ShardSet
     shutil.copytree(ablated["work"] / "shards", tmp_path / "shards")
     path = tmp_path / "shards" / "variants.json"
     data = json.loads(path.read_text())

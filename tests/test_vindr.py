@@ -216,6 +216,7 @@ def test_reader_on_the_real_kaggle_table(tmp_path):
 
 def test_real_chexmask_rows_are_vindr_ids():
     from conftest import shared_path
+
     from radacx_cache.sources import vindr
     from radacx_cache.sources.chexmask import read_chexmask
     df = read_chexmask(shared_path("chexmask-samples", "VinDr-CXR.csv"), id_column="image_id")

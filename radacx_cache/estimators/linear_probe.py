@@ -18,13 +18,13 @@ import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .._lazy import LazyModule
-from .logistic_solver import Evaluation, Problem, lbfgs
 from ..metrics import accuracy_argmax
+from .logistic_solver import Evaluation, Problem, lbfgs
 
 torch = LazyModule("torch")  # imported on first use: `import` of the estimator stays light
 

@@ -1,4 +1,5 @@
-"""The fine-tuned network (vision tower + linear head) and its checkpoints, read without unpickling."""
+"""Fine-tuning checkpoints (``last.pt``, ``best.pt``), read without unpickling; the network they hold is
+``models.Classifier``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,22 +9,6 @@ import torch
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, a checkpoint from another config, ...)."""
-
-
-class Classifier(torch.nn.Module):
-    """The model's vision tower + a randomly initialised linear head on its embedding."""
-
-    def __init__(self, visual: torch.nn.Module, embed_dim: int, n_classes: int):
-        super().__init__()
-        self.visual = visual
-        self.head = torch.nn.Linear(embed_dim, n_classes)
-
-    def features(self, x):
-        """What the head reads."""
-        return self.visual(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def load_checkpoint(path: Path) -> dict:

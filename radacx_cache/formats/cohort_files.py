@@ -1,4 +1,6 @@
-"""The cohort stage's outputs, read by the shard writer: ``cohort.csv`` and the RLE store.
+"""The cohort's files, writer beside reader (docs/cohort.md): ``cohort.csv``, ``rejects.csv``,
+``boxes.csv`` (archives with radiologists' boxes) and the RLE store ``masks-rle.h5``. The cohort
+stage decides what goes in them; the shard stage reads them through the cohort's verified record.
 
 ``masks-rle.h5`` holds the cohort's CheXmask RLE strings (zlib-compressed, row-aligned with
 ``cohort.csv``) so that shard workers never re-read the multi-GB CheXmask CSV.
@@ -14,10 +16,15 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .._io import spreadsheet_safe, write_csv
 from ..sources.chexmask import MASK_NAMES
 from ..workdir import Workdir
 from .hdf5 import open_checked
 from .records import Record, Verifier
+
+REJECT_COLUMNS = ["id", "stage", "reason"]  # rejects.csv of the cohort (the shard stage adds ``retry``)
+BOXES_COLUMNS = ["dicom_id", "finding", "x0", "y0", "x1", "y1", "reader"]  # x, y as fractions of the image
+_BOXES_FILE = Workdir(".").cohort_boxes.name  # its name inside the cohort folder (and the record's file list)
 
 
 def row_digest(texts) -> bytes:
@@ -114,4 +121,31 @@ def cohort_record(work: Workdir, verifier: Verifier | None = None) -> Record:
 def load_cohort(work: Workdir, verifier: Verifier | None = None) -> pd.DataFrame:
     """The finished cohort table (one row per image), read only through its verified record."""
     record = cohort_record(work, verifier)
-    return pd.read_csv(record.file("cohort.csv"), dtype={"dicom_id": str})
+    return pd.read_csv(record.file(work.cohort_csv.name), dtype={"dicom_id": str})
+
+
+def write_cohort_tables(work: Workdir, cohort: pd.DataFrame, boxes: pd.DataFrame | None,
+                        rejects: pd.DataFrame) -> list[Path]:
+    """Write ``cohort.csv``, ``boxes.csv`` (only where the archive has boxes; an old one is removed)
+    and ``rejects.csv`` (archive text made spreadsheet-safe); returns the files written, for the record."""
+    write_csv(work.cohort_csv, cohort)
+    files = [work.cohort_csv, work.cohort_rejects, work.masks_rle]
+    work.cohort_boxes.unlink(missing_ok=True)
+    if boxes is not None:
+        write_csv(work.cohort_boxes, boxes[BOXES_COLUMNS])
+        files.append(work.cohort_boxes)
+    write_csv(work.cohort_rejects, spreadsheet_safe(rejects[REJECT_COLUMNS], ("id", "reason")))
+    return files
+
+
+def has_boxes(record: Record) -> bool:
+    """Whether the cohort of ``record`` has radiologists' boxes (``boxes.csv``)."""
+    return _BOXES_FILE in record.get("files", {})
+
+
+def load_boxes(record: Record) -> pd.DataFrame | None:
+    """The cohort's radiologists' boxes (``BOXES_COLUMNS``), read through its verified record; None
+    where the archive has none."""
+    if not has_boxes(record):
+        return None
+    return pd.read_csv(record.file(_BOXES_FILE), dtype={"dicom_id": str})

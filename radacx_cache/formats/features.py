@@ -19,7 +19,7 @@ from ..arms import IMAGE_VARIANTS
 from ..workdir import Workdir
 from .hdf5 import UnsafeHDF5, check_shape, open_checked
 from .records import Record, RecordError, Verifier
-from .shardset import ShardSet
+from .shard import ShardSet
 
 CACHE_SCHEMA = "radacx-features"
 CACHE_VERSION = 2  # 2: content_sha256, verified before commit and on open
@@ -57,7 +57,7 @@ def cache_fingerprints(model, shards: ShardSet, variant: str) -> dict:
            "shards": shards.fingerprint, "preprocess": stable_hash(model.preprocess_spec()), "variant": variant,
            "schema_version": CACHE_VERSION}
     if variant in shards.derived:  # drawn at read time: the settings are part of what the cache holds
-        out["variant_spec"] = stable_hash(shards.derived[variant])
+        out["variant_spec"] = stable_hash(shards.derived[variant].as_dict())
     return out
 
 
@@ -73,8 +73,12 @@ def check_fingerprints(path: Path, expected: dict) -> None:
     diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if diff:
         what = "; ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
-        raise FeatureCacheError(f"{path} was built differently ({what}). Delete it to rebuild, or use "
+        raise FingerprintMismatch(f"{path} was built differently ({what}). Delete it to rebuild, or use "
                                 f"the model/shards it was built from.")
+
+
+class FingerprintMismatch(FeatureCacheError):
+    """A readable cache built with another model, shard set, variant or preprocessing."""
 
 
 class FeatureCache:

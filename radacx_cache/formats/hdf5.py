@@ -19,12 +19,23 @@ class UnsafeHDF5(ValueError):
     """An HDF5 file holds a link, external storage, a virtual dataset or an impossible shape."""
 
 
-def unsafe_objects(f: h5py.File) -> list[str]:
-    """Names of the links and datasets that would make a reader leave the file, or point nowhere."""
-    found = []
+MAX_LINKS = 100_000  # a shard holds ~12 datasets; a file with more links than this is not one of ours
 
-    def walk(group: h5py.Group, prefix: str) -> None:
+
+def unsafe_objects(f: h5py.File, max_links: int = MAX_LINKS) -> list[str]:
+    """Names of the links and datasets that would make a reader leave the file, or point nowhere.
+
+    Objects are visited once each, by address, not once per path: groups that hard-link the next
+    level twice have 2^depth paths but few objects, and a group linked below itself is a cycle. More
+    than ``max_links`` links is itself a finding (nothing this tool writes comes near it)."""
+    found, seen, links = [], set(), 0
+    todo = [(f, "")]
+    while todo and not found:
+        group, prefix = todo.pop()
         for name in group:
+            links += 1
+            if links > max_links:
+                return [f"{prefix}/{name} (more than {max_links} links: not a file this tool wrote)"]
             link = group.get(name, getlink=True)
             full = f"{prefix}/{name}"
             if isinstance(link, h5py.ExternalLink):
@@ -34,14 +45,17 @@ def unsafe_objects(f: h5py.File) -> list[str]:
                 found.append(f"{full} (soft link to {link.path})")
                 continue
             obj = group[name]
+            info = h5py.h5o.get_info(obj.id)
+            if (info.fileno, info.addr) in seen:
+                continue  # another path to an object already walked
+            seen.add((info.fileno, info.addr))
             if isinstance(obj, h5py.Group):
-                walk(obj, full)
+                todo.append((obj, full))
             elif isinstance(obj, h5py.Dataset):
                 if obj.external:
                     found.append(f"{full} (stored in an outside file: {obj.external[0][0]!r})")
                 elif obj.is_virtual:
                     found.append(f"{full} (virtual dataset mapping other files)")
-    walk(f, "")
     return found
 
 

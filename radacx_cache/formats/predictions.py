@@ -21,7 +21,7 @@ import pandas as pd
 
 from .._io import write_csv, write_json
 from ..arms import IMAGE_VARIANTS
-from ..workdir import Workdir
+from ..workdir import Workdir, sidecar_name
 from .records import Record, Verifier, write_record
 
 
@@ -61,7 +61,7 @@ def write_predictions(path: str | Path, rows: pd.DataFrame, proba: np.ndarray, c
     for j, c in enumerate(classes):
         df[f"prob_{c}"] = proba[:, j]
     write_csv(path, df)
-    write_json(path.with_suffix(".json"), meta)
+    write_json(path.with_name(sidecar_name(path.name)), meta)
 
 
 def load_predictions(path: str | Path) -> Predictions:
@@ -76,7 +76,7 @@ def load_predictions(path: str | Path) -> Predictions:
     proba = df[[f"prob_{c}" for c in classes]].to_numpy(float)
     positives = df[[f"positive_{c}" for c in classes]].to_numpy(float)
     uncertain = df[[f"uncertain_{c}" for c in classes]].to_numpy(float)
-    meta_path = path.with_suffix(".json")
+    meta_path = path.with_name(sidecar_name(path.name))
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return Predictions(df, classes, proba, positives, uncertain, meta, path)
 
@@ -114,7 +114,7 @@ def write_arm_record(work: Workdir, arm: str, command: str, upstream: list[Recor
                      **facts) -> Record:
     """An arm's record, written after its prediction files (one per test image variant in ``tested_on``):
     the commit point of the arm."""
-    files = [f"{v}{ext}" for v in tested_on for ext in (".csv", ".json")]
+    files = [p.name for v in tested_on for p in (work.predictions(arm, v), work.predictions_meta(arm, v))]
     return write_record(work.predictions_record(arm), work.root, "predictions", command, files=files,
                         upstream=upstream, arm=arm, tested_on=list(tested_on), **facts)
 

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .._io import file_sha256, read_json, stable_hash, write_json
+from ..workdir import VERIFIED_CACHE
+from .record_kinds import record_facts
 
 RECORD_VERSION = 1
 # not part of a record's identity: the package version that wrote it, the archive files' mtimes
 # (the cohort's cache key: touched but unchanged tables give the same cohort)
 VOLATILE = ("fingerprint", "created_with", "inputs_fingerprint")
-VERIFIED = ".verified.json"
+VERIFIED = VERIFIED_CACHE
 # the command that writes the records of each top-level workdir folder (for a missing one's message)
 WRITERS = {"cohort": "radacx cohort", "shards": "radacx shards", "features": "radacx embed",
            "zeroshot": "radacx zeroshot", "probes": "radacx probe", "finetune": "radacx finetune",
@@ -67,6 +69,12 @@ class Record:
         if name not in self.data.get("files", {}):
             raise RecordError(f"{self.path}: lists no file {name!r}")
         return self.path.parent / name
+
+    @property
+    def facts(self):
+        """The record's typed decisions (``record_kinds``: CohortFacts, ShardFacts, ArmFacts), checked
+        when it was read."""
+        return record_facts(self.data["stage"], self.data)
 
     def __getitem__(self, key):
         return self.data[key]
@@ -188,6 +196,10 @@ def read_record(path: Path, stage: str | None = None, command: str | None = None
     if record_fingerprint(data) != data.get("fingerprint"):
         raise RecordError(f"{path} was edited after it was written (fingerprint {data.get('fingerprint')} "
                           f"!= its content's {record_fingerprint(data)}); rerun `{data.get('command', hint)}`")
+    try:
+        record_facts(str(data.get("stage")), data)
+    except ValueError as exc:  # sealed, but not what a stage of this tool writes
+        raise RecordError(f"{path}: {exc}; rerun `{data.get('command', hint)}`") from None
     return Record(path, data)
 
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .shardset import ShardSet
+from .shard import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.targets = torch.from_numpy(shards.targets())
         self.epoch = 0
         self.resume_batches = 0
+        self.consumed = 0  # batches of this epoch handed to the training loop (``consume``), resumed ones included
         self.num_workers = None if num_workers is None else max(1, int(num_workers))
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.consumed = self.resume_batches = 0
         self.epoch = epoch
 
-    def state_dict(self, batches_consumed: int) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": int(batches_consumed), "seed": self.seed,
+    def consume(self, loader):
+        """Yield the batches of ``loader`` (a DataLoader over this stream, or the stream itself) and count
+        each one as the training loop takes it, in the main process: DataLoader workers iterate their
+        own copies, so only the consumer knows what was used. ``state_dict()`` saves that count."""
+        self.consumed = self.resume_batches
+        for batch in loader:
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        """What ``load_state_dict`` needs to resume mid-epoch: the epoch and the batches consumed in it
+        (counted by ``consume``; pass ``batches_consumed`` when counting yourself)."""
+        done = self.consumed if batches_consumed is None else batches_consumed
+        return {"epoch": self.epoch, "batches_consumed": int(done), "seed": self.seed,
                 "world": self.world, "num_workers": self.num_workers or 1, "batch_size": self.batch_size,
                 "rows": len(self.shards)}
 
@@ -125,7 +140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"stream state: {key} was {state[key]}, now {mine[key]}; a resumed run must "
                                  f"keep it to see the same batches")
         self.epoch = state["epoch"]
-        self.resume_batches = state["batches_consumed"]
+        self.resume_batches = self.consumed = state["batches_consumed"]
 
     def _worker_batches(self, n_workers: int) -> list[int]:
         """Batches each of this rank's workers yields in the current epoch."""

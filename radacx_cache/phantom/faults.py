@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..findings import FINDINGS
+
 FAULTS = ("missing_jpeg", "empty_jpeg", "truncated_jpeg", "corrupt_jpeg", "rle_odd_count",
           "rle_decreasing_starts", "rle_out_of_bounds", "mask_size_mismatch", "jpeg_size_mismatch",
           "missing_mask_row", "missing_label_row", "duplicate_label_row", "blank_view", "bad_label_value")

@@ -25,11 +25,10 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from .._io import atomic_path, progress_bar, write_json
-from ..findings import FINDINGS
+from ..findings import FINDINGS, FINDINGS_ALL
+from ..sources.chexmask import encode_rle, polygon_mask
 from .faults import plant_faults
 from .layouts import CHEXMASK_SUBDIR, LAYOUTS
-from ..sources.chexmask import encode_rle, polygon_mask
-from ..findings import FINDINGS_ALL
 from .truth import phantom_file, truth_file
 
 log = logging.getLogger(__name__)

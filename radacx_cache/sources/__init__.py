@@ -5,8 +5,8 @@ import importlib
 import pkgutil
 
 from .archive import ARCHIVES, Archive, ArchiveTables, archive
-from .chexmask import (MASK_NAMES, RLEError, decode_rle, encode_rle, parse_landmarks, parse_rle,
-                       polygon_mask, read_chexmask, sample_rle)
+from .chexmask import (MASK_NAMES, RLEError, decode_rle, encode_rle, parse_landmarks, parse_rle, polygon_mask,
+                       read_chexmask, sample_rle)
 from .mimic import jpg_relpath, read_labels, read_metadata, read_split, table_path
 
 for _module in pkgutil.iter_modules(__path__):

@@ -64,6 +64,9 @@ class Archive:
     # CheXmask's Dice RCA (Mean) > (Max) read as a swapped header (PadChest's rows have no fixed order)
     mean_above_max_is_suspect: ClassVar[bool] = True
     options: ClassVar[dict] = {}  # archive.options this archive takes, with their defaults
+    # CheXmask segments all three structures of every image, so a blank mask cell is a broken row; an
+    # archive of one's own may have masks of some structures only (lungs, no heart): blank = none drawn
+    absent_structures: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -22,8 +22,9 @@ MASK_NAMES = ("right_lung", "left_lung", "heart")  # order of every mask stack i
 LANDMARK_SPLIT = {"right_lung": (0, 44), "left_lung": (44, 94), "heart": (94, 120)}
 QUALITY_MEAN, QUALITY_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
 # the image-id column of each CheXmask file (its name without .csv / .csv.gz)
+GENERIC_MASK_TABLE = "radacx-generic"  # not a CheXmask file: a generic archive's masks in CheXmask's format
 ID_COLUMNS = {"MIMIC-CXR-JPG": "dicom_id", "ChestX-Ray8": "Image Index", "CheXpert": "Path",
-              "Padchest": "ImageID", "VinDr-CXR": "image_id", "CANDID-PTX": "ImageID"}
+              "Padchest": "ImageID", "VinDr-CXR": "image_id", "CANDID-PTX": "ImageID", GENERIC_MASK_TABLE: "image"}
 SWAPPED_SHARE = 0.9  # Mean > Max on this share of a file's first rows: its header has the two swapped
 log = logging.getLogger(__name__)
 _INT = re.compile(r"-?\d+")

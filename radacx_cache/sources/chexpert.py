@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..findings import FINDINGS_ALL
 from ._tables import read_table, require_columns
 from .archive import Archive, ArchiveTables
-from ..findings import FINDINGS_ALL
 from .mimic import parse_label_cells
 
 PREFIXES = ("CheXpert-v1.0-small", "CheXpert-v1.0")

@@ -16,7 +16,9 @@ has a handler for them (pylibjpeg, gdcm); without one the image is rejected with
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 
 import numpy as np
@@ -117,7 +119,7 @@ def to_grey(ds) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DicomError(f"cannot decode the pixel data (transfer syntax {name}: {type(exc).__name__}: "
-                         f"{str(exc)[:120]})") from None
+                         f"{' '.join(str(exc).split())[:160]})") from None
     rows, cols = _integer(ds, "Rows", low=1), _integer(ds, "Columns", low=1)
     if stored.shape != (rows, cols):
         raise DicomError(f"pixel data is {stored.shape}, not the declared {rows}x{cols}")
@@ -167,6 +169,22 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
         (values > center - 0.5).astype(np.float64)
 
 
+@contextlib.contextmanager
+def _pydicom_quiet():
+    """pydicom logs an ERROR and a traceback for every pixel decoder that fails before it raises; that
+    failure becomes this file's one-line reject row, so its log records are dropped while decoding."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n == "pydicom" or n.startswith("pydicom.")]
+    loggers = [logging.getLogger(n) for n in names]  # records are emitted by the module loggers themselves
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, before):
+            lg.disabled = was
+
+
 def decode_dicom(data: bytes, expected: tuple[int, int] | None = None, max_pixels: int = 64_000_000,
                  fits=None) -> tuple[np.ndarray, tuple[int, int]]:
     """8-bit grey pixels and (Rows, Columns) of a DICOM radiograph. The size is checked against
@@ -174,7 +192,8 @@ def decode_dicom(data: bytes, expected: tuple[int, int] | None = None, max_pixel
     the pixel data is decoded. Any failure inside pydicom (it converts a header element when it is
     first read: a wrong length, an unknown VR) is a DicomError naming what pydicom said."""
     try:
-        return _decode(data, expected, max_pixels, fits)
+        with _pydicom_quiet():
+            return _decode(data, expected, max_pixels, fits)
     except DicomError:
         raise
     except Exception as exc:  # noqa: BLE001  a malformed element read lazily: this file's reject, one line

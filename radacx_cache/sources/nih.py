@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..findings import FINDINGS_ALL
 from ._tables import header_of, read_table, require_columns
 from .archive import Archive, ArchiveTables
-from ..findings import FINDINGS_ALL
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 SPLIT_LISTS = {"train_val_list.txt": "train", "test_list.txt": "test"}

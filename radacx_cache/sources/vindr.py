@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..findings import FINDINGS_ALL
 from ._tables import read_table, require_columns
 from .archive import Archive, ArchiveTables
-from ..findings import FINDINGS_ALL
 
 PHYSIONET_TABLES = {"train": "annotations/annotations_train.csv", "test": "annotations/annotations_test.csv"}
 CHALLENGE_TABLE = "train.csv"  # the Kaggle copy: the training images only

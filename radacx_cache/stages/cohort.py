@@ -21,20 +21,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._io import private_tmp, read_json, spreadsheet_safe, stable_hash, stage_run, write_csv
+from .._io import private_tmp, read_json, stable_hash, stage_run
 from ..archives import ArchiveTables, archive, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
-from ..formats.cohort_files import RLEStore, rle_content_hash
-from ..formats.records import RecordError, read_record, write_record
 from ..config import CohortConfig, Config
-from ..sources.chexmask import iter_chexmask
 from ..findings import FINDINGS_ALL, first_positive, target_order
+from ..formats.cohort_files import BOXES_COLUMNS, REJECT_COLUMNS, RLEStore, rle_content_hash, write_cohort_tables
+from ..formats.records import RecordError, read_record, write_record
 from ..phantom.truth import phantom_home
+from ..sources.chexmask import iter_chexmask
 from ..workdir import Workdir
 
 __all__ = ["ArchiveTables", "build_cohort", "read_archive_tables", "select_cohort", "select_images", "attach_masks"]
 
 log = logging.getLogger(__name__)
-REJECT_COLUMNS = ["id", "stage", "reason"]
 CHEXMASK_CHUNK_ROWS = 2000  # ~100 MB of RLE text per chunk at MIMIC resolution
 COHORT_VERSION = 5  # 2: positive/uncertain columns; 3: validated ids, duplicates; 4: rle_row, streamed masks; 5: archive kinds
 
@@ -330,16 +329,12 @@ def _build_cohort(cfg: Config) -> dict:
         store.unlink(missing_ok=True)
     rejects += more
     cohort = df[COHORT_COLUMNS + ["rle_row"] + label_columns(c.classes)]
-    write_csv(work.cohort_csv, cohort)
-    files = [work.cohort_csv, work.cohort_rejects, work.masks_rle]
-    work.cohort_boxes.unlink(missing_ok=True)
+    boxes = None
     if tables.boxes is not None:  # the radiologists' boxes of the cohort's images and classes
         boxes, box_rejects = cohort_boxes(tables.boxes, cohort, c.classes, tables.boxes_in_pixels)
         rejects += box_rejects
-        write_csv(work.cohort_boxes, boxes)
-        files.append(work.cohort_boxes)
     rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    write_csv(work.cohort_rejects, spreadsheet_safe(rejects_df, ("id", "reason")))
+    files = write_cohort_tables(work, cohort, boxes, rejects_df)
     # per class: training targets (under `first`, the first positive in the target order: not a
     # prevalence) and positives (every image where the finding is positive under the uncertain policy)
     counts = {s: {"images": int((cohort["split"] == s).sum()),
@@ -386,8 +381,7 @@ def cohort_boxes(boxes: pd.DataFrame, cohort: pd.DataFrame, classes, in_pixels: 
                    for i, f, r, x0, y0, x1, y1, hh, ww in boxes.loc[outside, ["dicom_id", "finding", "reader", "x0", "y0",
                                                                            "x1", "y1", "Rows", "Columns"]].to_numpy()]
         boxes = boxes.assign(x0=boxes["x0"] / w, x1=boxes["x1"] / w, y0=boxes["y0"] / h, y1=boxes["y1"] / h)[~outside]
-    cols = ["dicom_id", "finding", "x0", "y0", "x1", "y1", "reader"]
-    return boxes[cols].sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"), rejects
+    return boxes[BOXES_COLUMNS].sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"), rejects
 
 
 def reason_counts(reasons: pd.Series) -> dict:

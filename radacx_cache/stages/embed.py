@@ -17,16 +17,17 @@ import h5py
 import numpy as np
 import torch
 
-from .._io import atomic_path, progress_bar, refuse_links_below_root, stage_run
+from .._io import atomic_path, progress_bar, refuse_links_below_root
 from ..config import Config
-from ..formats.features import (FeatureCache, FeatureCacheError, bad_rows, cache_fingerprints, check_fingerprints, content_sha256,
-                       create_partial)
+from ..formats.context import StageContext, open_stage
+from ..formats.features import (FeatureCache, FeatureCacheError, FingerprintMismatch, bad_rows, cache_fingerprints,
+                                check_fingerprints, content_sha256, create_partial)
+from ..formats.hdf5 import check_shape, open_checked
+from ..formats.records import Verifier, write_record
+from ..formats.shard import ShardError, ShardSet
+from ..formats.stream import ordered_loader, ordered_runs
 from ..models import LoadedModel, load_model
 from ..runtime import autocast, autocast_dtype, barrier, init_distributed
-from ..formats.hdf5 import open_checked
-from ..formats.records import Verifier, write_record
-from ..formats.shardset import ShardError, ShardSet, open_verified
-from ..formats.stream import ordered_loader, ordered_runs
 from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,23 @@ def open_or_resume(partial: Path, fps: dict, encoder: _Encoder, shards: ShardSet
     if partial.exists():
         try:
             check_fingerprints(partial, fps)
-        except (FeatureCacheError, OSError) as exc:
+            return _row_done(partial, len(shards))
+        except FingerprintMismatch as exc:  # built for another model or shard set: not this run's work
             log.warning("embed: discarding partial cache %s (%s)", partial, exc)
             partial.unlink()
-    if not partial.exists():
-        create_partial(partial, fps, encoder.model, shards, *encoder.widths())
+        except Exception as exc:  # noqa: BLE001  damaged (a full disk, a killed writer): kept aside, rebuilt
+            aside = partial.with_name(partial.name + ".damaged")
+            os.replace(partial, aside)
+            log.warning("embed: %s is damaged (%s: %s); moved aside to %s and rebuilt", partial,
+                        type(exc).__name__, " ".join(str(exc).split())[:160], aside.name)
+    create_partial(partial, fps, encoder.model, shards, *encoder.widths())
+    return _row_done(partial, len(shards))
+
+
+def _row_done(partial: Path, rows: int) -> np.ndarray:
+    """The partial cache's ``row_done`` flags, read only if they have the shard set's length."""
     with open_checked(partial) as f:
+        check_shape(partial, f["row_done"], rows=rows, tail=())
         return f["row_done"][:]
 
 
@@ -270,14 +282,12 @@ def embed_all(cfg: Config, variants=None, progress: bool = True) -> dict:
     """The ``embed`` stage: every image variant of the shard set (original, masked and the derived
     ones of ``variants.json``; or ``variants``), one model. Under torchrun each rank takes its blocks."""
     world, device = init_distributed(cfg.runtime.device)
-    with stage_run(cfg.workdir, f"embed.rank{world.rank}", cfg.permissions):
-        return _embed_all(cfg, variants, progress, world, device)
+    with open_stage(cfg.workdir, f"embed.rank{world.rank}", cfg.permissions) as ctx:
+        return _embed_all(cfg, ctx, variants, progress, world, device)
 
 
-def _embed_all(cfg: Config, variants, progress: bool, world, device) -> dict:
-    work = Workdir(cfg.workdir)
-    verifier = Verifier(work.root)
-    shards = open_verified(work, verifier)
+def _embed_all(cfg: Config, ctx: StageContext, variants, progress: bool, world, device) -> dict:
+    work, verifier, shards = ctx.work, ctx.verifier, ctx.shards
     model = load_model(cfg.model.spec, seed=cfg.seed)
     if shards.render_config["size"] != model.image_size:
         raise ShardError(f"{work.shards_manifest}: shards are {shards.render_config['size']} px, model "
@@ -310,7 +320,8 @@ def write_features_record(work: Workdir, model: LoadedModel, shards_record, shar
         ups.append(Verifier(work.root).record(work.shards_variants, "variants"))
     write_record(work.features_record(model.tag), work.root, "embed", "radacx embed",
                  files=[work.features(model.tag, v).relative_to(folder).as_posix() for v in caches],
-                 upstream=ups, variants=caches, variant_specs={v: shards.derived[v] for v in caches if v in shards.derived},
+                 upstream=ups, variants=caches, variant_specs={v: shards.derived[v].as_dict() for v in caches
+                                                                if v in shards.derived},
                  model_spec=model.spec, model_tag=model.tag,
                  model_fingerprint=model.fingerprint, weights_seed=model.weights_seed,
                  preprocess=model.preprocess_spec())

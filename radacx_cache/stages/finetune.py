@@ -27,19 +27,19 @@ import numpy as np
 import torch
 from torch.distributed.algorithms.join import Join
 
-from .._io import atomic_path, progress_bar, remove_stale_tmp, stable_hash, stage_run, write_json
+from .._io import atomic_path, progress_bar, remove_stale_tmp, stable_hash, write_json
 from ..arms import IMAGE_VARIANTS, finetune_test_variants, variant_arm
 from ..augment import augment
-from ..formats.checkpoints import Classifier, TrainingError, load_checkpoint
-from ..config import Config
-from ..metrics import accuracy
-from ..models import LoadedModel, load_model, unit_pixels
+from ..config import Config, FinetuneConfig
+from ..formats.checkpoints import TrainingError, load_checkpoint
+from ..formats.context import StageContext, open_stage
 from ..formats.predictions import model_facts, write_arm_record, write_predictions
-from ..formats.records import RecordError, Verifier, write_record
-from ..runtime import World, autocast, autocast_dtype, init_distributed, rng_state, set_rng_state
-from ..formats.shardset import ShardSet, open_verified
+from ..formats.records import RecordError, write_record
+from ..formats.shard import ShardSet
 from ..formats.stream import ShardStream, ordered_loader, ordered_runs
-from ..workdir import Workdir
+from ..metrics import accuracy
+from ..models import Classifier, LoadedModel, load_model, unit_pixels
+from ..runtime import World, autocast, autocast_dtype, init_distributed, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,11 @@ class _LogRows:
 
 @dataclass
 class Run:
-    """Everything one variant's training loop reads and updates."""
-    cfg: Config
+    """Everything one variant's training loop reads and updates: the stage's context (paths, verifier,
+    shards), the fine-tune settings and the seed; never the whole config."""
+    ctx: StageContext
+    ft: FinetuneConfig
+    seed: int
     variant: str
     world: World
     device: torch.device
@@ -111,11 +114,11 @@ class Run:
 
     @property
     def last(self) -> Path:
-        return Workdir(self.cfg.workdir).finetune_last(self.variant)
+        return self.ctx.work.finetune_last(self.variant)
 
     @property
     def best(self) -> Path:
-        return Workdir(self.cfg.workdir).finetune_best(self.variant)
+        return self.ctx.work.finetune_best(self.variant)
 
     def save(self, path: Path) -> None:
         """The checkpoint, then the training log as of that checkpoint (each written atomically)."""
@@ -127,16 +130,16 @@ class Run:
                         "rng": rng_state(), "stream": self.stream.state_dict(self.state.batches_consumed),
                         "state": dataclasses.asdict(self.state), "config_fingerprint": self.config_fp,
                         "classes": self.classes, "model_spec": self.lm.spec}, tmp)
-        with atomic_path(Workdir(self.cfg.workdir).finetune_log(self.variant)) as tmp:
+        with atomic_path(self.ctx.work.finetune_log(self.variant)) as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(LOG_HEADER)
                 writer.writerows(self.state.log)
 
 
-def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
+def _setup(cfg: Config, ctx: StageContext, variant: str) -> Run:
     """Model, optimiser, schedule and stream for one variant, before any resume."""
-    ft = cfg.finetune
+    ft, shards = cfg.finetune, ctx.shards
     world, device = init_distributed(cfg.runtime.device)
     dtype = autocast_dtype(cfg.runtime.precision, device)
     lm = load_model(cfg.model.spec, seed=cfg.seed)
@@ -166,8 +169,8 @@ def _setup(cfg: Config, variant: str, shards: ShardSet) -> Run:
     if world.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(cfg, variant, world, device, dtype, lm, model, ddp, opt, sched, scaler, stream, total,
-               Workdir(cfg.workdir).finetune_dir(variant), config_fp, shards.target_names)
+    return Run(ctx, ft, cfg.seed, variant, world, device, dtype, lm, model, ddp, opt, sched, scaler, stream, total,
+               ctx.work.finetune_dir(variant), config_fp, shards.target_names)
 
 
 def load_or_init_checkpoint(run: Run, resume: bool) -> None:
@@ -188,14 +191,14 @@ def load_or_init_checkpoint(run: Run, resume: bool) -> None:
         run.state = TrainState(**ckpt["state"])
         log.info("finetune %s: resumed at epoch %d step %d", run.variant, run.state.epoch, run.state.step)
     elif not resume:
-        work = Workdir(run.cfg.workdir)
+        work = run.ctx.work
         for stale in (run.last, run.best, work.finetune_summary(run.variant), work.finetune_record(run.variant)):
             stale.unlink(missing_ok=True)
 
 
 def _optimiser_step(run: Run) -> None:
     run.scaler.unscale_(run.opt)
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.finetune.grad_clip)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.ft.grad_clip)
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
@@ -207,11 +210,11 @@ def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
                     stop_after_steps: int | None = None) -> dict:
     """One epoch (or the rest of one, after a resume). Returns {"skipped": rows lost to unreadable
     shards, "stop": None | "interrupted" | "nan", "message": text}."""
-    ft, state = run.cfg.finetune, run.state
-    aug_gen = torch.Generator().manual_seed(run.cfg.seed)
+    ft, state = run.ft, run.state
+    aug_gen = torch.Generator().manual_seed(run.seed)
     run.model.train()
     bar = progress_bar(total=len(run.stream), initial=state.batches_consumed, unit="batch", enabled=progress,
-                       desc=f"{run.arm} epoch {state.epoch + 1}/{run.cfg.finetune.epochs}")
+                       desc=f"{run.arm} epoch {state.epoch + 1}/{ft.epochs}")
     t0, seen, skipped = time.perf_counter(), 0, 0
     join = contextlib.nullcontext()
     if run.world.distributed:
@@ -219,7 +222,7 @@ def train_one_epoch(run: Run, loader, log_rows, *, progress: bool = True,
     try:
         with join:
             for batch in loader:
-                aug_gen.manual_seed(run.cfg.seed * 1_000_003 + state.epoch * 100_003 + state.batches_consumed)
+                aug_gen.manual_seed(run.seed * 1_000_003 + state.epoch * 100_003 + state.batches_consumed)
                 x = unit_pixels(batch["pixels"].to(run.device, non_blocking=True))
                 if ft.augment:
                     x = augment(x, aug_gen)
@@ -273,7 +276,7 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     """Validate, keep the best checkpoint, save ``last.pt``; True when early stopping says stop."""
     state = run.state
     val_acc = accuracy(evaluate(run.model, val, run.variant, run.lm, run.device, run.dtype,
-                                run.cfg.finetune.batch_size), val.positives(), order=val.target_order)  # headline
+                                run.ft.batch_size), val.positives(), order=val.target_order)  # headline
     state.history.append({"epoch": state.epoch, "val_accuracy": val_acc})
     log_rows.writerow([state.epoch, state.step, "", "", "", "", f"{val_acc:.5f}"])
     state.epoch += 1
@@ -285,11 +288,10 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
     else:
         state.bad_epochs += 1
     log.info("finetune %s: epoch %d/%d val accuracy %.4f (best %.4f; %d of %d epochs without gain)", run.variant,
-             state.epoch, run.cfg.finetune.epochs, val_acc, state.best, state.bad_epochs, run.cfg.finetune.patience)
+             state.epoch, run.ft.epochs, val_acc, state.best, state.bad_epochs, run.ft.patience)
     run.save(run.last)
-    if state.bad_epochs >= run.cfg.finetune.patience:
-        log.info("finetune %s: early stop after %d epochs without improvement", run.variant,
-                 run.cfg.finetune.patience)
+    if state.bad_epochs >= run.ft.patience:
+        log.info("finetune %s: early stop after %d epochs without improvement", run.variant, run.ft.patience)
         return True
     return False
 
@@ -297,10 +299,10 @@ def _end_of_epoch(run: Run, val: ShardSet, log_rows) -> bool:
 def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) -> dict:
     """Predict the arm's test image variants (``arms.finetune_test_variants``) with the model as it is
     (the best checkpoint, loaded by the caller); returns the test accuracies."""
-    work = Workdir(run.cfg.workdir)
+    work = run.ctx.work
     out = {}
     for test_variant in finetune_test_variants(run.variant, test.variants):
-        proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.cfg.finetune.batch_size)
+        proba = evaluate(run.model, test, test_variant, run.lm, run.device, run.dtype, run.ft.batch_size)
         meta = {"variant": run.arm, "trained_on": run.variant, "tested_on": test_variant,
                 "model": run.lm.spec, "model_fingerprint": run.lm.fingerprint,
                 "shards_fingerprint": shards_fingerprint, "checkpoint": run.best.name,
@@ -313,7 +315,7 @@ def write_test_predictions(run: Run, test: ShardSet, shards_fingerprint: str) ->
 def _finished(run: Run) -> dict | None:
     """The summary of an identical, finished training whose training record (best checkpoint, log)
     is intact: nothing to train again."""
-    work = Workdir(run.cfg.workdir)
+    work = run.ctx.work
     done = work.finetune_summary(run.variant)
     if not done.exists():
         return None
@@ -321,7 +323,7 @@ def _finished(run: Run) -> dict | None:
     if previous.get("config_fingerprint") != run.config_fp:
         return None
     try:
-        Verifier(work.root).record(work.finetune_record(run.variant), "finetune")
+        run.ctx.record(work.finetune_record(run.variant), "finetune")
     except RecordError as exc:
         log.warning("finetune %s: training again (%s)", run.variant, exc)
         return None
@@ -330,17 +332,16 @@ def _finished(run: Run) -> dict | None:
 
 def _predictions_current(run: Run, wanted) -> bool:
     """The arm's predictions cover ``wanted``, their chain intact (a changed ``variants.json`` breaks it)."""
-    work = Workdir(run.cfg.workdir)
     try:
-        record = Verifier(work.root).record(work.predictions_record(run.arm), "predictions")
+        record = run.ctx.record(run.ctx.work.predictions_record(run.arm), "predictions")
     except RecordError:
         return False
-    return set(wanted) <= set(record.get("tested_on", IMAGE_VARIANTS))
+    return set(wanted) <= set(record.facts.tested_on)
 
 
 def write_records(run: Run, shards_record, tested_on) -> None:
     """The variant's record (best checkpoint, log, summary) and then its arm's (the predictions)."""
-    work = Workdir(run.cfg.workdir)
+    work = run.ctx.work
     folder = work.finetune_dir(run.variant)
     files = [p.relative_to(folder).as_posix() for p in (run.best, work.finetune_log(run.variant),
                                                         work.finetune_summary(run.variant))]
@@ -349,20 +350,21 @@ def write_records(run: Run, shards_record, tested_on) -> None:
                            config_fingerprint=run.config_fp, classes=run.classes, **model_facts(run.lm))
     ups = [trained]
     if any(v not in IMAGE_VARIANTS for v in tested_on):  # drawn with the settings of variants.json
-        ups.append(Verifier(work.root).record(work.shards_variants, "variants"))
-    write_arm_record(work, run.arm, "radacx finetune", ups, tested_on=tested_on, **model_facts(run.lm))
+        ups.append(run.ctx.record(work.shards_variants, "variants"))
+    write_arm_record(work, run.arm, "radacx finetune", ups, tested_on=tested_on, training=dataclasses.asdict(run.ft),
+                     **model_facts(run.lm))
 
 
 def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: bool = True,
-                  stop_after_steps: int | None = None) -> dict:
-    """Train one variant; returns a summary. ``stop_after_steps`` simulates an interruption."""
-    ft = cfg.finetune
-    verifier = Verifier(Workdir(cfg.workdir).root)
-    shards = open_verified(Workdir(cfg.workdir), verifier)
+                  stop_after_steps: int | None = None, ctx: StageContext | None = None) -> dict:
+    """Train one variant; returns a summary. ``stop_after_steps`` simulates an interruption; ``ctx``:
+    the stage's context (``run_finetune``), else the workdir's, verified here."""
+    ctx = ctx or StageContext.of(cfg.workdir)
+    shards = ctx.shards
     val = shards.split("val")
     if len(shards.split("train")) == 0 or len(val) == 0:
         raise TrainingError("fine-tuning needs non-empty train and val splits")
-    run = _setup(cfg, variant, shards)
+    run = _setup(cfg, ctx, variant)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     wanted = finetune_test_variants(variant, shards.variants)
     if not resume and stop_after_steps is None and (previous := _finished(run)) is not None:
@@ -375,15 +377,14 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
         run.model.load_state_dict(best["model"])
         run.state.history = best["state"]["history"]
         previous.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
-        return _commit_summary(run, previous, list(wanted), verifier)
-    removed = remove_stale_tmp(run.out_dir)  # a checkpoint write that was killed half-way
-    if removed:
+        return _commit_summary(run, previous, list(wanted))
+    if removed := remove_stale_tmp(run.out_dir):  # a checkpoint write that was killed half-way
         log.warning("finetune %s: removed %d temporary file(s) left by an interrupted run", variant, removed)
     load_or_init_checkpoint(run, resume)
     skipped, log_rows = 0, _LogRows(run)  # the log is committed with each checkpoint (Run.save)
-    loader = torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=ft.num_workers,
+    loader = torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=run.ft.num_workers,
                                          pin_memory=run.device.type == "cuda", persistent_workers=False)
-    while run.state.epoch < ft.epochs and run.state.step < run.total_steps:
+    while run.state.epoch < run.ft.epochs and run.state.step < run.total_steps:
         run.stream.set_epoch(run.state.epoch)
         outcome = train_one_epoch(run, loader, log_rows, progress=progress, stop_after_steps=stop_after_steps)
         skipped = max(skipped, outcome["skipped"])
@@ -400,15 +401,14 @@ def train_variant(cfg: Config, variant: str, *, resume: bool = False, progress: 
                "epochs": run.state.epoch, "steps": run.state.step, "skipped_rows": skipped}
     if run.world.is_main:
         summary.update(write_test_predictions(run, shards.split("test"), shards.fingerprint))
-        summary = _commit_summary(run, summary, list(wanted), verifier)
+        summary = _commit_summary(run, summary, list(wanted))
     return summary
 
 
-def _commit_summary(run: Run, summary: dict, tested_on: list, verifier: Verifier) -> dict:
+def _commit_summary(run: Run, summary: dict, tested_on: list) -> dict:
     summary = {**summary, "tested_on": list(tested_on)}
-    work = Workdir(run.cfg.workdir)
-    write_json(work.finetune_summary(run.variant), summary)
-    write_records(run, verifier.record(work.shards_manifest, "shards"), tested_on)
+    write_json(run.ctx.work.finetune_summary(run.variant), summary)
+    write_records(run, run.ctx.record(run.ctx.work.shards_manifest, "shards"), tested_on)
     return summary
 
 
@@ -416,5 +416,5 @@ def run_finetune(cfg: Config, variants=None, resume: bool = False) -> dict:
     """The ``finetune`` stage: V3 (original) and V4 (masked), and V4-<name> for each name in
     ``finetune.variants`` (overlay ablations)."""
     variants = [*IMAGE_VARIANTS, *cfg.finetune.variants] if variants is None else list(variants)
-    with stage_run(cfg.workdir, f"finetune.rank{World.from_env().rank}", cfg.permissions):
-        return {variant_arm("finetune", v): train_variant(cfg, v, resume=resume) for v in variants}
+    with open_stage(cfg.workdir, f"finetune.rank{World.from_env().rank}", cfg.permissions) as ctx:
+        return {variant_arm("finetune", v): train_variant(cfg, v, resume=resume, ctx=ctx) for v in variants}

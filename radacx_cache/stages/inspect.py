@@ -8,7 +8,7 @@ import h5py
 
 from ..figures import montage
 from ..formats.hdf5 import open_checked
-from ..formats.shardset import MANIFEST_NAME, SPLITS, ShardSet, check_row_shapes
+from ..formats.shard import MANIFEST_NAME, SPLITS, ShardSet, check_row_shapes
 from ..workdir import Workdir
 
 
@@ -16,10 +16,10 @@ def workdir_summary(root: Path) -> str:
     """One line per finished stage of a workdir, from its records (read, not verified: `radacx verify`)."""
     work = Workdir(root)
     records = [("cohort", work.cohort_manifest), ("shards", work.shards_manifest),
-               *(("embed", p) for p in sorted((root / "features").glob("*/manifest.json"))),
+               *(("embed", work.features_record(p.name)) for p in sorted(work.features_dir("*").parent.glob("*"))),
                ("probe", work.probes_record),
-               *(("finetune", p) for p in sorted((root / "finetune").glob("*/manifest.json"))),
-               *(("predictions", p) for p in sorted(work.predictions_dir.glob("*/manifest.json"))),
+               *(("finetune", work.finetune_record(p.name)) for p in sorted(work.finetune_dir("*").parent.glob("*"))),
+               *(("predictions", work.predictions_record(p.name)) for p in sorted(work.predictions_dir.glob("*"))),
                ("saliency", work.saliency_record), ("report", work.report_record)]
     lines = [f"{root}: a radacx workdir"]
     for stage, path in records:

@@ -6,23 +6,24 @@ refit on train + val with the same per-sample penalty; both test image variants 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 
-from .._io import stable_hash, stage_run
-from ..formats.probes import write_probe
+from .._io import stable_hash
 from ..arms import IMAGE_VARIANTS, variant_arm
 from ..config import Config
-from ..formats.features import FeatureCache, cached_variants, features_record
 from ..estimators.linear_probe import LinearProbe, fit_final, sweep_c
+from ..findings import first_positive
+from ..formats.context import StageContext, open_stage
+from ..formats.features import FeatureCache, cached_variants, features_record
+from ..formats.predictions import write_arm_record, write_predictions
+from ..formats.probes import write_probe
+from ..formats.records import write_record
+from ..formats.shard import ShardSet
 from ..metrics import accuracy
 from ..models import model_tag, weights_seed
-from ..findings import first_positive
-from ..formats.predictions import write_arm_record, write_predictions
-from ..formats.records import Verifier, write_record
-from ..formats.shardset import ShardSet, open_verified
-from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,12 @@ def _train_probe(X: np.ndarray, shards: ShardSet, p, seed: int, name: str) -> tu
 
 def run_probes(cfg: Config) -> dict:
     """Train V1 (original), V2 (masked) and V2-<variant> per derived variant, and predict their test images."""
-    with stage_run(cfg.workdir, "probe", cfg.permissions):
-        return _run_probes(cfg)
+    with open_stage(cfg.workdir, "probe", cfg.permissions) as ctx:
+        return _run_probes(cfg, ctx)
 
 
-def _run_probes(cfg: Config) -> dict:
-    work = Workdir(cfg.workdir)
-    verifier = Verifier(work.root)
-    shards = open_verified(work, verifier)
+def _run_probes(cfg: Config, ctx: StageContext) -> dict:
+    work, verifier, shards = ctx.work, ctx.verifier, ctx.shards
     classes = shards.target_names
     # the caches' model fingerprint (weights hash) was checked when `embed` built or reused them;
     # here the spec, the shard set, the variant and the seed of a random-weight model must match,
@@ -82,8 +81,9 @@ def _run_probes(cfg: Config) -> dict:
                 "shards": shards.fingerprint}
     variants = cached_variants(features, shards)  # original, masked and the derived ones (render.variants)
     specs = features.get("variant_specs", {})
-    caches = {v: FeatureCache(features.file(f"{v}.h5"), {**expected, "variant": v,
-                                                         **({"variant_spec": stable_hash(specs[v])} if v in specs else {})})
+    tag = model_tag(cfg.model.spec)
+    caches = {v: FeatureCache(features.file(work.features(tag, v).name),
+                              {**expected, "variant": v, **({"variant_spec": stable_hash(specs[v])} if v in specs else {})})
               for v in variants}
     for cache in caches.values():
         cache.check_aligned(shards)
@@ -118,5 +118,6 @@ def _run_probes(cfg: Config) -> dict:
             write_predictions(work.predictions(name, test_variant), rows, proba, classes, meta)
             summary[f"{name}/{test_variant}"] = accuracy(proba, Pte, order=shards.target_order)
         summary[f"{name}/C"] = result["best_c"]
-        write_arm_record(work, name, "radacx probe", [probes, features], tested_on=tested_on, **facts)
+        write_arm_record(work, name, "radacx probe", [probes, features], tested_on=tested_on,
+                         training=dataclasses.asdict(p), **facts)
     return summary

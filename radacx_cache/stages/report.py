@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_path, read_json, stage_run, write_csv, write_json
+from .._io import atomic_path, read_json, write_csv, write_json
 from ..arms import ARMS, IMAGE_VARIANTS
 from ..config import Config
 from ..figures import report_figures, stamp, variant_figure
+from ..formats.context import StageContext, open_stage
+from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
+from ..formats.records import Verifier, write_record
+from ..formats.shard import ShardSet
 from ..metrics import (ALTERNATIVES, READING_TEXT, READINGS, best_constant, bootstrap_mean, correctness, evaluate,
                        format_p, paired_difference, reading_values, reference_correctness)
 from ..models import describe_spec
-from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
-from ..formats.records import Verifier, write_record
-from ..formats.ablation_table import ablation_reference, ablation_results, ablation_sections
-from ..formats.saliency_table import saliency_sections
-from ..formats.shardset import ShardSet, open_verified
 from ..tables import Section, render_latex, render_markdown
+from ..tables.ablation import ablation_reference, ablation_results, ablation_sections
+from ..tables.saliency import saliency_sections
 from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ def load_arm(arm: str, work: Workdir, shards: ShardSet, verifier: Verifier,
         return None
     record = arm_record(work, arm, verifier)
     test = shards.split("test")
-    tested = record.get("tested_on", list(IMAGE_VARIANTS))
-    loaded = {v: load_predictions(record.file(f"{v}.csv")) for v in variants if v in tested}
+    tested = record.facts.tested_on
+    loaded = {v: load_predictions(record.file(work.predictions(arm, v).name)) for v in variants if v in tested}
     for pred in loaded.values():
         check_complete(pred, test.index["dicom_id"], shards.fingerprint, shards.target_names)
         # the report scores in the shards' order, whatever order the file is in
@@ -99,8 +100,8 @@ def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: in
                          for r in READINGS} for v, p in preds.items()}
         res["masked_minus_original"] = _paired(preds["original"], preds["masked"], patients, n_boot, seed, order)
         record = preds["original"].meta["record"]
-        res["provenance"] = {"record": record.fingerprint, "model": record["model_spec"],
-                             "model_fingerprint": record["model_fingerprint"],
+        res["provenance"] = {"record": record.fingerprint, "model": record.facts.model_spec,
+                             "model_fingerprint": record.facts.model_fingerprint,
                              "shards_fingerprint": shards.fingerprint}
         out[name] = res
     return out
@@ -235,33 +236,31 @@ def _unlabelled(shards: ShardSet, classes) -> list[str]:
 
 def build_report(cfg: Config) -> dict:
     """The ``report`` stage: Table 1 and its companions from every arm's prediction files."""
-    with stage_run(cfg.workdir, "report", cfg.permissions):
-        return _build_report(cfg)
+    with open_stage(cfg.workdir, "report", cfg.permissions) as ctx:
+        return _build_report(cfg, ctx)
 
 
-def _build_report(cfg: Config) -> dict:
-    work = Workdir(cfg.workdir)
-    verifier = Verifier(work.root)
-    shards = open_verified(work, verifier)
+def _build_report(cfg: Config, ctx: StageContext) -> dict:
+    work, verifier, shards = ctx.work, ctx.verifier, ctx.shards
     cohort = verifier.record(work.cohort_manifest, "cohort")  # the policy the shards were built with
-    policy, n_boot, classes = cohort["policy"], cfg.report.bootstrap, shards.target_names
+    policy, n_boot, classes = cohort.facts.policy, cfg.report.bootstrap, shards.target_names
     arms = {a.name: p for a in ARMS if (p := load_arm(a.name, work, shards, verifier)) is not None}
     if not arms:
         raise FileNotFoundError(f"no predictions under {work.predictions_dir}; run zeroshot / probe / finetune first")
     records = {name: preds["original"].meta["record"] for name, preds in arms.items()}
-    results = arm_results(arms, shards, policy["uncertain"], n_boot, cfg.seed)
+    results = arm_results(arms, shards, policy.uncertain, n_boot, cfg.seed)
     effects = training_effects(arms, shards, n_boot, cfg.seed)
     refs = references(shards, classes, n_boot, cfg.seed)
-    synthetic = bool(cohort.get("synthetic_archive"))
-    name = cohort.get("archive_name", "MIMIC-CXR-JPG")
+    synthetic = cohort.facts.synthetic_archive
+    name = cohort.facts.archive_name
     archive = f"synthetic phantom in the {name} layout" if synthetic else name
-    descriptions = {a.name: f"{a.description}, {describe_spec(records[a.name]['model_spec'])}"
+    descriptions = {a.name: f"{a.description}, {describe_spec(records[a.name].facts.model_spec)}"
                     for a in ARMS if a.name in records}
-    models = sorted({rec["model_spec"] for rec in records.values()})
+    models = sorted({rec.facts.model_spec for rec in records.values()})
     n_test = len(shards.split("test"))
     provenance = {"cohort_fingerprint": cohort.fingerprint, "shards_fingerprint": shards.fingerprint,
                   "render_fingerprint": shards.manifest["render_fingerprint"], "model": ", ".join(models),
-                  "label_policy": policy, "target_order": shards.manifest["target_order"], "n_bootstrap": n_boot,
+                  "label_policy": policy.as_dict(), "target_order": shards.manifest["target_order"], "n_bootstrap": n_boot,
                   "seed": cfg.seed, "archive": archive, "accuracy": READING_TEXT["argmax"],
                   "arm_records": {n: rec.fingerprint for n, rec in records.items()}}
     sections = _sections(results, effects, refs, descriptions, classes, n_test, n_boot, synthetic, archive)
@@ -319,8 +318,9 @@ def _ablation(out: Written, shards: ShardSet, verifier: Verifier, sections: list
     reference = ablation_reference(test.positives(), shards.target_order)
     sections += ablation_sections(rows, shards.target_names, n_boot, reference)
     variants = verifier.record(work.shards_variants, "variants")  # verified with the shards
-    write_json(out("ablation.json"), {"variants": {"masked": variants["masked"], **shards.derived}, "rows": rows,
-                                       "reference": reference, "classes": shards.target_names})
+    specs = {"masked": variants["masked"], **{name: spec.as_dict() for name, spec in shards.derived.items()}}
+    write_json(out("ablation.json"), {"variants": specs, "rows": rows, "reference": reference,
+                                       "classes": shards.target_names})
     variant_figure(out("ablation_variants.png"), test, shards.variants, n=3, seed=seed)
     if synthetic:
         stamp(out("ablation_variants.png"))

@@ -23,26 +23,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._io import atomic_path, progress_bar, read_json, stage_run, write_csv, write_json
+from .._io import atomic_path, progress_bar, read_json, write_csv, write_json
 from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
 from ..arms import trained_on as arm_trained_on
-from ..config import Config
-from ..formats.checkpoints import Classifier, load_checkpoint
-from ..figures import saliency_panels, stamp
-from ..metrics import bootstrap_finite, paired_finite
-from ..models import LoadedModel, load_model
-from ..render import Geometry, box_region
 from ..attribution import (Contrastive, RandomHead, curve_rows, explain, occlusion_rows, predict, randomised,
                            rank_correlation)
-from ..interventions import arm_contrasts, cascade_summary, curve_summary, fill_image, head_summary, occlusion_summary
-from ..saliency_metrics import control_checks, control_rows, image_metrics, regions
-from ..formats.saliency_table import saliency_markdown
+from ..config import Config
+from ..figures import saliency_panels, stamp
 from ..findings import first_positive
+from ..formats.checkpoints import load_checkpoint
+from ..formats.context import StageContext, open_stage
 from ..formats.predictions import arm_record
 from ..formats.probes import ProbeHead, read_probe
 from ..formats.records import Record, RecordError, Verifier, write_record
-from ..formats.shardset import ShardSet, open_verified
+from ..formats.shard import ShardSet
+from ..interventions import arm_contrasts, cascade_summary, curve_summary, fill_image, head_summary, occlusion_summary
+from ..metrics import bootstrap_finite, paired_finite
+from ..models import Classifier, LoadedModel, load_model
 from ..phantom.truth import read_truth, region_at, truth_path
+from ..render import Geometry, box_region
+from ..saliency_metrics import control_checks, control_rows, image_metrics, regions
+from ..tables.saliency import saliency_markdown
 from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,12 @@ OPTIONAL = ("box", "box_pointing")  # reported only where radiologists' boxes ex
 def arm_model(record: Record, work: Workdir, verifier: Verifier, classes) -> torch.nn.Module:
     """The trained network of an arm, in eval mode, on the CPU (weights never unpickled): the model its
     verified record names, the head or checkpoint from the verified record above it."""
-    lm = load_model(record["model_spec"], seed=record["weights_seed"] or 0)
-    if lm.fingerprint != record["model_fingerprint"]:
-        raise RecordError(f"{record.path}: made with model {record['model_fingerprint']}, {record['model_spec']} "
+    made = record.facts
+    lm = load_model(made.model_spec, seed=made.weights_seed or 0)
+    if lm.fingerprint != made.model_fingerprint:
+        raise RecordError(f"{record.path}: made with model {made.model_fingerprint}, {made.model_spec} "
                           f"now loads as {lm.fingerprint} (other weights); rerun `{record['command']}`")
-    spec = ARM_BY_NAME[record["arm"]]
+    spec = ARM_BY_NAME[made.arm]
     rebuilders = {"probe_head": _probe_head, "checkpoint": _fine_tuned}
     if spec.rebuild not in rebuilders:
         raise KeyError(f"arm {spec.name}: no network to explain (rebuild {spec.rebuild!r}; known: {', '.join(rebuilders)})")
@@ -293,14 +295,12 @@ def _current_arms(work: Workdir, verifier: Verifier) -> list[Record]:
 
 def run_saliency(cfg: Config, progress: bool = True) -> dict:
     """The ``saliency`` stage: every trained arm that has run, every configured method."""
-    with stage_run(cfg.workdir, "saliency", cfg.permissions):
-        return _run_saliency(cfg, progress)
+    with open_stage(cfg.workdir, "saliency", cfg.permissions) as ctx:
+        return _run_saliency(cfg, ctx, progress)
 
 
-def _run_saliency(cfg: Config, progress: bool) -> dict:
-    work = Workdir(cfg.workdir)
-    verifier = Verifier(work.root)
-    shards = open_verified(work, verifier)
+def _run_saliency(cfg: Config, ctx: StageContext, progress: bool) -> dict:
+    work, verifier, shards = ctx.work, ctx.verifier, ctx.shards
     test = shards.split("test")
     classes = shards.target_names
     boxed = boxed_positions(test)

@@ -1,6 +1,7 @@
-"""The shard stage: the parallel writer of HDF5 shards (schema v1, docs/shard-format.md).
+"""The shard stage: renders the cohort into HDF5 shards (docs/shard-format.md) in parallel.
 
-The format and the reader live in ``shardset.py``; only this module needs joblib and the renderer.
+The format lives in ``formats/shard/`` (schema, writer, reader); this stage plans, runs the workers
+(joblib, the renderer) and commits. Only this module needs joblib.
 
 The stage is share-nothing: the parent cuts the cohort into a deterministic plan of contiguous row
 blocks (``<split>-NNNNN.h5``), each joblib task renders one whole block into its own temporary file
@@ -19,24 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 
-from .._io import (apply_permissions, atomic_path, cap_threads, file_sha256, progress_bar, read_json,
-                   remove_stale_tmp, spreadsheet_safe, stable_hash, stage_lock, write_csv, write_json)
+from .._io import (apply_permissions, atomic_path, cap_threads, file_sha256, progress_bar, read_json, remove_stale_tmp,
+                   spreadsheet_safe, stable_hash, stage_lock, write_csv, write_json)
 from .._version import __version__
 from ..archives import archive
-from ..formats.cohort_files import cohort_record, load_cohort, read_rle_rows
-from ..formats.records import Record, Verifier, write_record
 from ..config import Config, RenderConfig
-from ..render import GEOMETRY_FIELDS, IMAGE_FORMATS, RenderError, box_to_output, render_image
-from ..formats.shardset import SCHEMA, SCHEMA_VERSION, ShardError, validate_shard
+from ..formats.cohort_files import cohort_record, has_boxes, load_boxes, load_cohort, read_rle_rows
+from ..formats.records import Record, Verifier, write_record
+from ..formats.shard import SCHEMA, SCHEMA_VERSION, ShardError, root_attributes, validate_shard, write_shard
+from ..render import IMAGE_FORMATS, RenderError, render_image
 from ..sources.chexmask import MASK_NAMES
-from ..findings import FINDINGS_ALL
 from ..sources.mimic import archive_path
-from ..workdir import Workdir
+from ..workdir import SHARD_SIDECARS, Workdir, shard_name, sidecar_name
 
 log = logging.getLogger(__name__)
 # called in the worker with (shard name, temporary path) after a shard is written and before it is
@@ -72,38 +71,8 @@ def plan_shards(cohort: pd.DataFrame, rows_per_shard: int, render_fp: str,
             block = rows[start:start + rows_per_shard]
             ids = cohort["dicom_id"].to_numpy()[block].tolist()
             fp = stable_hash({"ids": ids, "render": render_fp, "cohort": cohort_fp})
-            tasks.append(ShardTask(f"{split}-{k:05d}.h5", split, tuple(int(r) for r in block), fp))
+            tasks.append(ShardTask(shard_name(split, k), split, tuple(int(r) for r in block), fp))
     return tasks
-
-
-def _write_shard(path: Path, items: list[dict], records: list[dict], attrs: dict, classes) -> None:
-    n, size = len(items), attrs["size"]
-    with h5py.File(path, "w") as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
-        # images: contiguous and uncompressed, so that readers can memory-map them (zero-copy
-        # row gathers, ShardSet.view); masks: chunked per row and gzip (they compress ~50x)
-        original = f.create_dataset("original", (n, size, size), np.uint8)  # contiguous
-        masked = f.create_dataset("masked", (n, size, size, 3), np.uint8)  # contiguous
-        masks = f.create_dataset("masks", (n, 3, size, size), np.uint8, chunks=(1, 3, size, size) if n else None,
-                                 compression="gzip" if n else None, compression_opts=1 if n else None)
-        for i, item in enumerate(items):  # row by row: no second copy of the shard in memory
-            original[i] = item["original"]
-            masked[i] = item["masked"]
-            masks[i] = item["masks"]
-        f["labels"] = np.array([[r[c] for c in FINDINGS_ALL] for r in records], np.float32).reshape(n, 14)
-        f["targets"] = np.array([[r[f"target_{c}"] for c in classes] for r in records],
-                                np.float32).reshape(n, len(classes))
-        f["dicom_id"] = np.array([r["dicom_id"] for r in records], dtype="S")  # never truncated
-        f["subject_id"] = np.array([r["subject_id"] for r in records], np.int64)
-        f["study_id"] = np.array([r["study_id"] for r in records], np.int64)
-        f["mask_quality"] = np.array([r["quality_mean"] for r in records], np.float32)
-        f["geometry"] = np.array([it["geometry"].as_array() for it in items], np.float32
-                                 ).reshape(n, len(GEOMETRY_FIELDS))
-        if attrs.get("boxes"):  # radiologists' boxes: (row, class index, x0, y0, x1, y1) in output pixels
-            rows = [[i, classes.index(b[0]), *box_to_output(it["geometry"], *b[1:])]
-                    for i, (it, r) in enumerate(zip(items, records)) for b in r.get("_boxes", ())]
-            f["boxes"] = np.array(rows, np.float32).reshape(len(rows), 6)
 
 
 MAX_IMAGE_BYTES = 256 << 20  # a MIMIC JPEG is ~1-3 MB, an NIH PNG ~3 MB, a DICOM ~10-30 MB
@@ -138,7 +107,7 @@ def _image_bytes(root: str, relpath: str, strict_links: bool) -> tuple[bytes | N
 
 
 def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
-                 render_cfg: dict, classes: list, out_dir: str, attrs: dict,
+                 render_cfg: dict, out_dir: str, attrs: dict,
                  on_written: WrittenHook | None = None, source: dict | None = None) -> dict:
     """Render one planned shard (runs in a worker): returns its sidecar record. ``source``: how the
     archive's images are read (``formats``, ``strict_links``)."""
@@ -154,6 +123,8 @@ def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
             if problem:
                 raise RenderError(problem)
             mask = rles[rec["dicom_id"]]
+            if source.get("absent_structures"):  # a structure without a mask: drawn as nothing
+                mask = {k: "" if v is None and k in MASK_NAMES else v for k, v in mask.items()}
             item = render_image(data, mask, mask["shape"], render, expected=(rec["Rows"], rec["Columns"]),
                                 scaled_ok=bool(attrs.get("scaled_copies")),
                                 formats=tuple(source.get("formats", IMAGE_FORMATS)))
@@ -169,14 +140,14 @@ def render_shard(task: ShardTask, records: list[dict], root: str, rle_path: str,
         kept.append(rec)
     out = Path(out_dir) / task.name
     with atomic_path(out) as tmp:
-        _write_shard(tmp, items, kept, {**attrs, "split": task.split}, classes)
+        write_shard(tmp, task.split, items, kept, attrs)
         if on_written is not None:
             on_written(task.name, tmp)
     sidecar = {"name": task.name, "split": task.split, "fingerprint": task.fingerprint,
                "render_fingerprint": attrs["render_fingerprint"], "render_config": render_cfg,
                "rows": len(kept), "bytes": out.stat().st_size, "sha256": file_sha256(out),
                "dicom_id": [r["dicom_id"] for r in kept], "rejects": rejects}
-    write_json(out.with_suffix(".json"), sidecar)
+    write_json(Path(out_dir) / sidecar_name(task.name), sidecar)
     return sidecar
 
 
@@ -213,7 +184,7 @@ def _sort_tasks(out: Path, tasks: list[ShardTask], root: Path) -> tuple[dict, li
     """(finished sidecars, tasks to render, finished shards the plan no longer wants)."""
     done, pending, obsolete = {}, [], []
     for task in tasks:
-        sidecar_path = (out / task.name).with_suffix(".json")
+        sidecar_path = out / sidecar_name(task.name)
         if not sidecar_path.exists():
             pending.append(task)
             continue
@@ -286,16 +257,13 @@ def _build(cfg: Config, work: Workdir, progress: bool, on_written: WrittenHook |
         if name not in {t.name for t in tasks}:
             log.warning("shards: --rebuild: removing %s (not in the plan)", name)
             (out / name).unlink()
-            (out / name).with_suffix(".json").unlink(missing_ok=True)
+            (out / sidecar_name(name)).unlink(missing_ok=True)
     log.info("shards: %d planned, %d complete, %d to render", len(tasks), len(done), len(pending))
-    attrs = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "label_names": list(FINDINGS_ALL),
-             "mask_names": list(MASK_NAMES), "target_names": list(record["classes"]),
-             "geometry_fields": list(GEOMETRY_FIELDS), "render_config": stored_render_config(cfg),
-             "render_fingerprint": render_fp, "cohort_fingerprint": cohort_fp,
-             "size": cfg.render.size, "created_with": f"radacx-cache {__version__}",
-             "archive": cfg.archive.kind, "scaled_copies": archive(cfg.archive.kind).scaled_copies}
-    if "boxes.csv" in record.get("files", {}):
-        attrs["boxes"] = True  # a format addition, only where the archive has radiologists' boxes
+    attrs = root_attributes(target_names=record.facts.classes, render_config=stored_render_config(cfg),
+                            render_fingerprint=render_fp, cohort_fingerprint=cohort_fp, size=cfg.render.size,
+                            created_with=f"radacx-cache {__version__}", archive=cfg.archive.kind,
+                            scaled_copies=archive(cfg.archive.kind).scaled_copies,
+                            boxes=has_boxes(record))
     if pending:
         _render(cfg, work, pending, _with_boxes(cohort, record), attrs, done, progress, on_written)
     _check_reject_share(done, len(cohort), cfg.shards.max_reject_share)
@@ -319,14 +287,14 @@ def _write_variants(cfg: Config, work: Workdir, shard_record: Record) -> None:
             log.info("shards: variant(s) %s recorded in %s (drawn at read time: no shard is rendered for them)",
                      ", ".join(added), path.name)
         write_record(path, work.root, "variants", "radacx shards", upstream=[shard_record],
-                     masked=cfg.render.paper_overlay(), variants=derived)
+                     masked=cfg.render.paper_overlay().as_dict(), variants=derived)
 
 
 def _with_boxes(cohort: pd.DataFrame, record: Record) -> list[dict]:
     """The cohort's rows, each with its radiologists' boxes (finding, x0, y0, x1, y1 as fractions)."""
     records = cohort.to_dict("records")
-    if "boxes.csv" in record.get("files", {}):
-        boxes = pd.read_csv(record.file("boxes.csv"), dtype={"dicom_id": str})
+    boxes = load_boxes(record)
+    if boxes is not None:
         by_id: dict = {}
         for b in boxes.itertuples(index=False):
             by_id.setdefault(b.dicom_id, []).append((b.finding, b.x0, b.y0, b.x1, b.y1))
@@ -342,9 +310,10 @@ def _render(cfg: Config, work: Workdir, pending: list, records: list, attrs: dic
         with context:
             jobs = (delayed(render_shard)(t, [records[r] for r in t.rows], cfg.archive.root,
                                           str(work.masks_rle), cfg.to_dict()["render"],
-                                          attrs["target_names"], str(work.shards_dir), attrs, on_written,
+                                          str(work.shards_dir), attrs, on_written,
                                           {"formats": archive(cfg.archive.kind).image_formats,
-                                           "strict_links": cfg.archive.strict_links})
+                                           "strict_links": cfg.archive.strict_links,
+                                           "absent_structures": archive(cfg.archive.kind).absent_structures})
                     for t in pending)
             bar = progress_bar(total=sum(len(t.rows) for t in pending), desc="shards", unit="img", enabled=progress)
             for sidecar in Parallel(n_jobs=cfg.shards.n_jobs, return_as="generator_unordered")(jobs):
@@ -370,7 +339,7 @@ def _check_reject_share(done: dict, n_cohort: int, limit: float) -> None:
 
 def _refuse_mixing(out: Path, render_fp: str, cfg: Config) -> None:
     """A shard folder built with another render config is never silently mixed with this one."""
-    for path in sorted(out.glob("*-[0-9][0-9][0-9][0-9][0-9].json")):  # the shards' sidecars
+    for path in sorted(out.glob(SHARD_SIDECARS)):
         entry = _read_sidecar(path) or {}
         if entry.get("render_fingerprint", render_fp) != render_fp:
             raise ShardError(
@@ -384,6 +353,7 @@ def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, coho
             cohort_rec: Record) -> dict:
     """index.csv, rejects.csv, then the shard set's record ``manifest.json`` (the commit point)."""
     rows, rejects, shards = [], [], []
+    decided = cohort_rec.facts
     for task in tasks:
         sc = done[task.name]
         shards.append({k: sc[k] for k in ("name", "split", "rows", "bytes", "sha256", "fingerprint")})
@@ -408,7 +378,7 @@ def _commit(work: Workdir, tasks: list[ShardTask], done: dict, attrs: dict, coho
         schema=SCHEMA, schema_version=SCHEMA_VERSION, shards=shards, rows=len(index), rejects=len(rejects),
         render_config=attrs["render_config"], render_fingerprint=attrs["render_fingerprint"],
         cohort_fingerprint=attrs["cohort_fingerprint"], target_names=attrs["target_names"],
-        target_order=cohort_rec["target_order"], multi_positive=cohort_rec["policy"]["multi_positive"],
-        uncertain=cohort_rec["policy"]["uncertain"], archive=attrs["archive"], created_with=attrs["created_with"])
+        target_order=list(decided.target_order), multi_positive=decided.policy.multi_positive,
+        uncertain=decided.policy.uncertain, archive=attrs["archive"], created_with=attrs["created_with"])
     log.debug("shards: %d images in %d shards, %d rejected", len(index), len(shards), len(rejects))
     return record.data

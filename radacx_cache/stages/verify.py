@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 
 from ..formats.records import RecordError, Verifier, rel_to
-
-RECORD_NAMES = ("manifest.json", "saliency-manifest.json", "variants.json")
+from ..workdir import RECORD_NAMES
 
 
 def find_records(root: Path) -> list[Path]:

@@ -13,15 +13,14 @@ import logging
 import numpy as np
 import torch
 
-from .._io import stage_run, write_npz
+from .._io import write_npz
 from ..config import Config
+from ..formats.context import StageContext, open_stage
 from ..formats.features import FeatureCache, cache_fingerprints, cached_variants, features_record
+from ..formats.predictions import model_facts, write_arm_record, write_predictions
+from ..formats.records import write_record
 from ..metrics import accuracy
 from ..models import load_model
-from ..formats.predictions import model_facts, write_arm_record, write_predictions
-from ..formats.records import Verifier, write_record
-from ..formats.shardset import open_verified
-from ..workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +57,12 @@ def zeroshot_proba(image_features: np.ndarray, text: np.ndarray, logit_scale: fl
 
 def run_zeroshot(cfg: Config) -> dict:
     """The zero-shot baseline on every cached test image variant."""
-    with stage_run(cfg.workdir, "zeroshot", cfg.permissions):
-        return _run_zeroshot(cfg)
+    with open_stage(cfg.workdir, "zeroshot", cfg.permissions) as ctx:
+        return _run_zeroshot(cfg, ctx)
 
 
-def _run_zeroshot(cfg: Config) -> dict:
-    work = Workdir(cfg.workdir)
-    verifier = Verifier(work.root)
-    shards = open_verified(work, verifier)
+def _run_zeroshot(cfg: Config, ctx: StageContext) -> dict:
+    work, verifier, shards = ctx.work, ctx.verifier, ctx.shards
     model = load_model(cfg.model.spec, seed=cfg.seed)
     features = features_record(work, model.tag, verifier, model.fingerprint)
     classes = shards.target_names
@@ -75,7 +72,7 @@ def _run_zeroshot(cfg: Config) -> dict:
     scale = float(model.model.logit_scale.exp().item())
     write_npz(work.zeroshot_text(model.tag), text=text, logit_scale=np.array(scale))
     zs = write_record(work.zeroshot_record(model.tag), work.root, "zeroshot", "radacx zeroshot",
-                      files=["text.npz"], upstream=[features], prompts=prompts, logit_scale=scale,
+                      files=[work.zeroshot_text(model.tag).name], upstream=[features], prompts=prompts, logit_scale=scale,
                       **model_facts(model))
     index = shards.index
     test = (index["split"] == "test").to_numpy()
@@ -84,7 +81,7 @@ def _run_zeroshot(cfg: Config) -> dict:
     summary = {}
     variants = cached_variants(features, shards)  # every cached variant: original, masked and the derived ones
     for variant in variants:
-        feats = FeatureCache(features.file(f"{variant}.h5"), cache_fingerprints(model, shards, variant))
+        feats = FeatureCache(features.file(work.features(model.tag, variant).name), cache_fingerprints(model, shards, variant))
         feats.check_aligned(shards)
         proba = zeroshot_proba(feats.features[test], text, scale)
         meta = {"variant": "Baseline", "tested_on": variant, "model": model.spec,

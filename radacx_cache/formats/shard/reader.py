@@ -1,9 +1,9 @@
-"""The shard format (schema v1, docs/shard-format.md) and its reader: ``ShardSet`` / ``open_shards``.
+"""The shard reader: ``ShardSet`` / ``open_shards`` (docs/shard-format.md; the schema in ``schema.py``).
 
-This module is the read side only (mosaic streaming keeps ``reader.py`` apart from ``writer.py``):
-embed, stream, probe and fine-tune import it and never the writer stage (``shards.py``), joblib
-or the renderer. HDF5 handles are opened lazily per process, so a ShardSet can be handed to
-DataLoader workers (h5py handles cannot cross a fork: pytorch/pytorch#11887).
+The read side only (mosaic streaming keeps ``reader.py`` apart from ``writer.py``): embed, stream,
+probe and fine-tune import it and never the shard stage or joblib. HDF5 handles are opened lazily
+per process, so a ShardSet can be handed to DataLoader workers (h5py handles cannot cross a fork:
+pytorch/pytorch#11887).
 """
 from __future__ import annotations
 
@@ -15,20 +15,15 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .._io import file_sha256
-from ..arms import IMAGE_VARIANTS
-from ..workdir import SHARD_VARIANTS, Workdir
-from .hdf5 import UnsafeHDF5, check_shape, open_checked
-from ..overlays import checked_full_variants, paper_overlay
-from ..render import draw_variant
-from .records import RecordError, Verifier, check_files, read_record
-
-SCHEMA, SCHEMA_VERSION = "radacx-shard", 2  # 2: geometry mask_height, mask_width; archive attribute
-ROW_DATASETS = ("original", "masked", "masks", "labels", "geometry", "mask_quality")
-# the names inside a shard folder are the format's, for readers that have only the folder
-MANIFEST_NAME, INDEX_NAME = "manifest.json", "index.csv"
-VARIANTS_NAME = SHARD_VARIANTS  # the derived overlay variants (a record of its own: adding one keeps the shards)
-SPLITS = ("train", "val", "test")
+from ..._io import file_sha256
+from ...arms import IMAGE_VARIANTS
+from ...overlays import OverlaySpec, checked_full_variants
+from ...render import draw_variant
+from ...workdir import Workdir
+from ..hdf5 import UnsafeHDF5, check_shape, open_checked
+from ..records import RecordError, Verifier, check_files, read_record
+from .schema import (DATASETS, INDEX_NAME, MANIFEST_NAME, MAX_BOXES, MAX_SIZE, MIN_SIZE, SCHEMA, SCHEMA_VERSION, SPLITS,
+                     VARIANTS_NAME, tail_shape)
 
 
 class ShardError(RuntimeError):
@@ -72,19 +67,32 @@ def check_row_shapes(path: Path, f: h5py.File, n: int) -> None:
     """Every row dataset has ``n`` rows of the shape the schema gives at the file's ``size``, before
     anything is read (a small file declaring huge images costs nothing)."""
     size = int(f.attrs.get("size", 224))
-    if not 16 <= size <= 4096:
-        raise ShardError(f"{path}: @size {size} is outside 16-4096")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ShardError(f"{path}: @size {size} is outside {MIN_SIZE}-{MAX_SIZE}")
     k = len(json.loads(f.attrs["target_names"])) if "target_names" in f.attrs else None
-    tails = {"original": (size, size), "masked": (size, size, 3), "masks": (3, size, size), "labels": (14,),
-             "geometry": None, "mask_quality": (), "targets": None if k is None else (k,)}
     try:
-        for name, tail in tails.items():
-            if name in f:
-                check_shape(path, f[name], rows=n, tail=tail)
-            elif name in ROW_DATASETS:
-                raise ShardError(f"{path}: no dataset {name}")
+        for ds in DATASETS:
+            if ds.name in f:
+                check_shape(path, f[ds.name], rows=n if ds.per_row else None, tail=tail_shape(ds, size, k))
+                if not ds.per_row and f[ds.name].shape[0] > MAX_BOXES:
+                    raise ShardError(f"{path}: {ds.name} has {f[ds.name].shape[0]} rows, more than {MAX_BOXES}")
+            elif ds.required and not (ds.name == "targets" and k is None):
+                raise ShardError(f"{path}: no dataset {ds.name}")
     except UnsafeHDF5 as exc:
         raise ShardError(str(exc)) from None
+
+
+def checked_boxes(path: Path, table: np.ndarray, rows: int, classes: int) -> np.ndarray:
+    """A shard's ``boxes`` table, each row naming a row of the file and a class in range, with finite
+    edge coordinates (a negative class index would silently pick the last class)."""
+    bad = ~np.isfinite(table).all(1)
+    row, cls = table[:, 0], table[:, 1]
+    bad |= (row < 0) | (row >= rows) | (row != np.round(row)) | (cls < 0) | (cls >= classes) | (cls != np.round(cls))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ShardError(f"{path}: boxes row {i} ({', '.join(f'{v:g}' for v in table[i])}) names no row of the "
+                         f"{rows} or no class of the {classes}, or is not finite")
+    return table
 
 
 def row_blocks(index: pd.DataFrame, max_rows: int):
@@ -109,7 +117,7 @@ class ShardSet:
     def __init__(self, root: str | Path, index: pd.DataFrame | None = None, manifest: dict | None = None,
                  derived: dict | None = None):
         self.root = Path(root)
-        self._derived = derived  # {name: overlay settings} of the variants drawn at read time (variants.json)
+        self._derived = derived  # {name: OverlaySpec} of the variants drawn at read time (variants.json)
         if manifest is None:
             try:
                 manifest = read_record(self.root / MANIFEST_NAME, "shards").data
@@ -229,14 +237,14 @@ class ShardSet:
             raise ValueError(f"image variant {variant!r}: this shard set has {', '.join(self.variants)} (add one "
                              f"under render.variants and rerun `radacx shards`: nothing is re-rendered)")
 
-    def variant_spec(self, variant: str) -> dict | None:
+    def variant_spec(self, variant: str) -> OverlaySpec | None:
         """The overlay settings ``render.draw_variant`` draws ``variant`` with from the stored original
         and masks (None for ``original``): the paper's from this shard record, derived ones from
         ``variants.json``. Interventions that change the original redraw a variant with these."""
         self.check_variant(variant)
         if variant == "original":
             return None
-        return paper_overlay(self.render_config) if variant == "masked" else self.derived[variant]
+        return OverlaySpec.paper(self.render_config) if variant == "masked" else self.derived[variant]
 
     def __getitem__(self, i: int) -> dict:
         return self.row(i)
@@ -262,10 +270,8 @@ class ShardSet:
             return []
         key = ("boxes", row["shard"])
         if key not in self._views:
-            table = f["boxes"]
-            if table.ndim != 2 or table.shape[1] != 6 or table.shape[0] > 1_000_000:
-                raise ShardError(f"{self.root / row['shard']}: boxes has shape {table.shape}, expected (M, 6)")
-            self._views[key] = table[:]
+            self._views[key] = checked_boxes(self.root / row["shard"], f["boxes"][:], f["dicom_id"].shape[0],
+                                             len(self.target_names))  # its shape was checked on open
         table = self._views[key]
         mine = table[table[:, 0] == int(row["row"])]
         return [(int(b[1]), *map(float, b[2:])) for b in mine]

@@ -14,9 +14,9 @@ import numpy as np
 
 from ..arms import ABLATION_COLUMNS
 from ..findings import first_positive
-from ..metrics import (COLLAPSE_SHARE, best_constant, bootstrap_mean, correctness, format_difference,
-                       paired_difference, prediction_spread)
-from ..tables import Section
+from ..metrics import (COLLAPSE_SHARE, best_constant, bootstrap_mean, correctness, format_difference, paired_difference,
+                       prediction_spread)
+from . import Section
 
 
 def ablation_results(load, variants, positives, patients, order, n_boot: int, seed: int) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Tables as data, rendered to Markdown and LaTeX from the same cells (so both carry the same numbers)."""
+"""Report prose: tables as data (``Section``), rendered to Markdown and LaTeX from the same cells (so both
+carry the same numbers); the ablation and saliency sections in ``ablation.py`` and ``saliency.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

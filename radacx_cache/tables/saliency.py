@@ -5,7 +5,7 @@ import numpy as np
 
 from ..metrics import format_difference
 from ..saliency_metrics import CONTROL_TEXT, CONTROLS
-from ..tables import Section, render_markdown
+from . import Section, render_markdown
 
 METRIC_TEXT = {
     "anatomy": "mass in lungs + heart",
