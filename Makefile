@@ -5,8 +5,12 @@ CONFIG ?= $(if $(filter mimic,$(ARCHIVE)),pipelines/demo.yaml,pipelines/demo-$(A
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# QUICK=1: a first look in a few minutes: fewer epochs, saliency images and bootstrap resamples, in its own
+# workdir (runs/quick-<archive>), so a full demo is never mixed with it
+QUICK_SET = workdir=runs/quick-$(ARCHIVE) finetune.epochs=3 finetune.patience=3 saliency.images=12 \
+	saliency.boxed_images=6 report.bootstrap=200
 # $(call radacx,STAGE): the CLI contract `radacx <stage> --config FILE [--set k=v ...]` (SET="k=v ...")
-radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+radacx = $(VENV)/bin/radacx $(1) --config $(CONFIG) $(foreach s,$(SET) $(if $(QUICK),$(QUICK_SET)),--set $(s))
 STAMP := $(VENV)/.installed
 
 .PHONY: help install demo demo-ablation demo-data cohort shards embed probes zeroshot finetune saliency report test test-quick fuzz bench clean
@@ -22,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package (torch, open_clip, h5py, ...)
 
-demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-shot -> fine-tune -> table
+demo: install ## phantom archive -> cohort -> shards -> features -> probes/zero-shot -> fine-tune -> table (QUICK=1: a first look)
 	$(call radacx,demo-data)
 	$(call radacx,cohort)
 	$(call radacx,shards)

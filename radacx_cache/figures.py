@@ -39,12 +39,21 @@ def montage(path: str | Path, png: str | Path, n: int = 8) -> None:
     plt.close(fig)
 
 
-def accuracy_figure(path: Path, results: dict, refs: dict, published: dict | None) -> None:
+# one colour scheme in every figure: the test image variant is the colour, the arm the position
+VARIANT_COLORS = {"original": "#4c72b0", "masked": "#dd8452"}
+
+
+def arm_key(descriptions: dict) -> str:
+    """What V1-V4 are, for a figure's caption line."""
+    return "; ".join(f"{name} = {text}" for name, text in descriptions.items())
+
+
+def accuracy_figure(path: Path, results: dict, refs: dict, published: dict | None, descriptions: dict) -> None:
     """Headline accuracy per arm on original vs masked test images, with CIs, chance and majority."""
     names = list(results)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for j, (v, color) in enumerate((("original", "#4c72b0"), ("masked", "#dd8452"))):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for j, (v, color) in enumerate(VARIANT_COLORS.items()):
         ci = np.array([results[n]["ci"][v]["argmax"] for n in names])
         ax.bar(x + (j - 0.5) * 0.38, ci[:, 0], 0.38, color=color, label=f"{v} test images",
                yerr=[ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]], capsize=3)
@@ -58,30 +67,34 @@ def accuracy_figure(path: Path, results: dict, refs: dict, published: dict | Non
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Accuracy on original vs masked test images (95% patient bootstrap CI)", fontsize=9)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, arm_key(descriptions), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def auroc_figure(path: Path, results: dict, classes) -> None:
-    """Per-class AUROC: one panel per test image variant, one colour per arm, a key outside the bars."""
+def auroc_figure(path: Path, results: dict, classes, descriptions: dict) -> None:
+    """Per-class AUROC with patient-bootstrap CIs: one panel per arm, the test variant as the colour
+    (as in the accuracy figure), classes along the axis."""
     names = list(results)
-    colors = plt.get_cmap("tab10").colors
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    width = 0.8 / len(names)
-    for ax, v in zip(axes, ("original", "masked")):
-        for i, name in enumerate(names):
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 1.5, 4.4), sharey=True, squeeze=False)
+    x = np.arange(len(classes))
+    for ax, name in zip(axes[0], names):
+        for j, (v, color) in enumerate(VARIANT_COLORS.items()):
             au = np.array(results[name][v]["auroc"], float)
-            ax.bar(np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width, np.nan_to_num(au), width,
-                   color=colors[i % len(colors)], label=name)
-        ax.set_xticks(np.arange(len(classes)), [c.replace(" ", "\n") for c in classes], fontsize=7)
+            ci = np.array(results[name].get("auroc_ci", {}).get(v, [(np.nan, np.nan)] * len(classes)), float)
+            err = np.nan_to_num(np.abs(np.vstack([au - ci[:, 0], ci[:, 1] - au])))
+            ax.bar(x + (j - 0.5) * 0.4, np.nan_to_num(au), 0.4, color=color, yerr=err, capsize=2,
+                   label=f"{v} test images")
+        ax.set_xticks(x, classes, fontsize=7, rotation=40, ha="right")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, 1)
-        ax.set_title(f"{v} test images", fontsize=8)
-    axes[0].set_ylabel("AUROC (one-vs-rest, multi-hot positives)", fontsize=8)
-    axes[1].legend(title="arm", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Per-class AUROC by arm (dashed: chance 0.5)", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(name, fontsize=9)
+    axes[0, 0].set_ylabel("AUROC (one-vs-rest, multi-hot positives)", fontsize=8)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Per-class AUROC by arm, 95% patient bootstrap CI (dashed: chance 0.5)", fontsize=9)
+    fig.text(0.01, 0.01, arm_key(descriptions), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -89,7 +102,7 @@ def auroc_figure(path: Path, results: dict, classes) -> None:
 def confusion_figure(path: Path, results: dict, classes) -> None:
     """Counts per (target, prediction) with row shares as colour, full class names and a colour bar."""
     names = list(results)
-    fig, axes = plt.subplots(2, len(names), figsize=(3.1 * len(names) + 1.2, 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names) + 1.4, 7.6), squeeze=False)
     labels = [c.replace(" ", "\n") for c in classes]
     image = None
     for i, name in enumerate(names):
@@ -99,11 +112,11 @@ def confusion_figure(path: Path, results: dict, classes) -> None:
             ax = axes[j, i]
             image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
             for (r, c), n in np.ndenumerate(counts):
-                ax.text(c, r, f"{int(n)}", ha="center", va="center", fontsize=6,
+                ax.text(c, r, f"{int(n)}", ha="center", va="center", fontsize=8,
                         color="white" if share[r, c] > 0.6 else "black")
-            ax.set_title(f"{name}, {v} test images", fontsize=7)
-            ax.set_xticks(range(len(classes)), labels, fontsize=5, rotation=90)
-            ax.set_yticks(range(len(classes)), labels if i == 0 else [""] * len(classes), fontsize=5)
+            ax.set_title(f"{name}, {v} test images", fontsize=8)
+            ax.set_xticks(range(len(classes)), labels, fontsize=7, rotation=90)
+            ax.set_yticks(range(len(classes)), labels if i == 0 else [""] * len(classes), fontsize=7)
     fig.supylabel("target: first positive finding (target order)", fontsize=8)
     fig.supxlabel("top-1 prediction; numbers: images, colour: share of the row", fontsize=8)
     fig.suptitle("Confusion matrices", fontsize=9)
@@ -130,11 +143,12 @@ def stamp(png: str | Path, text: str = SYNTHETIC_NOTE) -> None:
 
 
 def report_figures(path_of, results: dict, refs: dict, classes, shards_dir: Path, *, published: bool,
-                   published_values: dict, synthetic: bool = False) -> list[str]:
+                   published_values: dict, synthetic: bool = False, descriptions: dict | None = None) -> list[str]:
     """accuracy.png, auroc_per_class.png, confusion.png and figure1_montage.png at ``path_of(name)``
     (the workdir's result paths); returns their paths. ``synthetic``: each figure says so in a band on top."""
-    accuracy_figure(path_of("accuracy.png"), results, refs, published_values if published else None)
-    auroc_figure(path_of("auroc_per_class.png"), results, classes)
+    descriptions = descriptions or {}
+    accuracy_figure(path_of("accuracy.png"), results, refs, published_values if published else None, descriptions)
+    auroc_figure(path_of("auroc_per_class.png"), results, classes, descriptions)
     confusion_figure(path_of("confusion.png"), results, classes)
     paths = [str(path_of(n)) for n in ("accuracy.png", "auroc_per_class.png", "confusion.png")]
     shard = sorted(shards_dir.glob("test-*.h5"))
@@ -179,14 +193,18 @@ def saliency_panels(folder: Path, rows: list[dict], test, n: int, seed: int) -> 
                     ax = axes[i, j * (1 + len(methods)) + 1 + k]
                     grey = img if img.ndim == 2 else img.mean(2)
                     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-                    ax.imshow(maps[(pos, method, variant)]["_map"], cmap="jet", alpha=0.45)
+                    heat = np.asarray(maps[(pos, method, variant)]["_map"], float)
+                    heat = np.clip(heat / max(float(np.nanmax(heat)), 1e-12), 0, 1)  # each map on its own maximum
+                    scale = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
                     for m, color in zip(item["masks"], ("r", "g", "b")):
                         ax.contour(m.astype(float), levels=[0.5], colors=color, linewidths=0.5)
                     ax.set_title(method.replace("integrated_gradients", "IG"), fontsize=6)
         for ax in axes.ravel():
             ax.axis("off")
         fig.suptitle(f"{arm}: saliency (red right lung, green left lung, blue heart contours)", fontsize=8)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.94, 1))
+        fig.colorbar(scale, ax=axes, fraction=0.02, pad=0.01,
+                     label="saliency, share of the map's own maximum (positive evidence for the target)")
         path = folder / f"{arm}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -119,6 +119,36 @@ def per_class_auroc(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndar
     return out
 
 
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores`` for the boolean ``positive`` under each row of ``weights`` ((B, n) image
+    weights: a bootstrap replicate's draw counts), ties counted half (Mann-Whitney); one sort for
+    every replicate. Equals ``roc_auc_score`` with unit weights; NaN where a replicate lacks a class."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores, pos = scores[order], positive[order].astype(bool)
+    w = np.asarray(weights, float)[:, order]
+    starts = np.flatnonzero(np.r_[True, np.diff(sorted_scores) != 0])  # groups of tied scores
+    neg_w = np.add.reduceat(w * ~pos, starts, axis=1)
+    pos_w = np.add.reduceat(w * pos, starts, axis=1)
+    below = np.cumsum(neg_w, axis=1) - neg_w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos_w * (below + 0.5 * neg_w)).sum(1) / (pos_w.sum(1) * neg_w.sum(1))
+
+
+def per_class_auroc_ci(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None, policy: str,
+                       patients: np.ndarray, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> list:
+    """Per class: (low, high) of the one-vs-rest AUROC over a patient bootstrap (the same replicates as
+    the accuracy CIs), (nan, nan) where the class has no positives or no negatives."""
+    weights, inverse = patient_weights(patients, n_boot, seed)
+    out = []
+    for k in range(positives.shape[1]):
+        keep = _class_rows(positives, uncertain, k, policy)
+        y = positives[keep, k] > 0
+        reps = weighted_auroc(proba[keep, k], y, weights[:, inverse[keep]]) if 0 < y.sum() < len(y) else np.array([])
+        reps = reps[np.isfinite(reps)]
+        out.append(percentile_interval(reps, alpha) if len(reps) else (float("nan"), float("nan")))
+    return out
+
+
 def per_class_f1(proba: np.ndarray, positives: np.ndarray, uncertain: np.ndarray | None = None,
                  policy: str = "ignore") -> np.ndarray:
     """F1 of "top-1 is class k" against "class k is positive", per class."""

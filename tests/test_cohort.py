@@ -285,3 +285,18 @@ def test_a_duplicated_header_or_an_empty_table_is_refused_by_name(phantom, tmp_p
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=f"{path.name}: empty table"):
         read_metadata(root)
+
+
+def test_grouped_reject_reasons_show_the_range_of_their_values_not_a_placeholder():
+    """Issue 29: "Dice RCA (Mean) N < 0.7" told nothing; each group shows the range its rows span, a
+    group of one its value, and the rule's own numbers (0.7, the labels) stay."""
+    from radacx_cache.formats.cohort_files import reason_counts
+    reasons = pd.Series(["mask quality: CheXmask Dice RCA (Mean) 0.45 < 0.7",
+                         "mask quality: CheXmask Dice RCA (Mean) 0.69 < 0.7",
+                         "mask quality: CheXmask Dice RCA (Mean) 0.52 < 0.7",
+                         "image 100x200 but CheXmask 300x400", "image 120x220 but CheXmask 300x400",
+                         "image 50x60 but CheXmask 70x80 (a PNG)"[:-8]])
+    assert reason_counts(reasons) == {"mask quality: CheXmask Dice RCA (Mean) 0.45 to 0.69 < 0.7": 3,
+                                      "image 50x60 to 120x220 but CheXmask 70x80 to 300x400": 3}
+    assert reason_counts(pd.Series(["mask quality: CheXmask Dice RCA (Mean) 0.61 < 0.7"])) == {
+        "mask quality: CheXmask Dice RCA (Mean) 0.61 < 0.7": 1}

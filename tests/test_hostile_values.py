@@ -335,3 +335,26 @@ def test_a_shards_boxes_name_a_row_and_a_class_in_range(tmp_path, box, ok):
     else:
         with pytest.raises(ShardError, match="boxes row 1"):
             checked_boxes(tmp_path / "s.h5", table, rows=10, classes=5)
+
+
+def test_a_shard_whose_boxes_declare_hundreds_of_gib_is_refused_before_a_read_and_inspect_says_why(pipeline,
+                                                                                                    tmp_path):
+    """A 1 MB shard declaring a 366 GiB ``boxes`` table (issue 28): the reader refuses it from its
+    declared shape, naming the dataset, and ``radacx inspect --png`` exits 2 with one line (it said
+    "needs a shard file" and exited 0)."""
+    import shutil as _shutil
+
+    import h5py
+
+    from radacx_cache.cli import main
+    from radacx_cache.formats.shard import ShardError, validate_shard
+    src = Path(pipeline["cfg"].workdir) / "shards" / pipeline["shards"]["shards"][0]["name"]
+    bomb = tmp_path / "bomb.h5"
+    _shutil.copy(src, bomb)
+    with h5py.File(bomb, "r+") as f:
+        f.create_dataset("boxes", shape=(16_400_000_000, 6), dtype="float32", chunks=(1024, 6))  # never written
+    assert bomb.stat().st_size < 50 << 20
+    with pytest.raises(ShardError, match="boxes"):
+        validate_shard(bomb)
+    assert main(["inspect", str(bomb), "--png", str(tmp_path / "m.png")]) == 2
+    assert not (tmp_path / "m.png").exists()

@@ -134,3 +134,44 @@ def test_alternative_readings_on_a_hand_worked_example():
     assert reverse["argmax"] == pytest.approx(1.0)
     const = best_constant(positives)
     assert const["any"] == (pytest.approx(2 / 3), 0) and const["argmax"] == (pytest.approx(2 / 3), 0)
+
+
+def test_the_weighted_auroc_of_a_bootstrap_replicate_is_scikit_learns_on_the_repeated_images():
+    """``weighted_auroc`` scores every replicate from one sort: each must equal ``roc_auc_score`` on the
+    images repeated by their draw counts (ties at rounded scores included), and unit weights the plain AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    from radacx_cache.metrics import weighted_auroc
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(100):
+        n = int(rng.integers(5, 60))
+        scores, y = np.round(rng.random(n), 1), rng.random(n) < 0.4
+        if y.all() or not y.any():
+            continue
+        draws = rng.integers(0, 4, (3, n))
+        got = weighted_auroc(scores, y, np.vstack([np.ones(n), draws]))
+        assert got[0] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+        for b in range(3):
+            rep = np.repeat(np.arange(n), draws[b])
+            if y[rep].all() or not y[rep].any():
+                assert not np.isfinite(got[b + 1])
+                continue
+            assert got[b + 1] == pytest.approx(roc_auc_score(y[rep], scores[rep]), abs=1e-12)
+            checked += 1
+    assert checked > 200
+
+
+def test_per_class_auroc_cis_cover_the_point_and_separate_a_good_score_from_chance():
+    from radacx_cache.metrics import per_class_auroc, per_class_auroc_ci
+    rng = np.random.default_rng(1)
+    n = 300
+    positives = np.zeros((n, 2))
+    positives[np.arange(n), rng.integers(0, 2, n)] = 1
+    proba = np.column_stack([positives[:, 0] + rng.normal(0, 0.7, n), rng.random(n)])  # class 0 informative
+    patients = np.arange(n) // 2
+    point = per_class_auroc(proba, positives)
+    ci = per_class_auroc_ci(proba, positives, None, "ignore", patients, n_boot=400, seed=0)
+    for k in range(2):
+        assert ci[k][0] <= point[k] <= ci[k][1]
+    assert ci[0][0] > 0.6 and ci[1][0] < 0.5 < ci[1][1]

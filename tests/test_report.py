@@ -44,6 +44,29 @@ def test_report_table_files_and_figures(reported):
     for fig in reported["report"]["figures"]:
         im = Image.open(fig)
         assert im.size[0] > 300 and im.size[1] > 200
+    # arms not run yet are rows of Table 1 that say so (issue 29), not silently missing
+    for arm in ("V3", "V4"):
+        assert f"| {arm} | encoder + head, " in md and "not run" in md.split(f"| {arm} |")[1].split("\n")[0]
+    assert "Not run yet: V3, V4 (run `radacx finetune`" in md
+    assert "Training settings, V1, V2: probe: the defaults." in md
+    assert "Table 1: accuracy" not in tex and r"\caption{accuracy on original" in tex and "booktabs" in tex
+
+
+def test_training_settings_other_than_the_defaults_show_in_table_1():
+    """``--set finetune.epochs=1`` must leave a trace: each arm's record holds its training settings and
+    the provenance lines name the ones that differ from the defaults."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from radacx_cache.config import FinetuneConfig
+    from radacx_cache.stages.report import training_settings
+    ft = dataclasses.asdict(FinetuneConfig())
+    arm = lambda training: SimpleNamespace(facts=SimpleNamespace(training=training))
+    lines = training_settings({"V3": arm({**ft, "epochs": 1}), "V4": arm({**ft, "epochs": 1}), "Baseline": arm(None),
+                               "V1": arm(None)})
+    assert lines == [f"Training settings, V3, V4: finetune.epochs = 1 (default {ft['epochs']}).",
+                     "Training settings, V1: probe settings not recorded (written before records held them)."]
+    assert training_settings({"V3": arm(ft)}) == ["Training settings, V3: finetune: the defaults."]
 
 
 def test_table1_recomputed_from_the_prediction_files(reported):

@@ -149,3 +149,35 @@ def load_boxes(record: Record) -> pd.DataFrame | None:
     if not has_boxes(record):
         return None
     return pd.read_csv(record.file(_BOXES_FILE), dtype={"dicom_id": str})
+
+
+_SIZE = r"\d+x\d+"
+_DICE = r"(?<=Dice RCA \(Mean\) )-?\d+(?:\.\d+)?"
+
+
+def reason_counts(reasons: pd.Series) -> dict:
+    """Reject reasons grouped with their image-specific numbers (sizes, scores) replaced by the range
+    the group spans: "mask quality ... Dice RCA (Mean) 0.45-0.69 < 0.7", "image 2048x2500-3000x2992 ...";
+    the numbers a rule names (a threshold, the labels 1, 0, -1) are kept."""
+    reasons = reasons.astype(str)
+    generic = reasons.str.replace(_SIZE, "NxN", regex=True).str.replace(_DICE, "N", regex=True)
+    out = {}
+    for text, group in reasons.groupby(generic, sort=False):
+        out[_with_ranges(str(text), group)] = int(len(group))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _with_ranges(text: str, group: pd.Series) -> str:
+    """``text`` with each placeholder replaced by the range of the values it stands for in ``group``."""
+    found = group.str.findall(_SIZE)
+    for i in range(text.count("NxN")):  # each size of the reason, in its place
+        sizes = sorted({f[i] for f in found if len(f) > i}, key=lambda v: int(v.split("x")[0]) * int(v.split("x")[1]))
+        if sizes:
+            text = text.replace("NxN", sizes[0] if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}", 1)
+    if "Dice RCA (Mean) N" in text:
+        values = pd.to_numeric(group.str.extract(f"({_DICE})", expand=False), errors="coerce").dropna()
+        if len(values):
+            low, high = values.min(), values.max()
+            text = text.replace("Dice RCA (Mean) N", f"Dice RCA (Mean) {low:.2f}" if low == high else
+                                f"Dice RCA (Mean) {low:.2f} to {high:.2f}", 1)
+    return text

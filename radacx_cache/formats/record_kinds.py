@@ -146,7 +146,7 @@ class ArmFacts:
     model_spec: str
     model_fingerprint: str
     weights_seed: int | None
-    training: dict  # the stage's settings it was trained with (probe.*, finetune.*); {} for the zero-shot arm
+    training: dict | None  # the settings it was trained with (probe.*, finetune.*); None: not recorded (zero-shot)
 
     @classmethod
     def from_data(cls, data: dict) -> "ArmFacts":
@@ -155,10 +155,12 @@ class ArmFacts:
             raise ValueError(f"'weights_seed' is {seed!r}, expected an integer or null")
         return cls(arm=_text(data, "arm"), tested_on=_names(data, "tested_on"), model_spec=_text(data, "model_spec"),
                    model_fingerprint=_text(data, "model_fingerprint"), weights_seed=seed,
-                   training=_settings(data.get("training", {})))
+                   training=_settings(data.get("training")))
 
 
-def _settings(value) -> dict:
+def _settings(value) -> dict | None:
+    if value is None:
+        return None
     if not isinstance(value, dict) or len(value) > 100 or not all(isinstance(k, str) for k in value):
         raise ValueError(f"'training' is {str(value)[:80]}, expected a mapping of settings")
     return value

@@ -25,7 +25,8 @@ from .._io import private_tmp, read_json, stable_hash, stage_run
 from ..archives import ArchiveTables, archive, chexmask_id_column, id_problem, input_files, read_archive_tables, relpath
 from ..config import CohortConfig, Config
 from ..findings import FINDINGS_ALL, first_positive, target_order
-from ..formats.cohort_files import BOXES_COLUMNS, REJECT_COLUMNS, RLEStore, rle_content_hash, write_cohort_tables
+from ..formats.cohort_files import (BOXES_COLUMNS, REJECT_COLUMNS, RLEStore, reason_counts, rle_content_hash,
+                                    write_cohort_tables)
 from ..formats.records import RecordError, read_record, write_record
 from ..phantom.truth import phantom_home
 from ..sources.chexmask import iter_chexmask
@@ -382,14 +383,6 @@ def cohort_boxes(boxes: pd.DataFrame, cohort: pd.DataFrame, classes, in_pixels: 
                                                                            "x1", "y1", "Rows", "Columns"]].to_numpy()]
         boxes = boxes.assign(x0=boxes["x0"] / w, x1=boxes["x1"] / w, y0=boxes["y0"] / h, y1=boxes["y1"] / h)[~outside]
     return boxes[BOXES_COLUMNS].sort_values(["dicom_id", "finding", "x0", "y0"], kind="stable"), rejects
-
-
-def reason_counts(reasons: pd.Series) -> dict:
-    """Reject reasons counted with their image-specific numbers (sizes, scores) written N: "mask quality
-    ... N < 0.7"; the numbers a rule names (a threshold, the labels 1, 0, -1) are kept."""
-    generic = (reasons.str.replace(r"\d+x\d+", "NxN", regex=True)
-               .str.replace(r"(Dice RCA \(Mean\) )-?\d+(?:\.\d+)?", r"\1N", regex=True))
-    return generic.value_counts().to_dict()
 
 
 def _input_stamp(cfg: Config) -> dict:

@@ -7,6 +7,7 @@ tables are rendered from one list of sections, so they carry the same numbers (d
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,15 +15,15 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_path, read_json, write_csv, write_json
-from ..arms import ARMS, IMAGE_VARIANTS
-from ..config import Config
+from ..arms import ARM_BY_NAME, ARMS, IMAGE_VARIANTS
+from ..config import Config, FinetuneConfig, ProbeConfig
 from ..figures import report_figures, stamp, variant_figure
 from ..formats.context import StageContext, open_stage
 from ..formats.predictions import Predictions, arm_record, check_complete, load_predictions
 from ..formats.records import Verifier, write_record
 from ..formats.shard import ShardSet
 from ..metrics import (ALTERNATIVES, READING_TEXT, READINGS, best_constant, bootstrap_mean, correctness, evaluate,
-                       format_p, paired_difference, reading_values, reference_correctness)
+                       format_p, paired_difference, per_class_auroc_ci, reading_values, reference_correctness)
 from ..models import describe_spec
 from ..tables import Section, render_latex, render_markdown
 from ..tables.ablation import ablation_reference, ablation_results, ablation_sections
@@ -98,6 +99,8 @@ def arm_results(arms: dict, shards: ShardSet, policy: str, n_boot: int, seed: in
         res = {v: evaluate(p.proba, p.positives, p.uncertain, policy, order) for v, p in preds.items()}
         res["ci"] = {v: {r: bootstrap_mean(*_correct(p, r, order), patients, n_boot=n_boot, seed=seed)
                          for r in READINGS} for v, p in preds.items()}
+        res["auroc_ci"] = {v: per_class_auroc_ci(p.proba, p.positives, p.uncertain, policy, patients, n_boot=n_boot,
+                                                 seed=seed) for v, p in preds.items()}
         res["masked_minus_original"] = _paired(preds["original"], preds["masked"], patients, n_boot, seed, order)
         record = preds["original"].meta["record"]
         res["provenance"] = {"record": record.fingerprint, "model": record.facts.model_spec,
@@ -143,10 +146,17 @@ def _sections(results, effects, refs, descriptions, classes, n_test, n_boot, syn
             t1.rows.append([arm.name, descriptions[arm.name], _ci(*r["ci"]["original"]["argmax"]),
                             _ci(*r["ci"]["masked"]["argmax"]), _diff(d), format_p(d, n_boot),
                             f"{arm.published[0]:.4f} / {arm.published[1]:.4f}"])
+    missing = [arm for arm in ARMS if arm.name not in results]
+    for arm in missing:  # stated in the table itself: a Table 1 without V3/V4 must say why
+        t1.rows.append([arm.name, arm.description, "not run", "not run", "–", "–",
+                        f"{arm.published[0]:.4f} / {arm.published[1]:.4f}"])
     for name, text in REFERENCES:
         if name == "majority":
             text = f"always {refs['argmax']['majority_class']} ({text})"
         t1.rows.append([name, text, _ci(*refs["argmax"][name]), _ci(*refs["argmax"][name]), "–", "–", "–"])
+    if missing:
+        t1.notes.append(f"Not run yet: {', '.join(a.name for a in missing)} (run `radacx "
+                        f"{' / '.join(dict.fromkeys(STAGE_OF[a.method] for a in missing))}`, then `radacx report`).")
     t1.notes.append(f"Accuracy (headline): {READING_TEXT['argmax']}; {n_test} test images; chance = 1/{len(classes)}.")
     if synthetic:
         t1.notes.append("Synthetic phantom archive: the published MIMIC-CXR numbers are shown for reference "
@@ -212,6 +222,28 @@ def out_saliency(work: Workdir, verifier: Verifier, arm_records: dict) -> dict |
     return read_json(record.file(work.saliency_file("json").name))
 
 
+STAGE_OF = {"zeroshot": "zeroshot", "probe": "probe", "finetune": "finetune"}
+
+
+def training_settings(records: dict) -> list[str]:
+    """One line per group of arms trained with settings other than the defaults (``probe.*``,
+    ``finetune.*`` as each arm's record holds them), e.g. a one-epoch fine-tune, so it shows in Table 1."""
+    defaults = {"probe": dataclasses.asdict(ProbeConfig()), "finetune": dataclasses.asdict(FinetuneConfig())}
+    groups: dict = {}
+    for name, rec in records.items():
+        method = ARM_BY_NAME[name].method if name in ARM_BY_NAME else None
+        if method not in defaults:
+            continue
+        if rec.facts.training is None:
+            groups.setdefault(f"{method} settings not recorded (written before records held them)", []).append(name)
+            continue
+        changed = {k: v for k, v in rec.facts.training.items()
+                   if k in defaults[method] and k != "variants" and v != defaults[method][k]}
+        text = ", ".join(f"{method}.{k} = {v} (default {defaults[method][k]})" for k, v in sorted(changed.items()))
+        groups.setdefault(text or f"{method}: the defaults", []).append(name)
+    return [f"Training settings, {', '.join(arms)}: {text}." for text, arms in groups.items()]
+
+
 def _footer(provenance: dict, n_boot: int) -> list[str]:
     pol = provenance["label_policy"]
     return [f"CIs: percentile bootstrap over patients ({n_boot} resamples); p: paired patient bootstrap, "
@@ -270,7 +302,7 @@ def _build_report(cfg: Config, ctx: StageContext) -> dict:
         sections += saliency_sections(saliency, n_boot)
     out = Written(work)
     ablation_records = _ablation(out, shards, verifier, sections, cfg.seed, n_boot, synthetic) if shards.derived else {}
-    footer = _footer(provenance, n_boot) + _unlabelled(shards, classes)
+    footer = _footer(provenance, n_boot) + training_settings(records) + _unlabelled(shards, classes)
     md = render_markdown(sections, footer)
     with atomic_path(out("table1.md")) as tmp:
         tmp.write_text(md)
@@ -278,7 +310,8 @@ def _build_report(cfg: Config, ctx: StageContext) -> dict:
         tmp.write_text(render_latex(sections, footer))
     _write_data(out, results, effects, refs, descriptions, classes, provenance)
     figures = report_figures(out, results, refs, classes, work.shards_dir, published=not synthetic,
-                             published_values={a.name: a.published for a in ARMS}, synthetic=synthetic)
+                             published_values={a.name: a.published for a in ARMS}, synthetic=synthetic,
+                             descriptions=descriptions)
     upstream = list({**records, **ablation_records}.values()) + (
         [verifier.record(work.saliency_record)] if saliency is not None else [])
     write_record(work.report_record, work.root, "report", "radacx report", files=out.names(), upstream=upstream)
@@ -345,7 +378,9 @@ def _write_data(out, results, effects, refs, descriptions, classes, provenance) 
     write_json(out("table1.json"), {"rows": rows, "training_effects": effects, "reference": refs,
                                      "provenance": provenance})
     write_json(out("metrics.json"), {"classes": classes, "arms": results, "provenance": provenance})
-    per_class = pd.DataFrame([{"arm": n, "tested_on": v, "class": c, "auroc": r[v]["auroc"][k], "f1": r[v]["f1"][k]}
+    per_class = pd.DataFrame([{"arm": n, "tested_on": v, "class": c, "auroc": r[v]["auroc"][k],
+                               "auroc_low": r["auroc_ci"][v][k][0], "auroc_high": r["auroc_ci"][v][k][1],
+                               "f1": r[v]["f1"][k]}
                               for n, r in results.items() for v in IMAGE_VARIANTS for k, c in enumerate(classes)])
     write_csv(out("per_class_auroc.csv"), per_class)
 
