@@ -137,7 +137,7 @@ def write_mask_table(root: str | Path, out_csv: str | Path, masks: dict[str, dic
     file: ``split_lungs``). A structure without a mask is an empty mask. Quality 1.0 (manual masks)."""
     rows = []
     for image, files in masks.items():
-        with Image.open(Path(root) / image) as im:
+        with Image.open(Path(root) / image, formats=("PNG", "JPEG")) as im:
             shape = (im.height, im.width)
         found = {k: _mask(Path(root) / v, shape) for k, v in files.items()}
         if "lungs" in found:

@@ -306,18 +306,18 @@ def _embed_all(cfg: Config, ctx: StageContext, variants, progress: bool, world, 
                     paths[v] = str(merge_rank_partials(work, model.tag, v, world.size))
         barrier(world)
     if world.is_main:
-        write_features_record(work, model, verifier.record(work.shards_manifest, "shards"), shards)
+        write_features_record(work, model, verifier, shards)
     return {"model": model.spec, "tag": model.tag, "features": paths}
 
 
-def write_features_record(work: Workdir, model: LoadedModel, shards_record, shards: ShardSet) -> None:
+def write_features_record(work: Workdir, model: LoadedModel, verifier: Verifier, shards: ShardSet) -> None:
     """The embed stage's record: every committed cache of this model whose variant the shard set
     still serves, chained to the shard record (and to ``variants.json``, where derived variants are cached)."""
     folder = work.features_dir(model.tag)
     caches = [v for v in shards.variants if work.features(model.tag, v).exists()]
-    ups = [shards_record]
+    ups = [verifier.record(work.shards_manifest, "shards")]
     if any(v in shards.derived for v in caches):
-        ups.append(Verifier(work.root).record(work.shards_variants, "variants"))
+        ups.append(verifier.record(work.shards_variants, "variants"))
     write_record(work.features_record(model.tag), work.root, "embed", "radacx embed",
                  files=[work.features(model.tag, v).relative_to(folder).as_posix() for v in caches],
                  upstream=ups, variants=caches, variant_specs={v: shards.derived[v].as_dict() for v in caches
