@@ -172,6 +172,43 @@ def test_records(data, tmp_path_factory):
         assert domain_error(exc), repr(exc)
 
 
+@given(data=st.dictionaries(st.sampled_from(["classes", "target_order", "policy", "rows", "rejects", "archive",
+                                             "files", "upstream", "tested_on", "model_spec", "training", "shards"]),
+                            JSON, max_size=8),
+       stage=st.sampled_from(["cohort", "shards", "predictions"]))
+def test_sealed_records_of_any_content(data, stage, tmp_path_factory):
+    """Records sealed elsewhere (a valid fingerprint over anything): their decisions are read into
+    typed facts or refused with one line, never a traceback."""
+    from radacx_cache.formats.records import RecordError, read_record, seal
+    path = tmp_path_factory.mktemp("sealed") / "manifest.json"
+    path.write_text(json.dumps(seal({"stage": stage, "command": "radacx x", **data})), encoding="utf-8")
+    try:
+        with time_limit():
+            read_record(path, stage).facts
+    except RecordError as exc:
+        assert domain_error(exc), repr(exc)
+
+
+# pandas writes a lone CR unquoted (and reads it back as a line end): not a cell a CSV writer can carry
+@given(rows=st.lists(st.lists(TEXT.filter(lambda t: "\x00" not in t and "\r" not in t), min_size=6, max_size=6),
+                     max_size=6))
+def test_generic_manifest_rows(rows, tmp_path_factory):
+    from radacx_cache.sources.generic import id_problem, read_manifest
+    root = tmp_path_factory.mktemp("generic")
+    pd.DataFrame(rows, columns=["image", "patient", "study", "view", "split", "Edema"]).to_csv(
+        root / "manifest.csv", index=False)
+    try:
+        with time_limit():
+            df = read_manifest(root)
+    except ValueError as exc:
+        assert domain_error(exc), repr(exc)
+    else:
+        assert len(df) == len(rows) and set(df["split"]) <= {"train", "validate", "test"}
+        for row in df.to_dict("records"):
+            problem = id_problem(row["dicom_id"], row["subject_id"], row["study_id"])
+            assert problem is None or "\n" not in problem
+
+
 # ---------------------------------------------------------------- table readers
 @given(rows=st.lists(st.lists(TEXT.filter(lambda t: "\x00" not in t), min_size=7, max_size=7), max_size=6))
 def test_vindr_annotation_rows(rows, tmp_path_factory):
